@@ -1,0 +1,185 @@
+"""The ``ghostify`` command: a thin click layer over the Python API.
+
+Errors are turned into one line on stderr in one place (``GhostifyGroup.invoke``): exit code 2 for bad
+input, 1 for anything else; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
+from typing import Iterator, Optional, Tuple
+
+import click
+
+BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError)
+
+
+def _version() -> str:
+    try:
+        return version("ghostify")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class ModelParam(click.ParamType):
+    """A MODEL string: torchvision or zoo name, timm:NAME, module:factory, file.py:factory, ghostify file."""
+
+    name = "MODEL"
+
+    def convert(self, value, param, ctx):
+        from .sources import parse
+
+        try:
+            parse(value)
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
+        return value
+
+
+class GhostifyGroup(click.Group):
+    """A command group that reports library errors as one line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", UserWarning)
+                try:
+                    return super().invoke(ctx)
+                finally:
+                    for warning in caught:
+                        if issubclass(warning.category, UserWarning):
+                            click.echo(f"warning: {warning.message}", err=True)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except Exception as error:  # noqa: BLE001 - the single place errors become messages
+            if ctx.params.get("debug"):
+                raise
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            click.echo(f"error: {message}", err=True)
+            sys.exit(2 if isinstance(error, BAD_INPUT) else 1)
+
+
+@contextmanager
+def _status(message: str, quiet: bool = False) -> Iterator[None]:
+    """A spinner on stderr while slow work runs (silent when stderr is not a terminal)."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if quiet or not console.is_terminal:
+        yield
+        return
+    with console.status(message):
+        yield
+
+
+def _inputs(input_size: Optional[Tuple[int, int, int]], default: Tuple[int, int, int]):
+    import torch
+
+    return (torch.randn(1, *(input_size or default)),)
+
+
+def _print_report(report, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        from rich.console import Console
+
+        Console().print(report)
+
+
+MODEL = ModelParam()
+INPUT_SIZE = click.option("--input-size", nargs=3, type=click.IntRange(min=1), metavar="C H W",
+                          help="Example input size (default: the model's own, usually 3 224 224).")
+JSON = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout, nothing else.")
+
+
+@click.group(cls=GhostifyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.version_option(_version(), prog_name="ghostify")
+def main(debug: bool) -> None:
+    """Turn a PyTorch CNN into a cheaper GhostNet-style network.
+
+    MODEL is a torchvision classification model name, a ghostify zoo name, timm:NAME, package.module:factory,
+    path/to/file.py:factory, or a file written by ghostify.
+    """
+
+
+@main.command()
+@click.argument("model", type=MODEL)
+@click.option("--s", "s", type=int, default=2, show_default=True, help="Ghost ratio: 1/s of the maps are intrinsic.")
+@click.option("--d", "d", type=int, default=3, show_default=True, help="Kernel of the cheap depthwise operation (odd).")
+@click.option("--primary-kernel", type=int, help="Kernel of the primary conv (default: each conv's own).")
+@click.option("--include", multiple=True, metavar="PAT", help="Only convert layers matching this glob (repeatable).")
+@click.option("--exclude", multiple=True, metavar="PAT", help="Leave layers matching this glob alone (repeatable).")
+@click.option("--include-stem", is_flag=True, help="Also convert the conv that sees the raw input.")
+@INPUT_SIZE
+@click.option("--weights", type=click.Path(dir_okay=False), help="A state_dict to load into MODEL first.")
+@click.option("--init", type=click.Choice(["random"]), default="random", show_default=True,
+              help="How the Ghost modules' weights start.")
+@JSON
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
+def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_size, weights, init, as_json, force,
+            output) -> None:
+    """Convert MODEL's Conv2d layers to Ghost modules, print the report, write OUT."""
+    import os
+
+    if os.path.exists(output) and not force:
+        raise FileExistsError(f"{output} exists; pass --force to overwrite it")
+    import ghostify
+    from .sources import default_input_size, load_model, parse
+
+    with _status(f"Building {model}", as_json):
+        source = load_model(model, weights)
+    inputs = _inputs(input_size, default_input_size(parse(model)))
+    with _status("Converting and counting", as_json):
+        ghost = ghostify.convert(source, s=s, d=d, primary_kernel=primary_kernel, include=include or None,
+                            exclude=exclude or None, include_stem=include_stem, example_inputs=inputs, init=init)
+        report = ghostify.report(source, ghost, inputs, name=model)
+    ghostify.save(ghost, output, overwrite=True)
+    _print_report(report, as_json)
+    if not as_json:
+        click.echo(f"wrote {output}", err=True)
+
+
+@main.command()
+@click.argument("model", type=MODEL)
+@INPUT_SIZE
+@JSON
+def report(model, input_size, as_json) -> None:
+    """Count FLOPs and params of MODEL (before and after, for a ghostify file)."""
+    import ghostify
+    from .sources import build, default_input_size, load_model, parse
+
+    spec = parse(model)
+    with _status(f"Counting {model}", as_json):
+        loaded = load_model(model)
+        result = getattr(loaded, "ghostify_result", None)
+        if result is None:
+            inputs = _inputs(input_size, default_input_size(spec))
+            summary = ghostify.report(loaded, None, inputs, name=model)
+        else:
+            inputs = _inputs(input_size, tuple(result.input_shapes[0][1:]))
+            original = build(result.source) if result.source else None
+            name = result.source.get("name", model) if result.source else model
+            summary = ghostify.report(original, loaded, inputs, name=name) if original else ghostify.report(loaded, None, inputs, name=model)
+    _print_report(summary, as_json)
+
+
+@main.command()
+def models() -> None:
+    """List the model names MODEL accepts."""
+    from .sources import torchvision_names, zoo_names
+
+    for title, names in (("ghostify zoo", zoo_names()), ("torchvision", torchvision_names())):
+        click.echo(f"# {title}")
+        for name in names:
+            click.echo(name)
+    click.echo("# also: timm:NAME (with timm installed), package.module:factory, path/to/file.py:factory")

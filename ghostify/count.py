@@ -1,0 +1,73 @@
+"""FLOPs and parameter counts over fvcore, computed lazily on first query.
+
+Unit: one multiply-add is one FLOP, the paper's and fvcore's convention (``torch.utils.flop_counter``
+counts two per multiply-add). fvcore also counts batch norm, pooling and upsampling; it ignores
+element-wise additions and activations.
+"""
+
+from __future__ import annotations
+
+import warnings
+from functools import cached_property
+from typing import Dict, Tuple
+
+import torch
+from torch import nn
+
+
+class Counts:
+    """FLOPs and parameters of ``model`` on ``inputs``, by module and in total.
+
+    The model is traced once, in eval mode and without gradients, the first time a FLOP figure is asked
+    for; its training flag is restored afterwards, so counting never changes it (no BN statistic updates).
+
+    Example:
+        >>> counts = Counts(torchvision.models.resnet18(), (torch.randn(1, 3, 224, 224),))
+        >>> counts.flops  # multiply-adds
+        1819066368
+    """
+
+    def __init__(self, model: nn.Module, inputs: Tuple[torch.Tensor, ...]) -> None:
+        self.model = model
+        self.inputs = inputs
+
+    @cached_property
+    def flops_by_module(self) -> Dict[str, int]:
+        """Multiply-adds per qualified module name ('' is the whole model), summed over calls."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                from fvcore.nn import FlopCountAnalysis
+
+                analysis = FlopCountAnalysis(self.model, self.inputs)
+                analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+                return dict(analysis.by_module())
+        finally:
+            self.model.train(was_training)
+
+    @cached_property
+    def params_by_module(self) -> Dict[str, int]:
+        """Parameter count per qualified module name ('' is the whole model); shared tensors count once."""
+        from fvcore.nn import parameter_count
+
+        return dict(parameter_count(self.model))
+
+    @property
+    def flops(self) -> int:
+        """Total multiply-adds for one forward pass on ``inputs``."""
+        return int(self.flops_by_module.get("", 0))
+
+    @property
+    def params(self) -> int:
+        """Total parameters."""
+        return int(self.params_by_module.get("", 0))
+
+    def module_flops(self, name: str) -> int:
+        """Multiply-adds of module ``name`` (0 when it never ran)."""
+        return int(self.flops_by_module.get(name, 0))
+
+    def module_params(self, name: str) -> int:
+        """Parameters of module ``name``."""
+        return int(self.params_by_module.get(name, 0))

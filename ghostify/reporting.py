@@ -1,0 +1,164 @@
+"""The before/after report: totals, one row per replaced layer, and the layers left alone with reasons.
+
+``Report.to_dict()`` feeds ``--json``; ``Report.__rich__()`` renders the tables. FLOPs are multiply-adds
+(one multiply-add = one FLOP, the paper's and fvcore's convention), counted by fvcore for one forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .count import Counts
+
+UNIT = "FLOPs are multiply-adds (1 multiply-add = 1 FLOP, as in the paper and fvcore)"
+
+
+def format_count(value: Optional[float]) -> str:
+    """Human-readable count: 4.11G, 25.56M, 9.2K; '-' for missing."""
+    if value is None:
+        return "-"
+    for factor, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f}{suffix}"
+    return f"{value:.0f}"
+
+
+def _ratio(before: Optional[float], after: Optional[float]) -> Optional[float]:
+    return before / after if before and after else None
+
+
+def theoretical_ratio(c: int, k: Tuple[int, int], s: int, d: int, primary_kernel: Tuple[int, int]) -> float:
+    """Paper Eq. 4: speed-up of a Ghost module over the conv, c*k*k / (c*k'*k'/s + (s-1)*d*d/s)."""
+    return c * k[0] * k[1] / (c * primary_kernel[0] * primary_kernel[1] / s + (s - 1) * d * d / s)
+
+
+@dataclass
+class LayerRow:
+    """One replaced conv: what it was, what replaced it, and its counts before and after."""
+
+    name: str
+    original: str
+    replacement: str
+    output_shape: Optional[Tuple[int, ...]]
+    flops_before: int
+    flops_after: int
+    params_before: int
+    params_after: int
+    ratio: Optional[float]
+    theoretical_ratio: float
+
+
+@dataclass
+class Report:
+    """Counts for one model, or for an original and its converted form."""
+
+    model: str
+    input_shapes: List[Tuple[int, ...]]
+    flops_before: int
+    params_before: int
+    flops_after: Optional[int] = None
+    params_after: Optional[int] = None
+    method: Optional[str] = None
+    layers: List[LayerRow] = field(default_factory=list)
+    skipped: List[Dict[str, str]] = field(default_factory=list)
+
+    @property
+    def flops_ratio(self) -> Optional[float]:
+        return _ratio(self.flops_before, self.flops_after)
+
+    @property
+    def params_ratio(self) -> Optional[float]:
+        return _ratio(self.params_before, self.params_after)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-ready data; the unit of every FLOP figure is the multiply-add."""
+        data = asdict(self)
+        data.update(flops_ratio=self.flops_ratio, params_ratio=self.params_ratio, unit="multiply-adds")
+        return data
+
+    def __rich__(self):
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
+        shapes = ", ".join("x".join(map(str, shape)) for shape in self.input_shapes)
+        totals = Table()
+        for column in ("", "before", "after", "ratio"):
+            totals.add_column(column, justify="right" if column else "left")
+        for label, before, after, ratio in (("FLOPs", self.flops_before, self.flops_after, self.flops_ratio),
+                                            ("params", self.params_before, self.params_after, self.params_ratio)):
+            totals.add_row(label, format_count(before), format_count(after), f"{ratio:.2f}x" if ratio else "-")
+        parts: List[Any] = [Text(f"{self.model}, input {shapes}. {UNIT}.", style="bold"), totals]
+        if self.layers:
+            layers = Table(title=f"{len(self.layers)} layers replaced ({self.method} analysis)")
+            for column in ("layer", "was", "now", "output", "FLOPs before", "FLOPs after", "params before",
+                           "params after", "ratio", "r_s (Eq. 4)"):
+                layers.add_column(column, justify="left" if column in ("layer", "was", "now") else "right",
+                                  no_wrap=column in ("layer", "was", "now"))
+            for row in self.layers:
+                layers.add_row(row.name, row.original, row.replacement,
+                               "x".join(map(str, row.output_shape[1:])) if row.output_shape else "-",
+                               format_count(row.flops_before), format_count(row.flops_after),
+                               format_count(row.params_before), format_count(row.params_after),
+                               f"{row.ratio:.2f}x" if row.ratio else "-", f"{row.theoretical_ratio:.2f}x")
+            parts.append(layers)
+        if self.skipped:
+            skipped = Table(title=f"{len(self.skipped)} convolutions left as they are")
+            for column in ("layer", "type", "reason"):
+                skipped.add_column(column)
+            for item in self.skipped:
+                skipped.add_row(item["name"], item["kind"], item["reason"])
+            parts.append(skipped)
+        return Group(*parts)
+
+
+def _describe(row) -> Tuple[str, str]:
+    k, pk, stride = row.kernel_size, row.primary_kernel, row.stride
+    original = f"Conv2d {row.in_channels}->{row.out_channels} {k[0]}x{k[1]}"
+    if tuple(stride) != (1, 1):
+        original += f" stride {stride[0]}" if stride[0] == stride[1] else f" stride {stride[0]}x{stride[1]}"
+    return original, f"Ghost s={row.s} d={row.d} k={pk[0]}x{pk[1]}"
+
+
+def report(
+    original: nn.Module,
+    converted: Optional[nn.Module] = None,
+    example_inputs: Optional[Sequence[torch.Tensor]] = None,
+    name: Optional[str] = None,
+) -> Report:
+    """Count FLOPs and parameters of ``original`` and, when given, of its ``converted`` form.
+
+    Args:
+        original: the model before conversion (or the only model to count).
+        converted: the model ``ghostify.convert`` returned.
+        example_inputs: inputs to count on (default: the shapes the conversion used, else 1x3x224x224).
+        name: the model's name in the table title (default: its class name).
+    """
+    result = getattr(converted, "ghostify_result", None)
+    if example_inputs is None:
+        shapes = result.input_shapes if result is not None else [(1, 3, 224, 224)]
+        example_inputs = tuple(torch.randn(*shape) for shape in shapes)
+    elif isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    before = Counts(original, tuple(example_inputs))
+    out = Report(name or type(original).__name__, [tuple(x.shape) for x in example_inputs], before.flops, before.params)
+    if converted is None:
+        return out
+    after = Counts(converted, tuple(example_inputs))
+    out.flops_after, out.params_after = after.flops, after.params
+    if result is not None:
+        out.method = result.method
+        out.skipped = [asdict(item) for item in result.skipped]
+        for row in result.replaced:
+            was, now = _describe(row)
+            flops = (before.module_flops(row.name), after.module_flops(row.name))
+            out.layers.append(LayerRow(
+                row.name, was, now, row.output_shape, *flops,
+                before.module_params(row.name), after.module_params(row.name), _ratio(*flops),
+                theoretical_ratio(row.in_channels, row.kernel_size, row.s, row.d, row.primary_kernel),
+            ))
+    return out

@@ -1,0 +1,267 @@
+"""``convert``: replace a model's Conv2d layers with Ghost modules, keeping its classes and attribute paths.
+
+The pipeline is trace (``ghostify.trace``) -> choose (policy below) -> swap (``apply_plan``) -> initialise
+(``ghostify.init``). Every conv is either replaced or listed as skipped with its reason; the input model is
+never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .init import check_init, initialise
+from .module import GhostModule, _pair, check_cheap_kernel, check_ratio, primary_padding
+from .trace import ConvSite, analyse
+
+PerLayer = Union[Any, Mapping[str, Any]]
+
+
+@dataclass
+class Replaced:
+    """A conv that became a Ghost module."""
+
+    name: str
+    s: int
+    d: int
+    primary_kernel: Tuple[int, int]
+    in_channels: int
+    out_channels: int
+    kernel_size: Tuple[int, int]
+    stride: Tuple[int, int]
+    input_shape: Optional[Tuple[int, ...]] = None
+    output_shape: Optional[Tuple[int, ...]] = None
+    aliases: List[str] = field(default_factory=list)
+    calls: int = 1
+
+
+@dataclass
+class Skipped:
+    """A conv left as it is, and why."""
+
+    name: str
+    kind: str
+    reason: str
+
+
+@dataclass
+class ConversionResult:
+    """What ``convert`` did; attached to the converted model as ``model.ghostify_result``."""
+
+    method: str
+    replaced: List[Replaced]
+    skipped: List[Skipped]
+    input_shapes: List[Tuple[int, ...]]
+    init: str = "random"
+    source: Optional[Dict[str, Any]] = None
+    notes: Dict[str, Any] = field(default_factory=dict)
+
+    def plan(self) -> List[Dict[str, Any]]:
+        """The per-layer settings that rebuild the converted architecture from the original one."""
+        return [{"name": r.name, "s": r.s, "d": r.d, "primary_kernel": list(r.primary_kernel)} for r in self.replaced]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def _example_inputs(example_inputs) -> Tuple[torch.Tensor, ...]:
+    if example_inputs is None:
+        return (torch.randn(1, 3, 224, 224),)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and example_inputs and all(
+        isinstance(x, torch.Tensor) for x in example_inputs
+    ):
+        return tuple(example_inputs)
+    raise TypeError(f"example_inputs must be a tensor or a non-empty tuple of tensors, got {type(example_inputs).__name__}")
+
+
+def _patterns(value: Optional[Union[str, Iterable[str]]], what: str) -> Optional[List[str]]:
+    if value is None:
+        return None
+    patterns = [value] if isinstance(value, str) else list(value)
+    if not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"{what} must be a glob pattern or a list of them, got {value!r}")
+    return patterns
+
+
+def _first_match(patterns: Iterable[str], names: Sequence[str]) -> Optional[str]:
+    return next((p for p in patterns if any(fnmatch.fnmatchcase(n, p) for n in names)), None)
+
+
+def _resolve(value: PerLayer, names: Sequence[str], default: Any) -> Any:
+    """A per-layer option: a plain value, or a mapping of glob patterns to values (first match wins)."""
+    if not isinstance(value, Mapping):
+        return default if value is None else value
+    pattern = _first_match(value.keys(), names)
+    return default if pattern is None else value[pattern]
+
+
+def _check_kernel(value: Any) -> Tuple[int, int]:
+    kernel = _pair(value, "primary_kernel")
+    if min(kernel) < 1:
+        raise ValueError(f"primary_kernel must be positive, got {value!r}")
+    return kernel
+
+
+def _validate(option: PerLayer, check, what: str) -> None:
+    values = option.values() if isinstance(option, Mapping) else [option]
+    for value in values:
+        if value is not None:
+            check(value)
+    if isinstance(option, Mapping) and not all(isinstance(k, str) for k in option):
+        raise TypeError(f"{what} patterns must be strings, got {list(option)!r}")
+
+
+def _skip_reason(site: ConvSite, names: List[str], opts: Dict[str, Any]) -> Optional[str]:
+    """Why ``site`` stays a plain conv under the default policy, or None when it is replaced."""
+    module = site.module
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return "transposed conv"
+    if not isinstance(module, nn.Conv2d):
+        return f"{type(module).__name__} is not 2-D"
+    if type(module) is not nn.Conv2d:
+        return f"{type(module).__name__} subclasses Conv2d with its own behaviour"
+    if module.groups != 1:
+        kind = "depthwise" if module.groups == module.in_channels else "grouped"
+        return f"{kind} conv (groups={module.groups}) is already cheap"
+    if site.calls == 0:
+        return "never runs on the example inputs"
+    excluded = _first_match(opts["exclude"] or [], names)
+    if excluded:
+        return f"excluded by pattern {excluded!r}"
+    if opts["include"] is not None and not _first_match(opts["include"], names):
+        return "not matched by include"
+    if site.is_stem and not opts["include_stem"]:
+        return "stem conv (sees the raw input); include_stem=True converts it"
+    return None
+
+
+def _choose(site: ConvSite, opts: Dict[str, Any]) -> Union[Replaced, Skipped]:
+    names = [site.name] + site.aliases
+    reason = _skip_reason(site, names, opts)
+    if reason is None:
+        conv = site.module
+        s = check_ratio(_resolve(opts["s"], names, 2))
+        d = check_cheap_kernel(_resolve(opts["d"], names, 3))
+        kernel = _check_kernel(_resolve(opts["primary_kernel"], names, conv.kernel_size))
+        if conv.out_channels < s:
+            reason = f"{conv.out_channels} output channels, fewer than s={s}"
+        else:
+            try:
+                primary_padding(conv.kernel_size, conv.padding, conv.dilation, kernel)
+            except ValueError as error:
+                reason = str(error)
+    if reason is not None:
+        return Skipped(site.name, type(site.module).__name__, reason)
+    return Replaced(site.name, s, d, kernel, conv.in_channels, conv.out_channels, tuple(conv.kernel_size),
+                    tuple(conv.stride), site.input_shape, site.output_shape, site.aliases, site.calls)
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def apply_plan(model: nn.Module, plan: Iterable[Mapping[str, Any]]) -> List[Tuple[str, nn.Conv2d, GhostModule]]:
+    """Swap each planned Conv2d of ``model`` (in place) for a fresh ``GhostModule`` at all its paths.
+
+    Returns:
+        (name, original conv, new Ghost module) for every swapped layer.
+
+    Raises:
+        ValueError: a planned name is missing from ``model`` or is not an ``nn.Conv2d``.
+    """
+    aliases: Dict[int, List[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(module), []).append(name)
+    swapped = []
+    for entry in plan:
+        name = entry["name"]
+        try:
+            conv = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the model has no layer {name!r}; is it the architecture that was converted?") from None
+        if type(conv) is not nn.Conv2d:
+            raise ValueError(f"layer {name!r} is a {type(conv).__name__}, not the Conv2d that was converted")
+        ghost = GhostModule.from_conv(conv, s=entry["s"], d=entry["d"], primary_kernel=tuple(entry["primary_kernel"]))
+        ghost.train(conv.training)
+        for path in aliases[id(conv)]:
+            _set_module(model, path, ghost)
+        swapped.append((name, conv, ghost))
+    return swapped
+
+
+def convert(
+    model: nn.Module,
+    s: PerLayer = 2,
+    d: PerLayer = 3,
+    primary_kernel: PerLayer = None,
+    *,
+    include: Optional[Union[str, Iterable[str]]] = None,
+    exclude: Optional[Union[str, Iterable[str]]] = None,
+    include_stem: bool = False,
+    example_inputs: Optional[Union[torch.Tensor, Sequence[torch.Tensor]]] = None,
+    init: str = "random",
+) -> nn.Module:
+    """Return a copy of ``model`` with its dense Conv2d layers replaced by Ghost modules.
+
+    Args:
+        model: any ``nn.Module``; it is deep-copied and never modified.
+        s: ghost ratio (int >= 2), or a mapping of glob patterns on qualified layer names to ratios.
+        d: cheap-operation kernel (odd int), or a mapping of patterns to kernels.
+        primary_kernel: primary conv kernel (default: each conv's own), or a mapping of patterns to kernels.
+        include: glob patterns; only matching convs are converted.
+        exclude: glob patterns; matching convs are left alone.
+        include_stem: also convert the conv that sees the raw input.
+        example_inputs: inputs for the analysis pass (default one 1x3x224x224 tensor).
+        init: how the Ghost modules' weights start; ``"random"``.
+
+    Returns:
+        The converted model, with ``ghostify_result`` (a ``ConversionResult``) listing what was replaced
+        and what was skipped, with reasons.
+
+    Example:
+        >>> ghost = ghostify.convert(torchvision.models.resnet50(), s=2, d=3)
+        >>> type(ghost.layer1[0].conv2).__name__
+        'GhostModule'
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    init = check_init(init)
+    _validate(s, check_ratio, "s")
+    _validate(d, check_cheap_kernel, "d")
+    _validate(primary_kernel, _check_kernel, "primary_kernel")
+    opts = {"s": s, "d": d, "primary_kernel": primary_kernel, "include_stem": include_stem,
+            "include": _patterns(include, "include"), "exclude": _patterns(exclude, "exclude")}
+    inputs = _example_inputs(example_inputs)
+
+    converted = copy.deepcopy(model)
+    analysis = analyse(converted, inputs)
+    if not any(isinstance(site.module, nn.Conv2d) for site in analysis.sites):
+        raise ValueError(f"{type(model).__name__} has no nn.Conv2d layer to convert")
+    all_names = [n for site in analysis.sites for n in [site.name] + site.aliases]
+    for what in ("include", "exclude", "s", "d", "primary_kernel"):
+        patterns = opts[what] if what in ("include", "exclude") else (
+            list(opts[what]) if isinstance(opts[what], Mapping) else None)
+        for pattern in patterns or []:
+            if not _first_match([pattern], all_names):
+                warnings.warn(f"{what} pattern {pattern!r} matches no convolution layer", UserWarning, stacklevel=2)
+
+    decisions = [_choose(site, opts) for site in analysis.sites]
+    replaced = [r for r in decisions if isinstance(r, Replaced)]
+    skipped = [r for r in decisions if isinstance(r, Skipped)]
+    skipped += [Skipped(name, "F.conv", "functional convolution call; only nn.Conv2d modules are replaced")
+                for name in analysis.functional]
+    result = ConversionResult(analysis.method, replaced, skipped, [tuple(x.shape) for x in inputs], init,
+                              source=getattr(model, "ghostify_source", None))
+    swapped = apply_plan(converted, result.plan())
+    initialise(init, swapped, result)
+    converted.ghostify_result = result
+    return converted

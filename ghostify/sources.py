@@ -1,0 +1,152 @@
+"""MODEL strings -> ``nn.Module``: torchvision names, ghostify's zoo, ``timm:NAME``, ``module:factory``,
+``path/to/file.py:factory`` and files written by ``ghostify.save``.
+
+A built model carries its spec as ``model.ghostify_source`` (plain data), so a converted copy can be saved
+and rebuilt later without pickling code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+Spec = Dict[str, Any]
+
+
+def torchvision_names() -> List[str]:
+    """torchvision's classification model names."""
+    import torchvision
+
+    return list(torchvision.models.list_models(module=torchvision.models))
+
+
+def zoo_names() -> List[str]:
+    """ghostify's own model names (the paper's networks)."""
+    from . import models
+
+    return models.list_models()
+
+
+def _zoo_input_size(name: str) -> Tuple[int, int, int]:
+    from . import models
+
+    return tuple(models.model_input_size(name))
+
+
+def parse(text: str) -> Spec:
+    """Turn a MODEL string into a spec; raises ValueError for unknown names, with close matches."""
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"MODEL must be a non-empty string, got {text!r}")
+    if text.startswith("timm:"):
+        return {"kind": "timm", "name": text[len("timm:"):]}
+    if os.path.isfile(text):
+        return {"kind": "ghostify_file", "path": os.path.abspath(text)}
+    target, _, factory = text.rpartition(":")
+    if target and factory:
+        if target.endswith(".py"):
+            if not os.path.isfile(target):
+                raise ValueError(f"no such Python file: {target}")
+            return {"kind": "file", "path": os.path.abspath(target), "factory": factory}
+        return {"kind": "module", "module": target, "factory": factory}
+    if text in zoo_names():
+        return {"kind": "zoo", "name": text}
+    if text in torchvision_names():
+        return {"kind": "torchvision", "name": text}
+    close = difflib.get_close_matches(text, zoo_names() + torchvision_names(), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; `ghostify models` lists the names"
+    raise ValueError(f"unknown model {text!r}{hint}")
+
+
+def _call_factory(obj: Any, where: str) -> nn.Module:
+    if not callable(obj):
+        raise ValueError(f"{where} is not callable")
+    model = obj()
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{where}() returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def build(spec: Spec) -> nn.Module:
+    """Build the (randomly initialised) model a spec names; the spec is attached as ``ghostify_source``."""
+    kind = spec.get("kind")
+    if kind == "torchvision":
+        import torchvision
+
+        model = torchvision.models.get_model(spec["name"])
+    elif kind == "zoo":
+        from . import models
+
+        model = models.get_model(spec["name"])
+    elif kind == "timm":
+        try:
+            import timm
+        except ImportError:
+            raise ValueError("timm models need timm: pip install timm") from None
+        if not timm.is_model(spec["name"]):
+            close = difflib.get_close_matches(spec["name"], timm.list_models(), n=3)
+            raise ValueError(f"unknown timm model {spec['name']!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+        model = timm.create_model(spec["name"], pretrained=False)
+    elif kind == "module":
+        try:
+            module = importlib.import_module(spec["module"])
+        except ImportError as error:
+            raise ValueError(f"cannot import {spec['module']!r}: {error}") from None
+        model = _call_factory(getattr(module, spec["factory"], None), f"{spec['module']}:{spec['factory']}")
+    elif kind == "file":
+        loader = importlib.util.spec_from_file_location(f"ghostify_user_{abs(hash(spec['path']))}", spec["path"])
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+        model = _call_factory(getattr(module, spec["factory"], None), f"{spec['path']}:{spec['factory']}")
+    else:
+        raise ValueError(f"cannot build a model from source {spec!r}")
+    model.ghostify_source = dict(spec)
+    return model
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    """Load a state_dict file (or a checkpoint dict with a 'state_dict' entry) into ``model``."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"weights file not found: {path}") from None
+    except Exception as error:  # noqa: BLE001 - any unreadable file is bad input
+        raise ValueError(f"cannot read weights from {path}: {error}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state_dict")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        parts = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+        raise ValueError(f"weights in {path} do not fit {type(model).__name__}: {'; '.join(parts)}")
+    model.load_state_dict(state)
+
+
+def default_input_size(spec: Spec) -> Tuple[int, int, int]:
+    """The C, H, W a spec's model expects by default (224x224 RGB unless the zoo says otherwise)."""
+    if spec.get("kind") == "zoo":
+        return _zoo_input_size(spec["name"])
+    return (3, 224, 224)
+
+
+def load_model(text: str, weights: Optional[str] = None) -> nn.Module:
+    """Build the model a MODEL string names (a ghostify file loads as its converted model)."""
+    spec = parse(text)
+    if spec["kind"] == "ghostify_file":
+        from .io import load
+
+        return load(spec["path"])
+    model = build(spec)
+    if weights is not None:
+        load_weights(model, weights)
+    return model
