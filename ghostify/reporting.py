@@ -98,7 +98,7 @@ class Report:
             for column in ("layer", "was", "now", "output", "FLOPs before", "FLOPs after", "params before",
                            "params after", "ratio", "r_s (Eq. 4)"):
                 layers.add_column(column, justify="left" if column in ("layer", "was", "now") else "right",
-                                  no_wrap=column in ("layer", "was", "now"))
+                                  no_wrap=column in ("layer", "was", "now", "output"))
             for row in self.layers:
                 layers.add_row(row.name, row.original, row.replacement,
                                "x".join(map(str, row.output_shape[1:])) if row.output_shape else "-",

@@ -18,7 +18,7 @@ from torch import nn
 
 from .init import check_init, initialise
 from .module import GhostModule, _pair, check_cheap_kernel, check_ratio, primary_padding
-from .trace import ConvSite, analyse
+from .trace import ConvSite, _shape, analyse
 
 PerLayer = Union[Any, Mapping[str, Any]]
 
@@ -57,7 +57,7 @@ class ConversionResult:
     method: str
     replaced: List[Replaced]
     skipped: List[Skipped]
-    input_shapes: List[Tuple[int, ...]]
+    input_shapes: List[Optional[Tuple[int, ...]]]
     init: str = "random"
     source: Optional[Dict[str, Any]] = None
     notes: Dict[str, Any] = field(default_factory=dict)
@@ -70,16 +70,22 @@ class ConversionResult:
         return asdict(self)
 
 
-def _example_inputs(example_inputs) -> Tuple[torch.Tensor, ...]:
+def _is_tensors(value) -> bool:
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(_is_tensors(v) for v in value)
+    return isinstance(value, torch.Tensor)
+
+
+def _example_inputs(example_inputs) -> Tuple[Any, ...]:
+    """Positional arguments for the analysis pass: a tensor, or a tuple of tensors (or lists of tensors)."""
     if example_inputs is None:
         return (torch.randn(1, 3, 224, 224),)
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and example_inputs and all(
-        isinstance(x, torch.Tensor) for x in example_inputs
-    ):
+    if isinstance(example_inputs, (tuple, list)) and _is_tensors(example_inputs):
         return tuple(example_inputs)
-    raise TypeError(f"example_inputs must be a tensor or a non-empty tuple of tensors, got {type(example_inputs).__name__}")
+    raise TypeError("example_inputs must be a tensor or a non-empty tuple of tensors (or of lists of tensors), "
+                    f"got {type(example_inputs).__name__}")
 
 
 def _patterns(value: Optional[Union[str, Iterable[str]]], what: str) -> Optional[List[str]]:
@@ -259,7 +265,7 @@ def convert(
     skipped = [r for r in decisions if isinstance(r, Skipped)]
     skipped += [Skipped(name, "F.conv", "functional convolution call; only nn.Conv2d modules are replaced")
                 for name in analysis.functional]
-    result = ConversionResult(analysis.method, replaced, skipped, [tuple(x.shape) for x in inputs], init,
+    result = ConversionResult(analysis.method, replaced, skipped, [_shape(x) for x in inputs], init,
                               source=getattr(model, "ghostify_source", None))
     swapped = apply_plan(converted, result.plan())
     initialise(init, swapped, result)

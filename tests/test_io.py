@@ -1,0 +1,127 @@
+"""save/load: plain-data files, bit-identical round trips in a fresh process, atomic writes, clear errors."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import ghostify
+from ghostify.sources import load_model
+
+X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+class Net(nn.Module):
+    """A small CNN handed to convert as a Python object (no MODEL spec)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+@pytest.fixture
+def converted():
+    return ghostify.convert(load_model("resnet18"), s=2, d=3, example_inputs=X).eval()
+
+
+def test_saved_file_is_plain_data(tmp_path, converted):
+    path = tmp_path / "ghost.pt"
+    ghostify.save(converted, path)
+    payload = torch.load(path, weights_only=True)
+    assert payload["format"] == "ghostify" and payload["result"]["source"] == {"kind": "torchvision", "name": "resnet18"}
+
+
+def test_round_trip_in_fresh_process_is_bit_identical(tmp_path, converted):
+    path, expected = tmp_path / "ghost.pt", tmp_path / "expected.pt"
+    ghostify.save(converted, path)
+    with torch.no_grad():
+        torch.save(converted(X), expected)
+    script = textwrap.dedent(f"""
+        import torch, ghostify
+        model = ghostify.load({str(path)!r}).eval()
+        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert torch.equal(model(x), torch.load({str(expected)!r})), "outputs differ"
+        assert type(model.layer1[0].conv1).__name__ == "GhostModule"
+        print("ok")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
+
+
+def test_python_object_needs_model_argument(tmp_path):
+    ghost = ghostify.convert(Net(), example_inputs=X).eval()
+    path = tmp_path / "net.pt"
+    ghostify.save(ghost, path)
+    with pytest.raises(ValueError, match=r"ghostify.load\(path, model=<the original architecture>\)"):
+        ghostify.load(path)
+    original = Net()
+    reloaded = ghostify.load(path, model=original).eval()
+    assert isinstance(original.features[3], nn.Conv2d)  # the argument is copied, never converted in place
+    with torch.no_grad():
+        assert torch.equal(reloaded(X), ghost(X))
+
+
+def test_load_into_wrong_architecture_is_clear(tmp_path):
+    path = tmp_path / "net.pt"
+    ghostify.save(ghostify.convert(Net(), example_inputs=X), path)
+    with pytest.raises(ValueError, match="has no layer 'features.3'"):
+        ghostify.load(path, model=nn.Sequential(nn.Conv2d(3, 8, 3)))
+
+
+def test_save_plain_model_refused():
+    with pytest.raises(TypeError, match="made by ghostify.convert"):
+        ghostify.save(Net(), "never.pt")
+    assert not os.path.exists("never.pt")
+
+
+def test_existing_file_kept_without_overwrite(tmp_path, converted):
+    path = tmp_path / "ghost.pt"
+    path.write_bytes(b"keep me")
+    with pytest.raises(FileExistsError, match="exists"):
+        ghostify.save(converted, path, overwrite=False)
+    assert path.read_bytes() == b"keep me"
+
+
+def test_failed_or_interrupted_write_leaves_nothing(tmp_path, converted, monkeypatch):
+    path = tmp_path / "ghost.pt"
+
+    def interrupted(*args, **kwargs):
+        with open(args[1], "wb") as handle:
+            handle.write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ghostify.save(converted, path)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    (b"", "not a readable ghostify file"),
+    (b"PK\x03\x04 truncated zip", "not a readable ghostify file"),
+    ("foreign", "not a ghostify file"),
+    ("truncated", "not a readable ghostify file"),
+])
+def test_corrupt_truncated_or_foreign_files_are_clear(tmp_path, converted, content, message):
+    path = tmp_path / "bad.pt"
+    if content == "foreign":
+        torch.save({"weights": torch.ones(2)}, path)
+    elif content == "truncated":
+        ghostify.save(converted, path)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        ghostify.load(path)

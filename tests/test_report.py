@@ -1,0 +1,89 @@
+"""Counting and the report: fvcore totals cross-checked against torch's own flop counter, paper Table 6."""
+
+import json
+
+import pytest
+import torch
+import torchvision
+from rich.console import Console
+from torch.utils.flop_counter import FlopCounterMode
+
+import ghostify
+from ghostify.count import Counts
+from ghostify.reporting import format_count, theoretical_ratio
+
+
+def _torch_conv_and_linear_macs(model, x):
+    """Multiply-adds of convolutions and matmuls by torch.utils.flop_counter (which counts 2 per multiply-add)."""
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops() // 2
+
+
+def _fvcore_conv_and_linear_macs(model, x):
+    from fvcore.nn import FlopCountAnalysis
+
+    analysis = FlopCountAnalysis(model.eval(), (x,)).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    by_op = analysis.by_operator()
+    return sum(by_op.get(op, 0) for op in ("conv", "linear", "matmul", "addmm", "bmm"))
+
+
+@pytest.mark.parametrize("name, size", [("resnet18", 64), ("vgg11", 64), ("mobilenet_v2", 96), ("googlenet", 64)])
+def test_counts_agree_with_torch_flop_counter(name, size):
+    model = torchvision.models.get_model(name)
+    x = torch.randn(1, 3, size, size)
+    ghost = ghostify.convert(model, example_inputs=x)
+    for candidate in (model, ghost):
+        assert _fvcore_conv_and_linear_macs(candidate, x) == _torch_conv_and_linear_macs(candidate, x)
+    assert Counts(ghost, (x,)).flops < Counts(model, (x,)).flops
+
+
+def test_counts_do_not_touch_training_flag_or_bn_stats():
+    model = torchvision.models.resnet18().train()
+    stats = model.bn1.running_mean.clone()
+    Counts(model, (torch.randn(2, 3, 32, 32),)).flops
+    assert model.training and torch.equal(stats, model.bn1.running_mean)
+
+
+@pytest.mark.parametrize("s, flops_paper, params_arithmetic", [(2, 2.2e9, 13.9e6), (4, 1.2e9, 8.1e6)])
+def test_paper_table6_resnet50(s, flops_paper, params_arithmetic):
+    """Ghost-ResNet-50 FLOPs within 5% of paper Table 6; params against the reference code's arithmetic."""
+    model = torchvision.models.resnet50()
+    summary = ghostify.report(model, ghostify.convert(model, s=s, d=3))
+    assert summary.flops_before == pytest.approx(4.1e9, rel=0.05)
+    assert summary.params_before == pytest.approx(25.6e6, rel=0.05)
+    assert summary.flops_after == pytest.approx(flops_paper, rel=0.05)
+    assert summary.params_after == pytest.approx(params_arithmetic, rel=0.05)
+
+
+def test_report_rows_dict_and_rendering():
+    model = torchvision.models.resnet18()
+    x = torch.randn(1, 3, 64, 64)
+    summary = ghostify.report(model, ghostify.convert(model, s=2, d=3, example_inputs=x), name="resnet18")
+    data = json.loads(json.dumps(summary.to_dict()))
+    for key in ("flops_before", "flops_after", "params_before", "params_after", "layers", "skipped"):
+        assert key in data
+    assert data["flops_after"] < data["flops_before"]
+    assert [row["name"] for row in data["skipped"]] == ["conv1"]
+    row = next(r for r in summary.layers if r.name == "layer4.1.conv2")
+    assert row.output_shape == (1, 512, 2, 2)
+    assert row.flops_before == 512 * 512 * 9 * 2 * 2
+    assert row.ratio == pytest.approx(row.flops_before / row.flops_after)
+    assert row.theoretical_ratio == pytest.approx(theoretical_ratio(512, (3, 3), 2, 3, (3, 3)))
+    console = Console(width=200, record=True)
+    console.print(summary)
+    text = console.export_text()
+    assert "layer4.1.conv2" in text and "multiply-adds" in text and "stem conv" in text
+
+
+def test_theoretical_ratio_is_paper_eq4():
+    c, k, s, d = 256, (3, 3), 2, 3
+    assert theoretical_ratio(c, k, s, d, k) == pytest.approx(c * 9 / (c * 9 / s + (s - 1) * 9 / s))
+    assert theoretical_ratio(1024, (1, 1), 4, 1, (1, 1)) == pytest.approx(4 * 1024 / (4 + 1024 - 1))
+
+
+@pytest.mark.parametrize("value, text", [(4_111_512_576, "4.11G"), (25_557_032, "25.56M"), (9_200, "9.20K"),
+                                         (12, "12"), (None, "-")])
+def test_format_count(value, text):
+    assert format_count(value) == text
