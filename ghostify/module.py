@@ -155,9 +155,9 @@ class GhostModule(nn.Module):
         intrinsic = self.primary(x)
         ghosts = self.cheap(intrinsic)
         out = torch.cat([intrinsic, ghosts], dim=1)
-        if out.shape[1] == self.out_channels:
-            return out
-        return out[:, : self.out_channels]
+        if self.intrinsic_channels * self.s != self.out_channels:
+            out = out[:, : self.out_channels]
+        return out
 
     @classmethod
     def from_conv(
