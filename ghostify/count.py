@@ -32,8 +32,8 @@ class Counts:
         self.inputs = inputs
 
     @cached_property
-    def flops_by_module(self) -> Dict[str, int]:
-        """Multiply-adds per qualified module name ('' is the whole model), summed over calls."""
+    def _analysis(self):
+        """fvcore's analysis, run once; per-module and per-operator totals come from the same trace."""
         was_training = self.model.training
         self.model.eval()
         try:
@@ -43,9 +43,27 @@ class Counts:
 
                 analysis = FlopCountAnalysis(self.model, self.inputs)
                 analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
-                return dict(analysis.by_module())
+                analysis.by_module()
+                return analysis
         finally:
             self.model.train(was_training)
+
+    @property
+    def flops_by_module(self) -> Dict[str, int]:
+        """Multiply-adds per qualified module name ('' is the whole model), summed over calls."""
+        return dict(self._analysis.by_module())
+
+    @property
+    def flops_by_operator(self) -> Dict[str, int]:
+        """Multiply-adds per operator kind ('conv', 'linear', 'batch_norm', ...)."""
+        return dict(self._analysis.by_operator())
+
+    @property
+    def conv_linear_flops(self) -> int:
+        """Multiply-adds of convolutions and matrix products only: the paper's convention, which leaves
+        out batch norm (folded into the conv at inference) and pooling."""
+        return int(sum(v for k, v in self.flops_by_operator.items()
+                       if k in ("conv", "linear", "matmul", "addmm", "bmm", "einsum")))
 
     @cached_property
     def params_by_module(self) -> Dict[str, int]:
