@@ -170,6 +170,19 @@ def _choose(site: ConvSite, opts: Dict[str, Any]) -> Union[Replaced, Skipped]:
                     tuple(conv.stride), site.input_shape, site.output_shape, site.aliases, site.calls)
 
 
+def _warn_unmatched(opts: Dict[str, Any], names: List[str]) -> None:
+    """Warn about include/exclude patterns and per-layer mapping keys that name no convolution."""
+    for what in ("include", "exclude", "s", "d", "primary_kernel"):
+        option = opts[what]
+        if isinstance(option, Mapping):
+            patterns = list(option)
+        else:
+            patterns = (option or []) if what in ("include", "exclude") else []
+        for pattern in patterns:
+            if not _first_match([pattern], names):
+                warnings.warn(f"{what} pattern {pattern!r} matches no convolution layer", UserWarning, stacklevel=3)
+
+
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, child = path.rpartition(".")
     setattr(model.get_submodule(parent), child, module)
@@ -248,17 +261,11 @@ def convert(
             "include": _patterns(include, "include"), "exclude": _patterns(exclude, "exclude")}
     inputs = _example_inputs(example_inputs)
 
+    if not any(isinstance(module, nn.Conv2d) for module in model.modules()):
+        raise ValueError(f"{type(model).__name__} has no nn.Conv2d layer to convert")
     converted = copy.deepcopy(model)
     analysis = analyse(converted, inputs)
-    if not any(isinstance(site.module, nn.Conv2d) for site in analysis.sites):
-        raise ValueError(f"{type(model).__name__} has no nn.Conv2d layer to convert")
-    all_names = [n for site in analysis.sites for n in [site.name] + site.aliases]
-    for what in ("include", "exclude", "s", "d", "primary_kernel"):
-        patterns = opts[what] if what in ("include", "exclude") else (
-            list(opts[what]) if isinstance(opts[what], Mapping) else None)
-        for pattern in patterns or []:
-            if not _first_match([pattern], all_names):
-                warnings.warn(f"{what} pattern {pattern!r} matches no convolution layer", UserWarning, stacklevel=2)
+    _warn_unmatched(opts, [n for site in analysis.sites for n in [site.name] + site.aliases])
 
     decisions = [_choose(site, opts) for site in analysis.sites]
     replaced = [r for r in decisions if isinstance(r, Replaced)]
