@@ -60,8 +60,10 @@ class Report:
     input_shapes: List[Tuple[int, ...]]
     flops_before: int
     params_before: int
+    conv_flops_before: int
     flops_after: Optional[int] = None
     params_after: Optional[int] = None
+    conv_flops_after: Optional[int] = None
     method: Optional[str] = None
     layers: List[LayerRow] = field(default_factory=list)
     skipped: List[Dict[str, str]] = field(default_factory=list)
@@ -87,11 +89,15 @@ class Report:
 
         shapes = ", ".join("x".join(map(str, shape)) for shape in self.input_shapes)
         totals = Table()
-        for column in ("", "before", "after", "ratio"):
+        columns = ("", "before", "after", "ratio") if self.flops_after is not None else ("", "count")
+        for column in columns:
             totals.add_column(column, justify="right" if column else "left")
-        for label, before, after, ratio in (("FLOPs", self.flops_before, self.flops_after, self.flops_ratio),
-                                            ("params", self.params_before, self.params_after, self.params_ratio)):
-            totals.add_row(label, format_count(before), format_count(after), f"{ratio:.2f}x" if ratio else "-")
+        for label, before, after in (("FLOPs", self.flops_before, self.flops_after),
+                                     ("FLOPs, conv + linear only", self.conv_flops_before, self.conv_flops_after),
+                                     ("params", self.params_before, self.params_after)):
+            ratio = _ratio(before, after)
+            cells = (format_count(before), format_count(after), f"{ratio:.2f}x" if ratio else "-")
+            totals.add_row(label, *cells[: len(columns) - 1])
         parts: List[Any] = [Text(f"{self.model}, input {shapes}. {UNIT}.", style="bold"), totals]
         if self.layers:
             layers = Table(title=f"{len(self.layers)} layers replaced ({self.method} analysis)")
@@ -141,15 +147,18 @@ def report(
     result = getattr(converted, "ghostify_result", None)
     if example_inputs is None:
         shapes = result.input_shapes if result is not None else [(1, 3, 224, 224)]
+        if None in shapes:
+            raise ValueError("the conversion ran on non-tensor inputs; pass example_inputs to report")
         example_inputs = tuple(torch.randn(*shape) for shape in shapes)
     elif isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     before = Counts(original, tuple(example_inputs))
-    out = Report(name or type(original).__name__, [tuple(x.shape) for x in example_inputs], before.flops, before.params)
+    out = Report(name or type(original).__name__, [tuple(x.shape) for x in example_inputs], before.flops,
+                 before.params, before.conv_linear_flops)
     if converted is None:
         return out
     after = Counts(converted, tuple(example_inputs))
-    out.flops_after, out.params_after = after.flops, after.params
+    out.flops_after, out.params_after, out.conv_flops_after = after.flops, after.params, after.conv_linear_flops
     if result is not None:
         out.method = result.method
         out.skipped = [asdict(item) for item in result.skipped]
