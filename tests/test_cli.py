@@ -103,7 +103,6 @@ def test_module_and_file_factories(tmp_path):
 
 
 def test_timm_without_timm_is_clear(tmp_path):
-    pytest.importorskip("click")
     try:
         import timm  # noqa: F401
     except ImportError:
