@@ -137,6 +137,8 @@ def _skip_reason(site: ConvSite, names: List[str], opts: Dict[str, Any]) -> Opti
     if module.groups != 1:
         kind = "depthwise" if module.groups == module.in_channels else "grouped"
         return f"{kind} conv (groups={module.groups}) is already cheap"
+    if any(name.startswith(prefix + ".") for prefix in opts["ghosts"] for name in names):
+        return "already part of a Ghost module"
     if site.calls == 0:
         return "never runs on the example inputs"
     excluded = _first_match(opts["exclude"] or [], names)
@@ -265,6 +267,7 @@ def convert(
         raise ValueError(f"{type(model).__name__} has no nn.Conv2d layer to convert")
     converted = copy.deepcopy(model)
     analysis = analyse(converted, inputs)
+    opts["ghosts"] = [name for name, module in converted.named_modules() if isinstance(module, GhostModule)]
     _warn_unmatched(opts, [n for site in analysis.sites for n in [site.name] + site.aliases])
 
     decisions = [_choose(site, opts) for site in analysis.sites]

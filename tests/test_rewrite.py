@@ -178,3 +178,10 @@ def test_rewrite_rejects_models_without_conv2d():
         ghostify.convert(nn.Sequential(nn.Flatten(), nn.Linear(12, 2)), example_inputs=torch.randn(1, 3, 2, 2))
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         ghostify.convert("resnet18")
+
+
+def test_rewrite_leaves_existing_ghost_modules_alone():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), GhostModule(8, 16, 3, padding=1), nn.Conv2d(16, 16, 1))
+    ghost = ghostify.convert(model, example_inputs=torch.randn(1, 3, 8, 8))
+    assert _replaced(ghost) == ["2"]
+    assert _reasons(ghost)["1.primary.0"] == "already part of a Ghost module"
