@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, List, Tuple
 
 from torch import nn
 
-from .module import GhostModule
+from ..module import GhostModule
 
 if TYPE_CHECKING:
-    from .rewrite import ConversionResult
+    from ..rewrite import ConversionResult
 
 METHODS = ("random",)
 
