@@ -126,7 +126,8 @@ def arithmetic(model: nn.Module, x: torch.Tensor, s: Optional[int], d: int = 3, 
         if isinstance(module, nn.Linear):
             flops += module.in_features * math.prod(shape)
             continue
-        c, n, (kh, kw), area = module.in_channels, module.out_channels, module.kernel_size, shape[0] * math.prod(shape[2:])
+        c, n, (kh, kw) = module.in_channels, module.out_channels, module.kernel_size
+        area = shape[0] * math.prod(shape[2:])  # output positions, over the batch
         dense = module.groups == 1 and type(module) is nn.Conv2d and (include_stem or not is_stem)
         if s is None or not dense or n < s:
             flops += c // module.groups * kh * kw * n * area
