@@ -91,7 +91,10 @@ def _print_report(report, as_json: bool) -> None:
     else:
         from rich.console import Console
 
-        Console().print(report)
+        console = Console()
+        if not console.is_terminal:  # piped: wide enough that no column of the layer table is squeezed away
+            console = Console(width=220)
+        console.print(report)
 
 
 MODEL = ModelParam()
