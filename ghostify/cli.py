@@ -124,13 +124,17 @@ def main(debug: bool) -> None:
 @click.option("--include-stem", is_flag=True, help="Also convert the conv that sees the raw input.")
 @INPUT_SIZE
 @click.option("--weights", type=click.Path(dir_okay=False), help="A state_dict to load into MODEL first.")
-@click.option("--init", type=click.Choice(["random"]), default="random", show_default=True,
-              help="How the Ghost modules' weights start.")
+@click.option("--init", type=click.Choice(["copy", "calibrate", "random"]), default="copy", show_default=True,
+              help="How the Ghost modules' weights start: from the original filters, fitted on --calib-data, or fresh.")
+@click.option("--calib-data", type=click.Path(), metavar="PATH",
+              help="Calibration inputs for --init calibrate: an image folder or a .pt file of an (N, C, H, W) tensor.")
+@click.option("--calib-samples", type=click.IntRange(min=1), default=256, show_default=True,
+              help="How many calibration inputs to use.")
 @JSON
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
-def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_size, weights, init, as_json, force,
-            output) -> None:
+def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_size, weights, init, calib_data,
+            calib_samples, as_json, force, output) -> None:
     """Convert MODEL's Conv2d layers to Ghost modules, print the report, write OUT."""
     import os
 
@@ -142,9 +146,17 @@ def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_s
     with _status(f"Building {model}", as_json):
         source = load_model(model, weights)
     inputs = _inputs(input_size, default_input_size(parse(model)))
-    with _status("Converting and counting", as_json):
+    calibration = None
+    if calib_data is not None:
+        from .init.data import load_calibration
+
+        calibration = load_calibration(calib_data, tuple(inputs[0].shape[1:]), calib_samples)
+    elif init == "calibrate":
+        raise ValueError("--init calibrate needs --calib-data PATH (an image folder or a .pt tensor file)")
+    with _status("Converting and counting", as_json or init == "calibrate"):  # calibrate shows its own progress
         ghost = ghostify.convert(source, s=s, d=d, primary_kernel=primary_kernel, include=include or None,
-                            exclude=exclude or None, include_stem=include_stem, example_inputs=inputs, init=init)
+                                 exclude=exclude or None, include_stem=include_stem, example_inputs=inputs, init=init,
+                                 calibration_data=calibration, calibration_samples=calib_samples)
         report = ghostify.report(source, ghost, inputs, name=model)
     ghostify.save(ghost, output, overwrite=True)
     _print_report(report, as_json)

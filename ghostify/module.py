@@ -140,6 +140,7 @@ class GhostModule(nn.Module):
                 layers.append(activation_layer())
         self.primary = nn.Sequential(*primary)
         self.cheap = nn.Sequential(*cheap)
+        self.register_buffer("out_index", None)
 
     @property
     def primary_conv(self) -> nn.Conv2d:
@@ -155,9 +156,24 @@ class GhostModule(nn.Module):
         intrinsic = self.primary(x)
         ghosts = self.cheap(intrinsic)
         out = torch.cat([intrinsic, ghosts], dim=1)
+        if self.out_index is not None:
+            return out.index_select(1, self.out_index)
         if self.intrinsic_channels * self.s != self.out_channels:
             out = out[:, : self.out_channels]
         return out
+
+    def set_out_index(self, index: Optional[torch.Tensor]) -> None:
+        """Reorder the outputs: output channel ``c`` becomes map ``index[c]`` of [intrinsic, ghosts]; None: no gather.
+
+        Initialisers use this when the ghosts they fit come out in another order than the original conv's
+        channels and no consuming layer can absorb the permutation; it costs one ``index_select`` per call.
+        """
+        if index is not None:
+            index = torch.as_tensor(index, dtype=torch.long, device=self.primary_conv.weight.device)
+            if index.shape != (self.out_channels,):
+                raise ValueError(f"out_index must hold {self.out_channels} channel indices, "
+                                 f"got shape {tuple(index.shape)}")
+        self.out_index = index
 
     @classmethod
     def from_conv(
@@ -189,4 +205,5 @@ class GhostModule(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"out_channels={self.out_channels}, s={self.s}, d={self.d}"
+        gather = ", gather" if self.out_index is not None else ""
+        return f"out_channels={self.out_channels}, s={self.s}, d={self.d}{gather}"

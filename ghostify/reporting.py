@@ -50,6 +50,7 @@ class LayerRow:
     params_after: int
     ratio: Optional[float]
     theoretical_ratio: float
+    reconstruction_error: Optional[float] = None
 
 
 @dataclass
@@ -101,8 +102,9 @@ class Report:
         parts: List[Any] = [Text(f"{self.model}, input {shapes}. {UNIT}.", style="bold"), totals]
         if self.layers:
             layers = Table(title=f"{len(self.layers)} layers replaced ({self.method} analysis)")
+            errors = any(row.reconstruction_error is not None for row in self.layers)
             for column in ("layer", "was", "now", "output", "FLOPs before", "FLOPs after", "params before",
-                           "params after", "ratio", "r_s (Eq. 4)"):
+                           "params after", "ratio", "r_s (Eq. 4)") + (("rel. MSE",) if errors else ()):
                 layers.add_column(column, justify="left" if column in ("layer", "was", "now") else "right",
                                   no_wrap=column in ("layer", "was", "now", "output"))
             for row in self.layers:
@@ -110,7 +112,8 @@ class Report:
                                "x".join(map(str, row.output_shape[1:])) if row.output_shape else "-",
                                format_count(row.flops_before), format_count(row.flops_after),
                                format_count(row.params_before), format_count(row.params_after),
-                               f"{row.ratio:.2f}x" if row.ratio else "-", f"{row.theoretical_ratio:.2f}x")
+                               f"{row.ratio:.2f}x" if row.ratio else "-", f"{row.theoretical_ratio:.2f}x",
+                               *([_error(row.reconstruction_error)] if errors else []))
             parts.append(layers)
         if self.skipped:
             skipped = Table(title=f"{len(self.skipped)} convolutions left as they are")
@@ -122,12 +125,17 @@ class Report:
         return Group(*parts)
 
 
+def _error(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
 def _describe(row) -> Tuple[str, str]:
     k, pk, stride = row.kernel_size, row.primary_kernel, row.stride
     original = f"Conv2d {row.in_channels}->{row.out_channels} {k[0]}x{k[1]}"
     if tuple(stride) != (1, 1):
         original += f" stride {stride[0]}" if stride[0] == stride[1] else f" stride {stride[0]}x{stride[1]}"
-    return original, f"Ghost s={row.s} d={row.d} k={pk[0]}x{pk[1]}"
+    gather = " +gather" if getattr(row, "gather", False) else ""
+    return original, f"Ghost s={row.s} d={row.d} k={pk[0]}x{pk[1]}{gather}"
 
 
 def report(
@@ -169,5 +177,6 @@ def report(
                 row.name, was, now, row.output_shape, *flops,
                 before.module_params(row.name), after.module_params(row.name), _ratio(*flops),
                 theoretical_ratio(row.in_channels, row.kernel_size, row.s, row.d, row.primary_kernel),
+                getattr(row, "error", None),
             ))
     return out

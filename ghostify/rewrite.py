@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .init import check_init, initialise
+from .init import check_calibration, check_init, initialise
 from .module import GhostModule, _pair, check_cheap_kernel, check_ratio, primary_padding
 from .trace import ConvSite, _shape, analyse
 
@@ -39,6 +39,8 @@ class Replaced:
     output_shape: Optional[Tuple[int, ...]] = None
     aliases: List[str] = field(default_factory=list)
     calls: int = 1
+    gather: bool = False
+    error: Optional[float] = None
 
 
 @dataclass
@@ -64,7 +66,8 @@ class ConversionResult:
 
     def plan(self) -> List[Dict[str, Any]]:
         """The per-layer settings that rebuild the converted architecture from the original one."""
-        return [{"name": r.name, "s": r.s, "d": r.d, "primary_kernel": list(r.primary_kernel)} for r in self.replaced]
+        return [{"name": r.name, "s": r.s, "d": r.d, "primary_kernel": list(r.primary_kernel), "gather": r.gather}
+                for r in self.replaced]
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -213,6 +216,8 @@ def apply_plan(model: nn.Module, plan: Iterable[Mapping[str, Any]]) -> List[Tupl
             raise ValueError(f"layer {name!r} is a {type(conv).__name__}, not the Conv2d that was converted")
         ghost = GhostModule.from_conv(conv, s=entry["s"], d=entry["d"], primary_kernel=tuple(entry["primary_kernel"]))
         ghost.train(conv.training)
+        if entry.get("gather", False):
+            ghost.set_out_index(torch.arange(ghost.out_channels))
         for path in aliases[id(conv)]:
             _set_module(model, path, ghost)
         swapped.append((name, conv, ghost))
@@ -229,7 +234,9 @@ def convert(
     exclude: Optional[Union[str, Iterable[str]]] = None,
     include_stem: bool = False,
     example_inputs: Optional[Union[torch.Tensor, Sequence[torch.Tensor]]] = None,
-    init: str = "random",
+    init: str = "copy",
+    calibration_data: Any = None,
+    calibration_samples: int = 256,
 ) -> nn.Module:
     """Return a copy of ``model`` with its dense Conv2d layers replaced by Ghost modules.
 
@@ -242,7 +249,11 @@ def convert(
         exclude: glob patterns; matching convs are left alone.
         include_stem: also convert the conv that sees the raw input.
         example_inputs: inputs for the analysis pass (default one 1x3x224x224 tensor).
-        init: how the Ghost modules' weights start; ``"random"``.
+        init: how the Ghost modules' weights start: ``"copy"`` (from the original filters, no data),
+            ``"calibrate"`` (fitted to the original layers' outputs on ``calibration_data``) or ``"random"``.
+        calibration_data: for ``"calibrate"``: an ``(N, C, H, W)`` tensor, or an iterable of batches or of
+            (inputs, targets) pairs; by default ``example_inputs`` is its first input.
+        calibration_samples: how many calibration inputs to use at most.
 
     Returns:
         The converted model, with ``ghostify_result`` (a ``ConversionResult``) listing what was replaced
@@ -256,6 +267,13 @@ def convert(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     init = check_init(init)
+    batches = None
+    if init == "calibrate":
+        shape = None if example_inputs is None else tuple(_example_inputs(example_inputs)[0].shape[1:])
+        batches = check_calibration(calibration_data, calibration_samples, shape)
+        example_inputs = batches[0][:1] if example_inputs is None else example_inputs
+    elif calibration_data is not None:
+        raise ValueError(f"calibration_data is only used by init='calibrate', got init={init!r}")
     _validate(s, check_ratio, "s")
     _validate(d, check_cheap_kernel, "d")
     _validate(primary_kernel, _check_kernel, "primary_kernel")
@@ -278,6 +296,6 @@ def convert(
     result = ConversionResult(analysis.method, replaced, skipped, [_shape(x) for x in inputs], init,
                               source=getattr(model, "ghostify_source", None))
     swapped = apply_plan(converted, result.plan())
-    initialise(init, swapped, result)
+    initialise(init, swapped, result, converted, model, batches, inputs)
     converted.ghostify_result = result
     return converted

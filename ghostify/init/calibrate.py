@@ -1,0 +1,189 @@
+"""``calibrate``: refit every converted layer, in run order, to the original model's outputs on real inputs.
+
+Layer by layer, the converted model's input to the layer (so earlier layers' errors are seen and corrected)
+and the original layer's output are collected, each with a forward pass stopped at that layer. Then, all
+least squares: the intrinsic/ghost choice is redone on the original output maps; the primary filters are
+fitted to the intrinsic channels (ridge towards the original filters, which keeps them sensible when there
+are fewer output pixels than filter weights); the cheap kernels to the ghost channels, on the intrinsic
+maps the new primary conv makes.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..module import GhostModule
+from .channels import Consumers
+from .data import check_calibration
+from .datafree import bn_gain, write
+from .fit import Choice, Pairing, choose, restrict, solve
+from .measure import evaluating
+
+ROWS = 16384
+PAIR_ROWS = 2048
+PRIOR = 1e-2
+
+__all__ = ["calibrate", "check_calibration"]
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the layer of interest has been reached."""
+
+
+def _capture(model: nn.Module, module: nn.Module, batches: Sequence[torch.Tensor], output: bool) -> torch.Tensor:
+    """``module``'s input (or output) over all ``batches``, running ``model`` only as far as ``module``."""
+    grabbed: List[torch.Tensor] = []
+
+    def hook(mod, args, out=None):
+        grabbed.append(out if output else args[0])
+        raise _Stop
+
+    handle = module.register_forward_hook(hook) if output else module.register_forward_pre_hook(hook)
+    try:
+        with evaluating(model):
+            for x in batches:
+                try:
+                    model(x)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return torch.cat(grabbed)
+
+
+def _design(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor, limit: int, generator: torch.Generator):
+    """Rows of the least-squares problem ``conv``'s taps over ``x`` -> ``y``, for at most ``limit`` output pixels.
+
+    Returns:
+        ``(rows, in_channels * kh * kw)`` patches of ``x`` as ``conv`` sees them, and ``(rows, y channels)``.
+    """
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    pixels = y.shape[2] * y.shape[3]
+    keep = min(1.0, limit / (len(y) * pixels))
+    patches, targets = [], []
+    for xs, ys in zip(x.split(16), y.split(16)):
+        cols = F.unfold(F.pad(xs, conv._reversed_padding_repeated_twice, mode=mode), conv.kernel_size,
+                        dilation=conv.dilation, stride=conv.stride).transpose(1, 2).flatten(0, 1)
+        rows = torch.rand(len(cols), generator=generator) < keep
+        patches.append(cols[rows])
+        targets.append(ys.flatten(2).transpose(1, 2).flatten(0, 1)[rows])
+    return torch.cat(patches).float(), torch.cat(targets).float()
+
+
+def _ones(a: torch.Tensor) -> torch.Tensor:
+    return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], -1)
+
+
+def _ridge(a: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``argmin ||a @ delta - residual||^2 + lam ||delta||^2``, lam relative to ``a``'s scale; primal or dual form."""
+    rows, cols = a.shape
+    a, residual = a.double(), residual.double()
+    lam = PRIOR * a.square().sum() / cols
+    if rows >= cols:
+        return torch.linalg.solve(a.T @ a + lam * torch.eye(cols, dtype=a.dtype), a.T @ residual)
+    return a.T @ torch.linalg.solve(a @ a.T + lam * torch.eye(rows, dtype=a.dtype), residual)
+
+
+def _choice(ghost: GhostModule, y: torch.Tensor, gain: torch.Tensor, generator: torch.Generator) -> Choice:
+    """Intrinsic channels and ghost assignment from the original output maps (centred)."""
+    n, q = y.shape[1], ghost.d ** 2
+    patches, targets = _design(ghost.cheap_conv, y, y, PAIR_ROWS, generator)
+    shifted = patches.view(len(patches), n, q)
+    shifted, targets = shifted - shifted.mean(0), targets - targets.mean(0)
+    pairing = Pairing(torch.einsum("riu,rt->itu", shifted, targets), torch.einsum("riu,riv->iuv", shifted, shifted),
+                      targets.square().sum(0), gain)
+    return choose(pairing, ghost.s)
+
+
+def _fit_primary(conv: nn.Conv2d, ghost: GhostModule, choice: Choice, x, y, offset: bool, generator):
+    """Primary filters ``(m, c, kh, kw)`` and intrinsic offsets ``(m,)``, ridge-fitted towards the original filters."""
+    prior = restrict(conv.weight.detach().float(), ghost.primary_conv.kernel_size, conv.dilation, conv.stride,
+                     ghost.d)[choice.intrinsic].flatten(1).T
+    bias = conv.bias.detach().float()[choice.intrinsic] if conv.bias is not None else prior.new_zeros(prior.shape[1])
+    a, targets = _design(ghost.primary_conv, x, y[:, choice.intrinsic], ROWS, generator)
+    if offset:
+        a, prior = _ones(a), torch.cat([prior, bias[None]])
+    fitted = prior.double() + _ridge(a, targets - a @ prior)
+    weights = fitted[: prior.shape[0] - offset].T.reshape(ghost.primary_conv.weight.shape)
+    return weights, (fitted[-1] if offset else bias.double())
+
+
+def _fit_cheap(ghost: GhostModule, choice: Choice, z: torch.Tensor, y: torch.Tensor, offset: bool, generator):
+    """Cheap kernels ``(kept, d, d)`` and ghost offsets ``(kept,)`` fitted on the new intrinsic maps ``z``."""
+    q = ghost.d ** 2
+    patches, targets = _design(ghost.cheap_conv, z, y, ROWS, generator)
+    shifted = patches.view(len(patches), z.shape[1], q)
+    if offset:
+        shifted = _ones(shifted)
+    source = shifted[:, choice.owner]
+    cross = torch.einsum("rou,ro->ou", source, targets[:, choice.ghost])
+    gram = torch.einsum("riu,riv->iuv", shifted, shifted)[choice.owner]
+    h = solve(cross, gram)
+    return h[:, :q].view(-1, ghost.d, ghost.d), (h[:, q] if offset else torch.zeros(len(h), dtype=h.dtype))
+
+
+def fit_layer(conv: nn.Conv2d, ghost: GhostModule, bn: Optional[nn.BatchNorm2d], stats: Optional[Tuple],
+              x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> Tuple[Choice, float]:
+    """Refit ``ghost`` so that, on input ``x``, it outputs ``conv``'s original outputs ``y``.
+
+    ``bn`` (the batch norm reading the layer, if any) gets back its original running ``stats`` (mean, var)
+    before it absorbs the new offsets.
+
+    Returns:
+        The channel choice and the relative MSE of the fitted layer on ``x``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    offset = conv.bias is not None or bn is not None
+    choice = _choice(ghost, y, bn_gain(bn, conv.out_channels), generator)
+    primary, intrinsic_offset = _fit_primary(conv, ghost, choice, x, y, offset, generator)
+    with torch.no_grad():
+        z = ghost.primary_conv._conv_forward(x, primary.to(x.dtype), None)
+        if ghost.primary_conv.bias is not None:  # else the offset goes to the batch norm, after the cheap op
+            z = z + intrinsic_offset.to(z.dtype).view(1, -1, 1, 1)
+    cheap, ghost_offset = _fit_cheap(ghost, choice, z, y, offset, generator)
+    offsets = torch.zeros(conv.out_channels, dtype=torch.float64)
+    offsets[choice.intrinsic], offsets[choice.ghost] = intrinsic_offset, ghost_offset
+    if bn is not None:
+        bn.running_mean.copy_(stats[0])
+        bn.running_var.copy_(stats[1])
+    primary_bias = torch.zeros(len(choice.intrinsic)) if conv.bias is not None else None
+    write(ghost, choice, primary.to(ghost.primary_conv.weight.dtype), cheap, offsets, bn, primary_bias)
+    with torch.no_grad():
+        out = ghost(x)
+    return choice, ((out - y).square().sum() / y.square().sum().clamp_min(1e-30)).item()
+
+
+def _progress():
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    return Progress(TextColumn("calibrating {task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("rel. MSE {task.fields[loss]:.4f}"), TimeElapsedColumn(),
+                    console=console, transient=True, disable=not console.is_terminal)
+
+
+def calibrate(model: nn.Module, original: nn.Module, swapped: List[Tuple[str, nn.Conv2d, GhostModule]],
+              readers: Dict[str, Consumers], stats: Dict[str, Tuple[torch.Tensor, torch.Tensor]],
+              batches: Sequence[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Refit each swapped layer of ``model`` in turn (``fit_layer``); returns each layer's channel order.
+
+    Args:
+        readers: each layer's following batch norm; ``stats``: its running mean and variance before ``copy``.
+        batches: calibration inputs (``check_calibration``).
+    """
+    orders = {}
+    with _progress() as progress:
+        task = progress.add_task("", total=len(swapped), loss=float("nan"))
+        for step, (name, conv, ghost) in enumerate(swapped):
+            progress.update(task, description=f"layer {step + 1}/{len(swapped)} {name}")
+            x = _capture(model, ghost, batches, output=False)
+            y = _capture(original, original.get_submodule(name), batches, output=True)
+            choice, loss = fit_layer(conv, ghost, readers[name].bn, stats.get(name), x, y, seed=step)
+            orders[name] = choice.order
+            progress.update(task, advance=1, loss=loss)
+    return orders

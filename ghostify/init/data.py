@@ -1,0 +1,99 @@
+"""Calibration inputs: checked before any work starts, from a tensor, batches, (x, y) pairs, a file or a folder."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, List, Optional, Sequence
+
+import torch
+
+BATCH = 64
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _inputs_of(item: Any) -> torch.Tensor:
+    x = item[0] if isinstance(item, (tuple, list)) and item else item
+    if not isinstance(x, torch.Tensor):
+        raise TypeError("calibration_data must be a tensor or an iterable of tensors or (inputs, targets) pairs; "
+                        f"got an item of type {type(x).__name__}")
+    return x
+
+
+def check_calibration(data: Any, samples: int = 256, shape: Optional[Sequence[int]] = None) -> List[torch.Tensor]:
+    """The first ``samples`` calibration inputs, validated, in batches of up to 64.
+
+    Args:
+        data: an ``(N, ...)`` tensor, or an iterable of such batches or of (inputs, targets) pairs.
+        samples: how many inputs to use.
+        shape: the per-sample shape the model was analysed with, e.g. ``(3, 32, 32)``.
+
+    Raises:
+        TypeError: ``data`` is not a tensor or an iterable of them.
+        ValueError: no inputs, non-floating-point inputs, or inputs of another shape.
+    """
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"calibration samples must be a positive integer, got {samples!r}")
+    if data is None:
+        raise ValueError("init='calibrate' needs calibration_data (a tensor of inputs, or batches of them)")
+    if isinstance(data, torch.Tensor):
+        data = [data]
+    elif isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
+        raise TypeError(f"calibration_data must be a tensor or an iterable of batches, got {type(data).__name__}")
+    taken: List[torch.Tensor] = []
+    count = 0
+    for item in data:
+        x = _inputs_of(item)
+        if not x.is_floating_point():
+            raise ValueError("calibration inputs must be floating point (normalised as the model expects), "
+                             f"got {x.dtype}")
+        expected = tuple(shape) if shape is not None else (tuple(taken[0].shape[1:]) if taken else None)
+        if x.dim() < 2 or (expected is not None and tuple(x.shape[1:]) != expected):
+            wanted = ", ".join(map(str, expected or ["..."]))
+            raise ValueError(f"calibration inputs must be batches of shape (N, {wanted}), got {tuple(x.shape)}; "
+                             "pass example_inputs (CLI: --input-size) of the same size")
+        if len(x):
+            taken.append(x[: samples - count].detach())
+            count += len(taken[-1])
+        if count >= samples:
+            break
+    if not count:
+        raise ValueError("calibration_data is empty: it holds no inputs")
+    return list(torch.cat(taken).split(BATCH))
+
+
+def _read_image(path: str, shape: Sequence[int]) -> torch.Tensor:
+    from PIL import Image
+
+    channels, height, width = shape
+    with Image.open(path) as image:
+        image = image.convert("RGB" if channels == 3 else "L").resize((width, height), Image.BILINEAR)
+        x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, -1)
+    x = x.permute(2, 0, 1).float() / 255
+    if channels == 3:
+        x = (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return x
+
+
+def load_calibration(path: str, shape: Sequence[int], samples: int = 256) -> List[torch.Tensor]:
+    """Calibration batches from a ``.pt`` file (a tensor, or (inputs, targets)) or a folder of images.
+
+    Images (searched recursively, sorted by path) are resized to ``shape`` = (C, H, W) and, for 3 channels,
+    normalised with the ImageNet mean and std, as torchvision's models expect.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        files = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
+                       if name.lower().endswith(IMAGE_SUFFIXES))[:samples]
+        if not files:
+            raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
+        return check_calibration(torch.stack([_read_image(f, shape) for f in files]), samples, shape)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such calibration file or folder: {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - unreadable file: bad input
+        raise ValueError(f"{path} is not a readable tensor file: {type(error).__name__}") from None
+    if isinstance(data, tuple) and data:
+        data = data[0]
+    return check_calibration(data, samples, shape)

@@ -1,0 +1,224 @@
+"""Which original channels become intrinsic maps, which ghost comes from which, and the least-squares fits.
+
+Both initialisers pose the same problem for a layer with ``n`` outputs: every channel ``i`` is a candidate
+intrinsic map with ``q = d*d`` shifted copies (the cheap op's taps) spanning what a ghost made from it can be;
+every channel ``t`` is a target. ``copy`` states it on filters (the cheap op composed with a primary filter is
+a conv with a larger filter), ``calibrate`` on feature maps. A ``Pairing`` holds the inner products; from it
+``choose`` picks the intrinsic channels and a capacity-constrained assignment of ghosts to them, and
+``solve`` gives the least-squares cheap kernels.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+RIDGE = 1e-6
+
+
+@dataclass
+class Pairing:
+    """Inner products of one layer's least-squares ghost problem.
+
+    Attributes:
+        cross: ``(n, n, q)``; ``cross[i, t, u]`` = <shift ``u`` of candidate ``i``, target ``t``>.
+        gram: ``(n, q, q)``; the Gram matrix of each candidate's ``q`` shifted copies.
+        energy: ``(n,)``; squared norm of each target.
+        weight: ``(n,)``; how much an error in each channel matters relative to its energy (e.g. the
+            following batch norm's gain squared); 1 when nothing is known.
+    """
+
+    cross: torch.Tensor
+    gram: torch.Tensor
+    energy: torch.Tensor
+    weight: torch.Tensor
+
+
+@dataclass
+class Choice:
+    """Original channel of each intrinsic map (module order), and of each kept ghost slot."""
+
+    intrinsic: torch.Tensor
+    ghost: torch.Tensor
+    s: int
+
+    @property
+    def owner(self) -> torch.Tensor:
+        """Position of the intrinsic map each kept ghost slot is made from (the cheap conv's grouping)."""
+        return torch.arange(len(self.ghost)) // (self.s - 1)
+
+    @property
+    def order(self) -> torch.Tensor:
+        """Original channel of each module output: ``cat[intrinsic, ghosts]``."""
+        return torch.cat([self.intrinsic, self.ghost])
+
+    def out_index(self) -> torch.Tensor:
+        """For each original channel, the module output that approximates it."""
+        order = self.order
+        index = torch.empty_like(order)
+        index[order] = torch.arange(len(order))
+        return index
+
+
+def _regularised(gram: torch.Tensor) -> torch.Tensor:
+    """``gram`` plus a ridge relative to its scale, so dead filters or flat maps still solve."""
+    q = gram.shape[-1]
+    scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(torch.finfo(gram.dtype).tiny)
+    return gram + RIDGE * scale[..., None, None] * torch.eye(q, dtype=gram.dtype, device=gram.device)
+
+
+def solve(cross: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Least-squares coefficients ``(..., q)`` from paired ``cross (..., q)`` and ``gram (..., q, q)``, in float64."""
+    return torch.linalg.solve(_regularised(gram.double()), cross.double().unsqueeze(-1)).squeeze(-1)
+
+
+def explained(pairing: Pairing) -> torch.Tensor:
+    """``(n, n)``: the fraction of target ``t``'s energy the best ghost from candidate ``i`` reproduces."""
+    chol = torch.linalg.cholesky(_regularised(pairing.gram.double()))
+    white = torch.linalg.solve_triangular(chol, pairing.cross.double().transpose(1, 2), upper=False)
+    fit = white.square().sum(1)
+    return (fit / pairing.energy.double().clamp_min(torch.finfo(torch.float64).tiny)).clamp(0, 1).float()
+
+
+def capacities(n: int, s: int) -> List[int]:
+    """Kept ghost slots of each intrinsic position when the module keeps the first ``n`` of ``m * s`` maps."""
+    m = -(-n // s)
+    return [max(0, min(s - 1, n - m - i * (s - 1))) for i in range(m)]
+
+
+def _select(fraction: np.ndarray, value: np.ndarray, m: int, s: int) -> List[int]:
+    """Greedy (lazy) choice of ``m`` intrinsic channels by marginal gain, most valuable first.
+
+    Choosing ``i`` gains its own unexplained value plus what it adds for its ``s - 1`` best ghosts; each
+    choice then marks those ghosts as explained that well, so redundant copies of one filter are not all
+    chosen. Gains only shrink as more is explained, so stale gains are upper bounds (lazy evaluation).
+    """
+    covered = np.zeros(len(value))
+
+    def marginal(i: int):
+        others = np.clip(fraction[i] - covered, 0, None) * value
+        others[i] = 0
+        partners = np.argpartition(-others, s - 2)[: s - 1]
+        return value[i] * (1 - covered[i]) + others[partners].sum(), partners
+
+    heap = [(-gain, i) for i, gain in enumerate(value + np.sort(fraction * value, axis=1)[:, -s:].sum(1))]
+    heapq.heapify(heap)
+    chosen: List[int] = []
+    while len(chosen) < m:
+        _, i = heapq.heappop(heap)
+        gain, partners = marginal(i)
+        if heap and gain < -heap[0][0]:
+            heapq.heappush(heap, (-gain, i))
+            continue
+        chosen.append(i)
+        covered[partners] = np.maximum(covered[partners], fraction[i, partners])
+        covered[i] = 1
+    return chosen
+
+
+def choose(pairing: Pairing, s: int) -> Choice:
+    """Pick ``ceil(n / s)`` intrinsic channels and assign every other channel to one, by fit.
+
+    An intrinsic channel is reproduced exactly; a ghost ``t`` of ``i`` loses ``weight * energy * (1 -
+    explained)``. Intrinsic channels are chosen greedily (``_select``); the first chosen take the positions
+    with the most ghost slots, and an optimal assignment (Hungarian, on the kept slots) gives every other
+    channel its intrinsic map.
+    """
+    fraction = explained(pairing).fill_diagonal_(0)
+    value = (pairing.weight * pairing.energy).float()
+    caps = capacities(len(value), s)
+    intrinsic = torch.tensor(_select(fraction.double().numpy(), value.double().numpy(), len(caps), s))
+    rest = torch.ones(len(value), dtype=torch.bool)
+    rest[intrinsic] = False
+    ghosts = rest.nonzero().squeeze(1)
+    owner = torch.repeat_interleave(torch.arange(len(caps)), torch.tensor(caps))
+    cost = -(fraction * value[None, :])[intrinsic[owner]][:, ghosts].T.numpy()
+    rows, cols = linear_sum_assignment(cost)
+    slot_ghost = torch.empty(len(ghosts), dtype=torch.long)
+    slot_ghost[torch.as_tensor(cols)] = ghosts[torch.as_tensor(rows)]
+    return Choice(intrinsic, slot_ghost, s)
+
+
+Taps = Optional[Tuple[slice, slice]]
+
+
+def shift_pairs(k: int, pk: int, dilation: int, stride: int, d: int) -> Tuple[List[Taps], Dict[int, Taps]]:
+    """Tap bookkeeping along one spatial dimension, in input pixels.
+
+    Original tap ``q`` reads offset ``dilation * q``; primary tap ``p`` reads ``a + dilation * p`` with
+    ``a = dilation * (k - pk) / 2`` (the primary conv's padding keeps the output grid); cheap tap ``u``
+    moves that by ``stride * (u - d // 2)``. Coinciding taps always form contiguous runs.
+
+    Returns:
+        ``to_original[u]``: (primary taps, original taps) that coincide under cheap tap ``u``, or None;
+        ``to_self[u - v]``: (primary taps, primary taps) that coincide between cheap taps ``u`` and ``v``.
+    """
+    a, c = dilation * (k - pk) // 2, d // 2
+
+    def run(shift: int, size: int, first_offset: int) -> Taps:
+        found = [(p, (first_offset + dilation * p + shift) // dilation) for p in range(pk)
+                 if (first_offset + dilation * p + shift) % dilation == 0
+                 and 0 <= (first_offset + dilation * p + shift) // dilation < size]
+        if not found:
+            return None
+        return slice(found[0][0], found[-1][0] + 1), slice(found[0][1], found[-1][1] + 1)
+
+    to_original = [run(a + stride * (u - c), k, 0) for u in range(d)]
+    to_self = {delta: run(stride * delta, pk, 0) for delta in range(1 - d, d)}
+    return to_original, to_self
+
+
+def _taps(weight: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
+    return weight[:, :, rows, cols].flatten(1)
+
+
+def _geometry(weight: torch.Tensor, primary_kernel, dilation, stride, d: int):
+    kh, kw = weight.shape[2:]
+    return [shift_pairs(k, pk, dl, st, d) for k, pk, dl, st in zip((kh, kw), primary_kernel, dilation, stride)]
+
+
+def restrict(weight: torch.Tensor, primary_kernel, dilation, stride, d: int) -> torch.Tensor:
+    """Each filter restricted to the primary conv's taps: the closest ``primary_kernel`` filter."""
+    (to_orig_y, _), (to_orig_x, _) = _geometry(weight, primary_kernel, dilation, stride, d)
+    primary = weight.new_zeros(*weight.shape[:2], *primary_kernel)
+    if to_orig_y[d // 2] and to_orig_x[d // 2]:
+        (py, oy), (px, ox) = to_orig_y[d // 2], to_orig_x[d // 2]
+        primary[:, :, py, px] = weight[:, :, oy, ox]
+    return primary
+
+
+def filter_pairing(weight: torch.Tensor, primary_kernel, dilation, stride, d: int, gain: torch.Tensor):
+    """The data-free problem on filters (white inputs): candidate ``i``'s primary filter, shifted by each cheap tap.
+
+    Args:
+        weight: the original conv's ``(n, c, kh, kw)`` filters.
+        gain: ``(n,)`` weight of each channel's error.
+
+    Returns:
+        The ``Pairing`` and the primary filters ``(n, c, pkh, pkw)`` (``restrict``).
+    """
+    (to_orig_y, self_y), (to_orig_x, self_x) = _geometry(weight, primary_kernel, dilation, stride, d)
+    w = weight.float()
+    primary = restrict(w, primary_kernel, dilation, stride, d)
+    shifts = [(uy, ux) for uy in range(d) for ux in range(d)]
+    cross = w.new_zeros(len(w), len(w), len(shifts))
+    for j, (uy, ux) in enumerate(shifts):
+        if to_orig_y[uy] and to_orig_x[ux]:
+            (py, oy), (px, ox) = to_orig_y[uy], to_orig_x[ux]
+            cross[:, :, j] = _taps(primary, py, px) @ _taps(w, oy, ox).T
+    auto = {}
+    for dy, pairs_y in self_y.items():
+        for dx, pairs_x in self_x.items():
+            if pairs_y and pairs_x:
+                (ay, by), (ax, bx) = pairs_y, pairs_x
+                auto[dy, dx] = (_taps(primary, ay, ax) * _taps(primary, by, bx)).sum(1)
+    zero = w.new_zeros(len(w))
+    gram = torch.stack([torch.stack([auto.get((uy - vy, ux - vx), zero) for vy, vx in shifts], 1)
+                        for uy, ux in shifts], 1)
+    energy = w.flatten(1).square().sum(1)
+    return Pairing(cross, gram, energy, gain.float()), primary.to(weight.dtype)

@@ -1,0 +1,64 @@
+"""Per-layer reconstruction error: how far each converted layer's output is from the original layer's.
+
+Both models run on the same inputs; each converted layer sees the converted model's own inputs, so the
+error includes what the layers before it changed. The figure is the relative MSE: the squared error over
+the original output's variance (per channel, so constant offsets do not count as signal),
+``||y_converted - y_original||^2 / ||y_original - mean||^2``, over all the layer's calls. Where a batch norm
+directly reads the layer, it is measured after that batch norm, which the initialisers also adjust.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, List, Sequence, Tuple
+
+import torch
+from torch import nn
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode and without gradients; every module's training flag is restored afterwards."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def _record(model: nn.Module, names: Sequence[str], sink: Callable[[str, torch.Tensor], None], inputs) -> None:
+    handles = [model.get_submodule(name).register_forward_hook(
+        lambda module, args, out, name=name: sink(name, out)) for name in names]
+    try:
+        with evaluating(model):
+            for args in inputs:
+                model(*args)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def layer_errors(original: nn.Module, converted: nn.Module, names: Sequence[str],
+                 inputs: Sequence[Tuple[torch.Tensor, ...]]) -> Dict[str, float]:
+    """Relative MSE of each named module of ``converted`` against the same-named module of ``original``.
+
+    Args:
+        names: modules to compare; each must output the original channel order (a gather, not yet folded).
+        inputs: positional-argument tuples to run both models on.
+    """
+    targets: Dict[str, List[torch.Tensor]] = {name: [] for name in names}
+    _record(original, names, lambda name, out: targets[name].append(out), inputs)
+    sums = {name: [0.0, 0.0, 0] for name in names}
+
+    def compare(name: str, out: torch.Tensor) -> None:
+        total = sums[name]
+        target = targets[name][total[2]]
+        total[0] += (out.double() - target.double()).square().sum().item()
+        total[1] += (target.double() - target.double().mean((0, 2, 3), keepdim=True)).square().sum().item()
+        total[2] += 1
+
+    _record(converted, names, compare, inputs)
+    return {name: total[0] / total[1] if total[1] else 0.0 for name, total in sums.items()}

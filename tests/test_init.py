@@ -1,0 +1,197 @@
+"""Initialisers: copy is exact where ghosts are exact, keeps channel order through folds and gathers; calibrate
+beats copy on a trained model; calibration data is checked before any work; fitted models round-trip."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ghostify
+from ghostify import GhostModule
+
+
+def _ghost_filters(n: int, c: int, k: int, d: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` shuffled k x k filters: half random on a (k-d+1) core, half a random d x d transform of one of those."""
+    core = k - d + 1
+    base = torch.zeros(n // 2, c, k, k)
+    base[:, :, d // 2: d // 2 + core, d // 2: d // 2 + core] = torch.randn(n // 2, c, core, core, generator=generator)
+    cheap = torch.randn(n // 2, d, d, generator=generator)
+    ghosts = sum(cheap[:, uy, ux, None, None, None] * torch.roll(base, (uy - d // 2, ux - d // 2), dims=(2, 3))
+                 for uy in range(d) for ux in range(d))
+    return torch.cat([base, ghosts])[torch.randperm(n, generator=generator)]
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+class Chain(nn.Module):
+    """conv -> BN -> ReLU -> conv -> BN, optionally with an identity shortcut around the second pair."""
+
+    def __init__(self, weight: torch.Tensor, residual: bool):
+        super().__init__()
+        n, c = weight.shape[:2]
+        self.stem = nn.Conv2d(3, c, 1, bias=False)
+        self.conv1 = nn.Conv2d(c, n, weight.shape[2], padding=weight.shape[2] // 2, bias=False)
+        self.conv1.weight.data.copy_(weight)
+        self.bn1, self.relu = nn.BatchNorm2d(n), nn.ReLU()
+        self.conv2, self.bn2 = nn.Conv2d(n, n, 3, padding=1, bias=False), nn.BatchNorm2d(n)
+        self.residual = residual
+
+    def forward(self, x):
+        y = self.relu(self.bn1(self.conv1(self.stem(x))))
+        return self.bn2(self.conv2(y)) + (y if self.residual else 0)
+
+
+def _settled(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Batch-norm statistics that match the model's own outputs (a few train-mode passes), then eval mode."""
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = None
+            nn.init.uniform_(module.weight, 0.5, 1.5)
+            nn.init.uniform_(module.bias, -0.5, 0.5)
+    with torch.no_grad():
+        for batch in x.split(4):
+            model.train()(batch)
+    return model.eval()
+
+
+def test_copy_reproduces_a_layer_whose_filters_are_ghosts():
+    g = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(6, 12, 5, padding=2, bias=False)
+    conv.weight.data.copy_(_ghost_filters(12, 6, 5, 3, g))
+    model = nn.Sequential(nn.Conv2d(3, 6, 1, bias=False), conv)
+    x = F.pad(torch.randn(2, 3, 12, 12, generator=g), (2, 2, 2, 2))  # a zero margin: no border effect
+    ghost = ghostify.convert(model, s=2, d=3, init="copy", example_inputs=x)
+    assert isinstance(ghost[1], GhostModule)
+    with torch.no_grad():
+        assert _relative(ghost(x), model(x)) < 1e-5
+    assert ghost.ghostify_result.replaced[0].error < 1e-10
+
+
+@pytest.mark.parametrize("s", [2, 3])
+def test_copy_scaled_copies_with_bias_exact_everywhere(s):
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(4, 8, 3, 3, generator=g)
+    scale = torch.randn(4, s - 1, generator=g)
+    weight = torch.cat([base] + [scale[:, j, None, None, None] * base for j in range(s - 1)])
+    order = torch.randperm(len(weight), generator=g)
+    conv = nn.Conv2d(8, len(weight), 3, padding=1)
+    conv.weight.data.copy_(weight[order])
+    bias = torch.randn(4, generator=g)
+    conv.bias.data.copy_(torch.cat([bias] + [scale[:, j] * bias + 0.3 for j in range(s - 1)])[order])
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), conv)
+    x = torch.randn(2, 3, 9, 9, generator=g)
+    ghost = ghostify.convert(model, s=s, d=1, example_inputs=x)
+    with torch.no_grad():
+        assert _relative(ghost(x), model(x)) < 1e-5
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_copy_keeps_channel_order_through_bn_relu_conv_and_residual(residual):
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(8, 6, 3, 3, generator=g)
+    weight = torch.cat([base, torch.randn(8, 1, 1, 1, generator=g) * base])[torch.randperm(16, generator=g)]
+    x = torch.randn(16, 3, 10, 10, generator=g)
+    model = _settled(Chain(weight, residual), x)
+    ghost = ghostify.convert(model, s=2, d=1, include="conv1", example_inputs=x)
+    (row,) = ghost.ghostify_result.replaced
+    assert row.gather == residual  # folded into bn1 and conv2 unless the shortcut reads the output too
+    with torch.no_grad():
+        assert _relative(ghost(x), model(x)) < 1e-5
+    if not residual:
+        assert not torch.equal(ghost.conv2.weight, model.conv2.weight)  # the permutation went into the reader
+
+
+def test_copy_is_closer_than_random_and_reported():
+    torch.manual_seed(3)
+    model = Chain(_ghost_filters(16, 8, 5, 3, torch.Generator().manual_seed(3)), residual=True)
+    x = torch.randn(8, 3, 12, 12)
+    model = _settled(model, x)
+    outputs = {}
+    for init in ("random", "copy"):
+        ghost = ghostify.convert(model, init=init, example_inputs=x)
+        with torch.no_grad():
+            outputs[init] = _relative(ghost(x), model(x))
+        layers = ghostify.report(model, ghost, (x[:1],)).to_dict()["layers"]
+        assert all((layer["reconstruction_error"] is None) == (init == "random") for layer in layers)
+    assert outputs["copy"] < 0.75 * outputs["random"]
+
+
+def _digits_model():
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = F.interpolate(torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 8 - 1, size=16,
+                      mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    y = torch.tensor(data.target)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(32, 10))
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for step in range(120):
+        index = torch.randint(len(y), (64,))
+        loss = F.cross_entropy(model(x[index]), y[index])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return model.eval(), x
+
+
+def test_calibrate_lowers_every_layer_error_on_a_trained_model():
+    model, x = _digits_model()
+    calibration, held_out = x[:256], x[-300:]
+    errors, outputs = {}, {}
+    for init in ("copy", "calibrate"):
+        extra = {"calibration_data": calibration} if init == "calibrate" else {}
+        ghost = ghostify.convert(model, s=4, init=init, example_inputs=calibration[:64], **extra)
+        errors[init] = [row.error for row in ghost.ghostify_result.replaced]
+        with torch.no_grad():
+            outputs[init] = _relative(ghost(held_out), model(held_out))
+    assert len(errors["copy"]) == 3
+    assert all(c < p for c, p in zip(errors["calibrate"], errors["copy"])), errors
+    assert outputs["calibrate"] < outputs["copy"]
+
+
+def test_calibrated_model_round_trips_bit_identically(tmp_path):
+    model, x = _digits_model()
+    ghost = ghostify.convert(model, init="calibrate", calibration_data=[(x[:32], None), (x[32:64], None)]).eval()
+    assert [row.gather for row in ghost.ghostify_result.replaced] == [False, False, True]
+    ghostify.save(ghost, tmp_path / "g.pt")
+    loaded = ghostify.load(tmp_path / "g.pt", model=model).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x[:8]), ghost(x[:8]))
+
+
+class Untouchable(nn.Module):
+    """A model whose forward must not run: calibration data is checked first."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.body = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)
+
+    def forward(self, x):
+        raise AssertionError("work started before the calibration data was checked")
+
+
+@pytest.mark.parametrize("data, error, message", [
+    (torch.randn(4, 1, 8, 8), ValueError, r"shape \(N, 3, 8, 8\), got \(4, 1, 8, 8\)"),
+    (torch.randn(4, 8, 8), ValueError, r"shape \(N, 3, 8, 8\), got \(4, 8, 8\)"),
+    (torch.zeros(0, 3, 8, 8), ValueError, "empty"),
+    ([], ValueError, "empty"),
+    (torch.zeros(4, 3, 8, 8, dtype=torch.uint8), ValueError, "floating point"),
+    ("images/", TypeError, "tensor or an iterable"),
+    ([[1, 2]], TypeError, "item of type int"),
+    (None, ValueError, "needs calibration_data"),
+])
+def test_bad_calibration_data_is_refused_before_any_work(data, error, message):
+    with pytest.raises(error, match=message):
+        ghostify.convert(Untouchable(), init="calibrate", calibration_data=data, example_inputs=torch.randn(1, 3, 8, 8))
+
+
+def test_calibration_data_without_calibrate_is_refused():
+    with pytest.raises(ValueError, match="only used by init='calibrate'"):
+        ghostify.convert(Untouchable(), calibration_data=torch.randn(2, 3, 8, 8))
