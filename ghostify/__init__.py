@@ -8,7 +8,9 @@ stays fast::
     print(ghostify.report(torchvision.models.resnet50(), ghost).to_dict()["flops_after"])
 """
 
+import sys
 from importlib import import_module
+from types import ModuleType
 from typing import Any
 
 _EXPORTS = {
@@ -21,6 +23,10 @@ _EXPORTS = {
     "report": "reporting",
     "save": "io",
     "load": "io",
+    "deploy": "deploy",
+    "DeployedGhost": "deploy",
+    "export": "export",
+    "bench": "bench",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -36,3 +42,17 @@ def __getattr__(name: str) -> Any:
 
 def __dir__():
     return sorted(list(globals()) + __all__)
+
+
+class _Package(ModuleType):
+    """Keeps ``ghostify.deploy`` / ``export`` / ``bench`` the functions: importing a submodule of the same
+    name would otherwise overwrite the package attribute with the module (``from ghostify.deploy import X``
+    still works; it reads ``sys.modules``)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, ModuleType) and _EXPORTS.get(name) == name:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -198,3 +198,57 @@ def models() -> None:
         for name in names:
             click.echo(name)
     click.echo("# also: timm:NAME (with timm installed), package.module:factory, path/to/file.py:factory")
+
+
+@main.command()
+@click.argument("model", type=MODEL)
+@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript", "pt2"]), default="onnx", show_default=True,
+              help="onnx (checked with onnxruntime), torchscript (torch.jit.load) or pt2 (torch.export.load).")
+@INPUT_SIZE
+@click.option("--dynamic-batch", is_flag=True, help="Let the batch size vary in the exported file.")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the export.")
+def export(model, fmt, input_size, dynamic_batch, force, output) -> None:
+    """Export MODEL (usually a ghostify file) in its deploy form: BNs folded, ready to run without ghostify."""
+    from .export import export as export_model
+    from .sources import default_input_size, load_model, parse
+
+    with _status(f"Exporting {model} as {fmt}"):
+        loaded = load_model(model).eval()
+        result = getattr(loaded, "ghostify_result", None)
+        default = tuple(result.input_shapes[0][1:]) if result and result.input_shapes[0] else default_input_size(parse(model))
+        done = export_model(loaded, output, fmt, input_size=input_size or default, dynamic_batch=dynamic_batch,
+                            overwrite=force)
+    click.echo(f"wrote {done.path} ({fmt}, input {'x'.join(map(str, done.input_shape))}"
+               f"{', dynamic batch' if dynamic_batch else ''}); max abs diff vs PyTorch: {done.max_abs_diff:.2e}")
+
+
+@main.command()
+@click.argument("model", type=MODEL)
+@click.argument("ghost_file", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.option("--batch", "batches", multiple=True, type=click.IntRange(min=1), help="Batch size (repeatable; default 1 and 16).")
+@click.option("--runtime", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads (default: torch's setting).")
+@click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True, help="Timed runs per model.")
+@click.option("--s", "s", type=int, default=2, show_default=True, help="Ghost ratio when MODEL is converted here.")
+@click.option("--d", "d", type=int, default=3, show_default=True, help="Cheap kernel when MODEL is converted here.")
+@INPUT_SIZE
+@JSON
+def bench(model, ghost_file, batches, runtime, threads, repeats, s, d, input_size, as_json) -> None:
+    """Latency of MODEL vs its Ghost version (GHOST_FILE, MODEL itself if it is a ghostify file, or converted
+    here with --s/--d), both in deploy form, interleaved; median of the repeats."""
+    import ghostify
+    from .bench import bench as run_bench
+    from .sources import build, default_input_size, load_model, parse
+
+    with _status(f"Building {model}", as_json):
+        original = load_model(model)
+        converted = load_model(ghost_file) if ghost_file else None
+        if converted is None and getattr(original, "ghostify_result", None) is not None:
+            converted, original = original, build(original.ghostify_result.source)
+        size = tuple(input_size or default_input_size(parse(model)))
+        if converted is None:
+            converted = ghostify.convert(original, s=s, d=d, example_inputs=_inputs(size, size)[0])
+    result = run_bench(original.eval(), converted.eval(), batches=batches or (1, 16), runtime=runtime,
+                       threads=threads, repeats=repeats, input_size=size, name=model, progress=not as_json)
+    _print_report(result, as_json)

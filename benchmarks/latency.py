@@ -1,0 +1,52 @@
+"""Latency of torchvision models vs their Ghost conversions, both in deploy form (``ghostify.bench``).
+
+Prints a markdown table: per model, s, runtime and batch size, the median latency of the original and the
+converted model (interleaved runs), the speed-up and the FLOPs ratio (conv + linear multiply-adds).
+
+    OMP_NUM_THREADS=1 python benchmarks/latency.py --threads 1 --repeats 10
+    python benchmarks/latency.py --models resnet50 --s 2 --runtimes torch --batches 1 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+
+import torch
+import torchvision
+
+import ghostify
+from ghostify.bench import bench
+
+MODELS = ("resnet50", "resnet18", "vgg16", "efficientnet_b0")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--s", nargs="+", type=int, default=[2, 4])
+    parser.add_argument("--d", type=int, default=3)
+    parser.add_argument("--runtimes", nargs="+", default=["torch", "onnxruntime"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} thread(s), "
+          f"median of {args.repeats} interleaved runs; d={args.d}; depthwise/grouped convs left alone\n")
+    print("| model | s | runtime | batch | original ms | ghost ms | speed-up | FLOPs ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.models:
+        original = torchvision.models.get_model(name).eval()
+        for s in args.s:
+            converted = ghostify.convert(original, s=s, d=args.d).eval()
+            for runtime in args.runtimes:
+                result = bench(original, converted, batches=args.batches, runtime=runtime, threads=args.threads,
+                               repeats=args.repeats, name=name)
+                for row in result.rows:
+                    print(f"| {name} | {s} | {runtime} | {row.batch} | {row.original_ms:.1f} | "
+                          f"{row.converted_ms:.1f} | {row.speedup:.2f}x | {result.flops_ratio:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""``deploy``: an inference-only copy of a (converted) model with batch norms folded away.
+
+The converted model keeps each original BatchNorm after its Ghost module, and the module itself is linear,
+so a BN after a Ghost module folds per output channel: into the cheap conv for the ghost channels and into
+a per-channel affine for the intrinsic channels. (It cannot go into the primary conv: the cheap conv reads
+the primary conv's raw output, and a folded bias would change what its zero padding sees at the borders.)
+A BN after a plain conv folds into it, as in ``torch.nn.utils.fusion``. Everything else is left alone.
+
+In eager PyTorch a deployed Ghost module writes both halves straight into one preallocated output (the
+intrinsic affine writes its channel slice with ``out=``, the ghosts are copied into the other), so no
+separate BN pass and no ``cat`` copy of the intrinsic maps remain. While a tracer or exporter is running
+(TorchScript, ``torch.export``, ONNX) it emits the plain ``cat`` form, which graph runtimes handle well.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import fx, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
+
+from .module import GhostModule
+
+_FOLDABLE_NORM = nn.BatchNorm2d
+RUNTIMES = ("torch", "onnxruntime")
+
+
+def _exporting() -> bool:
+    """True while TorchScript tracing, torch.export / dynamo or the ONNX exporter runs the model."""
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+
+
+def _fuse_sequential(block: nn.Sequential) -> nn.Sequential:
+    """A copy of ``Sequential(conv[, bn][, act])`` with the BN folded into the conv."""
+    layers = list(block)
+    if len(layers) >= 2 and type(layers[0]) is nn.Conv2d and isinstance(layers[1], _FOLDABLE_NORM):
+        layers = [fuse_conv_bn_eval(layers[0], layers[1])] + layers[2:]
+    return nn.Sequential(*[copy.deepcopy(layer) for layer in layers])
+
+
+def _out_index(ghost: GhostModule) -> Optional[torch.Tensor]:
+    """The module's output gather (maps of [intrinsic, ghosts] -> output channels), if it has one."""
+    return getattr(ghost, "out_index", None)
+
+
+class DeployedGhost(nn.Module):
+    """Inference form of a ``GhostModule`` and the BatchNorm that follows it (if any).
+
+    Output: ``[intrinsic * scale + shift, ghosts][:, :n]`` where the BN's ghost-channel part is already
+    folded into the cheap conv. Built by ``DeployedGhost.deploy``; not trainable.
+    """
+
+    def __init__(self, primary: nn.Sequential, cheap: nn.Sequential, out_channels: int,
+                 scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None,
+                 out_index: Optional[torch.Tensor] = None) -> None:
+        super().__init__()
+        self.primary, self.cheap = primary, cheap
+        self.out_channels = out_channels
+        self.intrinsic_channels = primary[0].out_channels
+        self.folded_norm = scale is not None
+        self.register_buffer("scale", None if scale is None else scale.reshape(-1, 1, 1))
+        self.register_buffer("shift", None if shift is None else shift.reshape(-1, 1, 1))
+        self.register_buffer("out_index", None if out_index is None else out_index.clone())
+
+    @classmethod
+    def deploy(cls, ghost: GhostModule, norm: Optional[nn.BatchNorm2d] = None) -> "DeployedGhost":
+        """A new module equal to ``norm(ghost(x))`` (or ``ghost(x)``) in eval mode; inputs are not modified.
+
+        Raises:
+            RuntimeError: ``ghost`` or ``norm`` is in training mode.
+            ValueError: ``norm`` cannot be folded (no running statistics, wrong width, or the cheap
+                operation ends in an activation).
+        """
+        for module in (ghost, norm):
+            if module is not None and module.training:
+                raise RuntimeError(f"deploy needs eval mode; call .eval() on the {type(module).__name__} first")
+        primary, cheap = _fuse_sequential(ghost.primary), _fuse_sequential(ghost.cheap)
+        if norm is None:
+            return cls(primary, cheap, ghost.out_channels, out_index=_out_index(ghost))
+        if norm.running_mean is None or norm.num_features != ghost.out_channels or len(cheap) != 1:
+            raise ValueError(f"cannot fold {norm} into a Ghost module with {ghost.out_channels} outputs and "
+                             f"cheap operation {ghost.cheap}; leave the norm in place")
+        m, n = ghost.intrinsic_channels, ghost.out_channels
+        index = _out_index(ghost)
+        used = torch.arange(n) if index is None else index.cpu()
+        if used.unique().numel() != n:
+            raise ValueError("a Ghost module that repeats output maps cannot take a folded norm; leave it in place")
+        # per map of [intrinsic, ghosts]: the stats of the output channel it becomes; identity for unused maps
+        stats = [norm.running_mean, norm.running_var, norm.weight, norm.bias]
+        identity = [0.0, 1.0 - norm.eps, 1.0, 0.0]
+        maps = []
+        for value, default in zip(stats, identity):
+            per_map = torch.full((m * ghost.s,), default, dtype=norm.running_var.dtype, device=norm.running_var.device)
+            if value is not None:  # a norm without affine parameters keeps the identity weight and bias
+                per_map[used] = value.detach()
+            maps.append(per_map)
+        conv = cheap[0]
+        conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, maps[0][m:], maps[1][m:], norm.eps,
+                                                      maps[2][m:], maps[3][m:])
+        # intrinsic maps: the same fold applied to a 1x1 identity "conv" gives the per-channel affine
+        ones = torch.ones(m, 1, 1, 1, dtype=conv.weight.dtype, device=conv.weight.device)
+        scale, shift = fuse_conv_bn_weights(ones, None, maps[0][:m], maps[1][:m], norm.eps, maps[2][:m], maps[3][:m])
+        return cls(primary, cheap, n, scale.detach(), shift.detach(), index)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        intrinsic = self.primary(x)
+        ghosts = self.cheap(intrinsic)
+        m, n = self.intrinsic_channels, self.out_channels
+        if self.scale is None or self.out_index is not None or _exporting():
+            if self.scale is not None:
+                intrinsic = torch.addcmul(self.shift, intrinsic, self.scale)
+            out = torch.cat([intrinsic, ghosts], dim=1)
+            if self.out_index is not None:
+                return out.index_select(1, self.out_index)
+            return out if out.shape[1] == n else out[:, :n]
+        channels_last = intrinsic.dim() == 4 and intrinsic.is_contiguous(memory_format=torch.channels_last)
+        out = torch.empty((intrinsic.shape[0], n) + tuple(intrinsic.shape[2:]), dtype=intrinsic.dtype,
+                          device=intrinsic.device,
+                          memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        torch.addcmul(self.shift, intrinsic, self.scale, out=out[:, :m])
+        out[:, m:].copy_(ghosts[:, : n - m])
+        return out
+
+    def extra_repr(self) -> str:
+        return f"out_channels={self.out_channels}, folded_norm={self.folded_norm}"
+
+
+@dataclass
+class DeployResult:
+    """What ``deploy`` did; attached to the deployed model as ``ghostify_deploy``."""
+
+    method: str
+    folded: List[str] = field(default_factory=list)
+    ghosts: List[str] = field(default_factory=list)
+    memory_format: str = "contiguous"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+class _GhostLeafTracer(fx.Tracer):
+    def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
+        return isinstance(module, GhostModule) or super().is_leaf_module(module, qualname)
+
+
+def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(root.get_submodule(parent), child, module)
+
+
+def _fold_graph(gm: fx.GraphModule, result: DeployResult, fold_ghosts: bool) -> None:
+    """Fold each BN that is the only user of a conv / Ghost module called once, in the traced graph."""
+    modules = dict(gm.named_modules())
+    calls: Dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(modules[node.target], _FOLDABLE_NORM) or not node.args:
+            continue
+        prev, norm = node.args[0], modules[node.target]
+        if not (isinstance(prev, fx.Node) and prev.op == "call_module" and len(prev.users) == 1
+                and calls[prev.target] == 1 and calls[node.target] == 1 and norm.running_mean is not None):
+            continue
+        producer = modules[prev.target]
+        if type(producer) is nn.Conv2d and producer.out_channels == norm.num_features:
+            new = fuse_conv_bn_eval(producer, norm)
+        elif isinstance(producer, GhostModule) and fold_ghosts:
+            try:
+                new = DeployedGhost.deploy(producer, norm)
+            except ValueError:
+                continue
+            result.ghosts.append(prev.target)
+        else:
+            continue
+        _set_module(gm, prev.target, new)
+        modules[prev.target] = new
+        node.replace_all_uses_with(prev)
+        gm.graph.erase_node(node)
+        result.folded.append(f"{node.target} -> {prev.target}")
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+
+
+def _fold_sequentials(model: nn.Module, result: DeployResult, fold_ghosts: bool) -> None:
+    """Fallback for models torch.fx cannot trace: fold (conv | Ghost, BN) pairs that sit next to each other
+    in an ``nn.Sequential``."""
+    for name, seq in list(model.named_modules()):
+        if not isinstance(seq, nn.Sequential):
+            continue
+        keys = list(seq._modules)
+        for first, second in zip(keys, keys[1:]):
+            producer, norm = seq._modules[first], seq._modules[second]
+            if not isinstance(norm, _FOLDABLE_NORM) or norm.running_mean is None:
+                continue
+            if type(producer) is nn.Conv2d and producer.out_channels == norm.num_features:
+                seq._modules[first] = fuse_conv_bn_eval(producer, norm)
+            elif isinstance(producer, GhostModule) and fold_ghosts:
+                seq._modules[first] = DeployedGhost.deploy(producer, norm)
+                result.ghosts.append(f"{name}.{first}".lstrip("."))
+            else:
+                continue
+            seq._modules[second] = nn.Identity()
+            result.folded.append(f"{name}.{second} -> {name}.{first}".replace(" .", " ").lstrip("."))
+
+
+def deploy(model: nn.Module, *, runtime: str = "torch") -> nn.Module:
+    """Return an inference-only copy of ``model`` with BNs folded and Ghost modules in their fast form.
+
+    Args:
+        model: a model from ``ghostify.convert`` (or any model: plain conv + BN pairs fold too), in eval mode;
+            it is copied, never modified.
+        runtime: where the result will run. ``"torch"``: BNs after Ghost modules folded too, conv weights in
+            channels-last order (oneDNN's fastest on CPU; activations follow the weights). ``"onnxruntime"``:
+            plain conv + BN pairs folded, but a BN after a Ghost module is kept, contiguous weights: measured
+            on CPU, onnxruntime runs Conv -> Concat -> BatchNormalization faster than the folded form, whose
+            per-channel Mul/Add on the intrinsic maps breaks its blocked layout. Outputs are the same.
+
+    Returns:
+        A ``torch.fx.GraphModule`` (or, for a model torch.fx cannot trace, a copy of the model's own class)
+        whose outputs equal ``model``'s in eval mode within float tolerance, with ``ghostify_deploy`` (a
+        ``DeployResult``) listing the folded norms.
+
+    Raises:
+        RuntimeError: ``model`` is in training mode.
+        ValueError: unknown ``runtime``.
+
+    Example:
+        >>> fast = ghostify.deploy(ghostify.convert(torchvision.models.resnet50()).eval())
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if model.training:
+        raise RuntimeError("deploy folds batch norms with their running statistics and needs eval mode; "
+                           "call model.eval() first")
+    copied = copy.deepcopy(model)
+    try:
+        graph = _GhostLeafTracer().trace(copied)
+    except Exception:  # noqa: BLE001 - any tracing failure means: use the module-level fallback
+        deployed, result = copied, DeployResult("sequential")
+        _fold_sequentials(deployed, result, fold_ghosts=runtime == "torch")
+    else:
+        deployed, result = fx.GraphModule(copied, graph, class_name=type(model).__name__), DeployResult("fx")
+        _fold_graph(deployed, result, fold_ghosts=runtime == "torch")
+    for name, module in list(deployed.named_modules()):
+        if isinstance(module, GhostModule) and runtime == "torch":
+            _set_module(deployed, name, DeployedGhost.deploy(module))
+            result.ghosts.append(name)
+    if runtime == "torch":
+        deployed = deployed.to(memory_format=torch.channels_last)
+        result.memory_format = "channels_last"
+    for attr in ("ghostify_result", "ghostify_source"):
+        if hasattr(model, attr):
+            setattr(deployed, attr, getattr(model, attr))
+    deployed.ghostify_deploy = result
+    return deployed.eval()

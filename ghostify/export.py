@@ -1,0 +1,136 @@
+"""``export``: write a model's deploy form as ONNX, TorchScript or a ``torch.export`` program (.pt2).
+
+The written files need neither ghostify nor the model's Python classes to run: ONNX runs in onnxruntime,
+TorchScript loads with ``torch.jit.load`` and .pt2 with ``torch.export.load``. Every export is loaded
+back and run against the PyTorch deploy form; the largest absolute difference is returned.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .deploy import deploy
+from .io import atomic_write
+
+FORMATS = ("onnx", "torchscript", "pt2")
+ONNX_OPSET = 17
+
+
+@dataclass
+class ExportResult:
+    """What ``export`` wrote and how closely the file reproduces the PyTorch deploy form."""
+
+    path: str
+    format: str
+    input_shape: Tuple[int, ...]
+    dynamic_batch: bool
+    max_abs_diff: float
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def require_onnx():
+    """Import and return onnxruntime, or explain how to install the optional extra."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+    except ImportError:
+        raise ImportError("ONNX export and the onnxruntime benchmark need onnx and onnxruntime: "
+                          "pip install 'ghostify[onnx]'") from None
+    return onnxruntime
+
+
+def onnx_session(path: str, threads: int = 0):
+    """An onnxruntime CPU session for ``path`` (``threads`` = 0: onnxruntime's default)."""
+    ort = require_onnx()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def write_onnx(model: nn.Module, path: str, example: torch.Tensor, dynamic_batch: bool) -> None:
+    """``torch.onnx.export`` (TorchScript-based exporter: it runs offline and keeps Conv/Concat as they are)."""
+    require_onnx()
+    axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), path, dynamo=False, opset_version=ONNX_OPSET,
+                          input_names=["input"], output_names=["output"], dynamic_axes=axes)
+
+
+def _write_torchscript(model: nn.Module, path: str, example: torch.Tensor) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, (example,), check_trace=False)
+    traced.save(path)
+
+
+def _write_pt2(model: nn.Module, path: str, example: torch.Tensor, dynamic_batch: bool) -> None:
+    shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
+    program = torch.export.export(model, (example,), dynamic_shapes=shapes)
+    buffer = io.BytesIO()  # torch.export.save wants a .pt2 name; atomic_write hands us a temp name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.export.save(program, buffer)
+    with open(path, "wb") as handle:
+        handle.write(buffer.getvalue())
+
+
+def _run_file(path: str, fmt: str, x: torch.Tensor) -> torch.Tensor:
+    if fmt == "onnx":
+        session = onnx_session(path)
+        return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    if fmt == "torchscript":
+        return torch.jit.load(path)(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.export.load(path).module()(x)
+
+
+def export(model: nn.Module, path: str, format: str = "onnx", *, input_size: Sequence[int] = (3, 224, 224),
+           dynamic_batch: bool = False, overwrite: bool = True) -> ExportResult:
+    """Export ``ghostify.deploy(model)`` to ``path`` and check the file against it.
+
+    Args:
+        model: a converted (or any) model in eval mode; it is not modified.
+        path: the file to write (atomically).
+        format: ``"onnx"``, ``"torchscript"`` or ``"pt2"``.
+        input_size: C, H, W of the example input.
+        dynamic_batch: let the batch size vary in the exported file (checked with batch 1 and 3).
+        overwrite: replace ``path`` if it exists.
+
+    Raises:
+        ValueError: unknown ``format`` or a bad ``input_size``.
+        RuntimeError: ``model`` is in training mode.
+        ImportError: ONNX export without onnx / onnxruntime installed.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if len(input_size) != 3 or min(input_size) < 1:
+        raise ValueError(f"input_size must be three positive ints C H W, got {tuple(input_size)!r}")
+    if format == "onnx":
+        require_onnx()
+    deployed = deploy(model, runtime="onnxruntime" if format == "onnx" else "torch")
+    example = torch.randn(2 if dynamic_batch else 1, *input_size)
+    with torch.no_grad():
+        if format == "onnx":
+            atomic_write(path, lambda temp: write_onnx(deployed, temp, example, dynamic_batch), overwrite)
+        elif format == "torchscript":
+            atomic_write(path, lambda temp: _write_torchscript(deployed, temp, example), overwrite)
+        else:
+            atomic_write(path, lambda temp: _write_pt2(deployed, temp, example, dynamic_batch), overwrite)
+        diff = 0.0
+        for batch in ((1, 3) if dynamic_batch else (1,)):
+            x = torch.randn(batch, *input_size)
+            diff = max(diff, float((_run_file(os.fspath(path), format, x) - deployed(x)).abs().max()))
+    return ExportResult(os.fspath(path), format, tuple(example.shape), dynamic_batch, diff)

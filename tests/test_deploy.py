@@ -1,0 +1,102 @@
+"""ghostify.deploy: folded, cat-free inference form with the converted model's outputs."""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import ghostify
+from ghostify import models as zoo
+from ghostify.deploy import DeployedGhost
+
+SMALL = torch.randn(2, 3, 64, 64)
+
+
+def with_random_statistics(model: nn.Module) -> nn.Module:
+    """Non-trivial BN statistics and affine parameters, so a wrong fold shows in the outputs."""
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.rand(n, generator=generator) * 2 - 1)
+            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.rand(n, generator=generator) - 0.5)
+    return model.eval()
+
+
+def assert_same_outputs(reference: nn.Module, deployed: nn.Module, x: torch.Tensor = SMALL) -> None:
+    with torch.no_grad():
+        expected, actual = reference(x), deployed(x)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("name, s, d", [
+    ("resnet18", 2, 3), ("resnet50", 4, 1), ("vgg11_bn", 3, 5), ("mobilenet_v3_small", 3, 3),
+    ("efficientnet_b0", 2, 3),
+])
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_deploy_torchvision_models_keep_outputs(name, s, d, runtime):
+    original = torchvision.models.get_model(name)
+    ghost = with_random_statistics(ghostify.convert(original, s=s, d=d, example_inputs=SMALL[:1]))
+    deployed = ghostify.deploy(ghost, runtime=runtime)
+    assert deployed.ghostify_deploy.method == "fx"
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules()) or runtime == "onnxruntime"
+    assert_same_outputs(ghost, deployed)
+
+
+def test_deploy_folds_every_ghost_norm_in_resnet():
+    ghost = with_random_statistics(ghostify.convert(torchvision.models.resnet18(), example_inputs=SMALL[:1]))
+    deployed = ghostify.deploy(ghost)
+    replaced = len(ghost.ghostify_result.replaced)
+    assert len(deployed.ghostify_deploy.ghosts) == replaced
+    assert sum(isinstance(m, DeployedGhost) and m.folded_norm for m in deployed.modules()) == replaced
+    assert deployed.ghostify_deploy.memory_format == "channels_last"
+
+
+def test_deploy_trimmed_ghost_module_and_original_model():
+    """n not divisible by s: the cheap conv's extra channels get an identity norm and are cut."""
+    model = nn.Sequential(nn.Conv2d(3, 10, 3, padding=1), nn.BatchNorm2d(10), nn.ReLU(),
+                          nn.Conv2d(10, 7, 3, padding=1, bias=False), nn.BatchNorm2d(7))
+    ghost = with_random_statistics(ghostify.convert(model, s=3, d=3, include_stem=True, example_inputs=SMALL[:1]))
+    assert_same_outputs(ghost, ghostify.deploy(ghost))
+    assert_same_outputs(with_random_statistics(model), ghostify.deploy(model))
+
+
+def test_deploy_ghostnet_inner_norms_fold():
+    ghost = with_random_statistics(zoo.get_model("ghostnet_050"))
+    deployed = ghostify.deploy(ghost)
+    assert_same_outputs(ghost, deployed)
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it, so deploy folds pairs inside Sequentials."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 16, 3, padding=1),
+                                  nn.BatchNorm2d(16), nn.ReLU())
+
+    def forward(self, x):
+        return self.body(x) if x.sum() > -1e9 else x
+
+
+def test_deploy_untraceable_model_falls_back_to_sequentials():
+    ghost = with_random_statistics(ghostify.convert(Untraceable(), s=2, include_stem=True, example_inputs=SMALL[:1]))
+    deployed = ghostify.deploy(ghost)
+    assert deployed.ghostify_deploy.method == "sequential"
+    assert len(deployed.ghostify_deploy.folded) == 2
+    assert_same_outputs(ghost, deployed)
+
+
+def test_deploy_returns_new_model_and_refuses_training_mode():
+    ghost = ghostify.convert(torchvision.models.resnet18(), example_inputs=SMALL[:1])
+    with pytest.raises(RuntimeError, match="eval"):
+        ghostify.deploy(ghost)
+    ghost.eval()
+    before = {k: v.clone() for k, v in ghost.state_dict().items()}
+    ghostify.deploy(ghost)
+    assert all(torch.equal(before[k], v) for k, v in ghost.state_dict().items())
+    assert type(ghost.layer1[0].conv1).__name__ == "GhostModule"
+    with pytest.raises(ValueError, match="runtime"):
+        ghostify.deploy(ghost, runtime="tensorrt")

@@ -1,0 +1,91 @@
+"""ghostify.export and the `export` / `bench` commands: files that run without ghostify, same outputs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import ghostify
+from ghostify.cli import main
+from ghostify.sources import build
+
+SIZE = (3, 64, 64)
+
+LOAD_WITHOUT_GHOSTIFY = """
+import sys, numpy, torch
+path, fmt, inp, out = sys.argv[1:]
+x = torch.load(inp)
+if fmt == "onnx":
+    import onnxruntime
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    y = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+elif fmt == "torchscript":
+    y = torch.jit.load(path)(x)
+else:
+    y = torch.export.load(path).module()(x)
+assert "ghostify" not in sys.modules
+torch.save(y, out)
+"""
+
+
+@pytest.fixture(scope="module")
+def ghost():
+    model = ghostify.convert(build({"kind": "torchvision", "name": "resnet18"}), s=2, d=3, example_inputs=torch.randn(1, *SIZE)).eval()
+    for module in model.modules():  # non-trivial statistics so a wrong fold shows
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "pt2"])
+def test_export_loads_without_ghostify_and_matches(ghost, fmt, tmp_path):
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    path = tmp_path / f"model.{fmt}"
+    result = ghostify.export(ghost, path, fmt, input_size=SIZE, dynamic_batch=True)
+    assert result.max_abs_diff < 1e-3 and result.path == str(path)
+    x = torch.randn(3, *SIZE)
+    torch.save(x, tmp_path / "x.pt")
+    subprocess.run([sys.executable, "-c", LOAD_WITHOUT_GHOSTIFY, str(path), fmt, str(tmp_path / "x.pt"),
+                    str(tmp_path / "y.pt")], check=True, cwd=tmp_path)
+    with torch.no_grad():
+        expected = ghost(x)
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_export_rejects_bad_format_and_keeps_existing_file(ghost, tmp_path):
+    with pytest.raises(ValueError, match="format must be one of"):
+        ghostify.export(ghost, tmp_path / "m.x", "tflite")
+    existing = tmp_path / "m.pt2"
+    existing.write_text("keep")
+    with pytest.raises(FileExistsError):
+        ghostify.export(ghost, existing, "pt2", input_size=SIZE, overwrite=False)
+    assert existing.read_text() == "keep"
+
+
+def test_cli_export_prints_diff(ghost, tmp_path):
+    pytest.importorskip("onnxruntime")
+    saved = tmp_path / "ghost.pt"
+    ghostify.save(ghost, saved)
+    out = tmp_path / "ghost.onnx"
+    result = CliRunner().invoke(main, ["export", str(saved), "--format", "onnx", "-o", str(out)])
+    assert result.exit_code == 0, result.stderr
+    assert "max abs diff vs PyTorch" in result.stdout and out.exists()
+
+
+def test_cli_bench_json(tmp_path):
+    result = CliRunner().invoke(main, ["bench", "resnet18", "--batch", "1", "--batch", "2", "--repeats", "1",
+                                       "--threads", "1", "--input-size", "3", "32", "32", "--json"])
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert [row["batch"] for row in data["rows"]] == [1, 2]
+    assert data["flops_ratio"] > 1.5 and all(row["speedup"] > 0 for row in data["rows"])
+
+
+def test_cli_bench_bad_runtime_is_one_line():
+    result = CliRunner().invoke(main, ["bench", "resnet18", "--runtime", "tvm"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
