@@ -30,16 +30,18 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--init", default="random",
+                        help="ghostify init; 'copy' may add output gathers (index_select) that cost a copy each")
     args = parser.parse_args()
 
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} thread(s), "
-          f"median of {args.repeats} interleaved runs; d={args.d}; depthwise/grouped convs left alone\n")
+          f"median of {args.repeats} interleaved runs; d={args.d}, init={args.init}; depthwise/grouped convs left alone\n")
     print("| model | s | runtime | batch | original ms | ghost ms | speed-up | FLOPs ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models:
         original = torchvision.models.get_model(name).eval()
         for s in args.s:
-            converted = ghostify.convert(original, s=s, d=args.d).eval()
+            converted = ghostify.convert(original, s=s, d=args.d, init=args.init).eval()
             for runtime in args.runtimes:
                 result = bench(original, converted, batches=args.batches, runtime=runtime, threads=args.threads,
                                repeats=args.repeats, name=name)
