@@ -10,13 +10,16 @@ import ghostify
 from ghostify import GhostModule
 
 
-def _ghost_filters(n: int, c: int, k: int, d: int, generator: torch.Generator) -> torch.Tensor:
-    """``n`` shuffled k x k filters: half random on a (k-d+1) core, half a random d x d transform of one of those."""
-    core = k - d + 1
+def _ghost_filters(n: int, c: int, k: int, d: int, generator: torch.Generator, stride: int = 1) -> torch.Tensor:
+    """``n`` shuffled k x k filters: half random on a centred core, half a random d x d cheap op (taps ``stride``
+    input pixels apart, as on a strided conv's output) applied to one of those."""
+    margin = stride * (d // 2)
     base = torch.zeros(n // 2, c, k, k)
-    base[:, :, d // 2: d // 2 + core, d // 2: d // 2 + core] = torch.randn(n // 2, c, core, core, generator=generator)
+    base[:, :, margin: k - margin, margin: k - margin] = torch.randn(n // 2, c, k - 2 * margin, k - 2 * margin,
+                                                                   generator=generator)
     cheap = torch.randn(n // 2, d, d, generator=generator)
-    ghosts = sum(cheap[:, uy, ux, None, None, None] * torch.roll(base, (uy - d // 2, ux - d // 2), dims=(2, 3))
+    ghosts = sum(cheap[:, uy, ux, None, None, None] *
+                 torch.roll(base, (stride * (uy - d // 2), stride * (ux - d // 2)), dims=(2, 3))
                  for uy in range(d) for ux in range(d))
     return torch.cat([base, ghosts])[torch.randperm(n, generator=generator)]
 
@@ -56,13 +59,18 @@ def _settled(model: nn.Module, x: torch.Tensor) -> nn.Module:
     return model.eval()
 
 
-def test_copy_reproduces_a_layer_whose_filters_are_ghosts():
+@pytest.mark.parametrize("k, stride, primary_kernel", [(5, 1, None), (5, 2, None), (3, 1, 1), (7, 1, 5)])
+def test_copy_reproduces_a_layer_whose_filters_are_ghosts(k, stride, primary_kernel):
     g = torch.Generator().manual_seed(0)
-    conv = nn.Conv2d(6, 12, 5, padding=2, bias=False)
-    conv.weight.data.copy_(_ghost_filters(12, 6, 5, 3, g))
+    conv = nn.Conv2d(6, 12, k, stride=stride, padding=k // 2, bias=False)
+    d = 1 if primary_kernel == 1 else 3
+    conv.weight.data.copy_(_ghost_filters(12, 6, k, d, g, stride))
+    if primary_kernel == 1:  # ghosts are scaled copies of filters that only use the centre tap
+        conv.weight.data[:, :, [0, 2]] = 0
+        conv.weight.data[:, :, :, [0, 2]] = 0
     model = nn.Sequential(nn.Conv2d(3, 6, 1, bias=False), conv)
-    x = F.pad(torch.randn(2, 3, 12, 12, generator=g), (2, 2, 2, 2))  # a zero margin: no border effect
-    ghost = ghostify.convert(model, s=2, d=3, init="copy", example_inputs=x)
+    x = F.pad(torch.randn(2, 3, 12, 12, generator=g), (4, 4, 4, 4))  # a zero margin: no border effect
+    ghost = ghostify.convert(model, s=2, d=d, primary_kernel=primary_kernel, init="copy", example_inputs=x)
     assert isinstance(ghost[1], GhostModule)
     with torch.no_grad():
         assert _relative(ghost(x), model(x)) < 1e-5
@@ -103,22 +111,9 @@ def test_copy_keeps_channel_order_through_bn_relu_conv_and_residual(residual):
         assert not torch.equal(ghost.conv2.weight, model.conv2.weight)  # the permutation went into the reader
 
 
-def test_copy_is_closer_than_random_and_reported():
-    torch.manual_seed(3)
-    model = Chain(_ghost_filters(16, 8, 5, 3, torch.Generator().manual_seed(3)), residual=True)
-    x = torch.randn(8, 3, 12, 12)
-    model = _settled(model, x)
-    outputs = {}
-    for init in ("random", "copy"):
-        ghost = ghostify.convert(model, init=init, example_inputs=x)
-        with torch.no_grad():
-            outputs[init] = _relative(ghost(x), model(x))
-        layers = ghostify.report(model, ghost, (x[:1],)).to_dict()["layers"]
-        assert all((layer["reconstruction_error"] is None) == (init == "random") for layer in layers)
-    assert outputs["copy"] < 0.75 * outputs["random"]
-
-
-def _digits_model():
+@pytest.fixture(scope="module")
+def digits_model():
+    """A small CNN trained briefly on scikit-learn's real handwritten digits (16x16, 3 channels), and the images."""
     from sklearn.datasets import load_digits
 
     data = load_digits()
@@ -141,8 +136,23 @@ def _digits_model():
     return model.eval(), x
 
 
-def test_calibrate_lowers_every_layer_error_on_a_trained_model():
-    model, x = _digits_model()
+def test_copy_is_closer_than_random_and_reports_errors(digits_model):
+    model, x = digits_model
+    held_out = x[-300:]
+    with torch.no_grad():
+        reference = model(held_out).argmax(1)
+    agreement = {}
+    for init in ("random", "copy"):
+        ghost = ghostify.convert(model, s=2, init=init, example_inputs=x[:64])
+        with torch.no_grad():
+            agreement[init] = (ghost(held_out).argmax(1) == reference).float().mean().item()
+        layers = ghostify.report(model, ghost, (x[:1],)).to_dict()["layers"]
+        assert all((layer["reconstruction_error"] is None) == (init == "random") for layer in layers)
+    assert agreement["copy"] > agreement["random"] + 0.25, agreement
+
+
+def test_calibrate_lowers_every_layer_error_on_a_trained_model(digits_model):
+    model, x = digits_model
     calibration, held_out = x[:256], x[-300:]
     errors, outputs = {}, {}
     for init in ("copy", "calibrate"):
@@ -156,8 +166,8 @@ def test_calibrate_lowers_every_layer_error_on_a_trained_model():
     assert outputs["calibrate"] < outputs["copy"]
 
 
-def test_calibrated_model_round_trips_bit_identically(tmp_path):
-    model, x = _digits_model()
+def test_calibrated_model_round_trips_bit_identically(tmp_path, digits_model):
+    model, x = digits_model
     ghost = ghostify.convert(model, init="calibrate", calibration_data=[(x[:32], None), (x[32:64], None)]).eval()
     assert [row.gather for row in ghost.ghostify_result.replaced] == [False, False, True]
     ghostify.save(ghost, tmp_path / "g.pt")

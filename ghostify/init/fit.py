@@ -121,26 +121,59 @@ def _select(fraction: np.ndarray, value: np.ndarray, m: int, s: int) -> List[int
     return chosen
 
 
-def choose(pairing: Pairing, s: int) -> Choice:
+def _assign(gain: torch.Tensor, intrinsic: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """The channel for each kept ghost slot: the assignment with the largest total ``gain`` (Hungarian)."""
+    rest = torch.ones(len(gain), dtype=torch.bool)
+    rest[intrinsic] = False
+    ghosts = rest.nonzero().squeeze(1)
+    rows, cols = linear_sum_assignment(-gain[intrinsic[owner]][:, ghosts].T.numpy())
+    slot_ghost = torch.empty(len(ghosts), dtype=torch.long)
+    slot_ghost[torch.as_tensor(cols)] = ghosts[torch.as_tensor(rows)]
+    return slot_ghost
+
+
+def _swap(gain: torch.Tensor, intrinsic: torch.Tensor, slot_ghost: torch.Tensor, owner: torch.Tensor) -> bool:
+    """Make a ghost the intrinsic map of its group where that gains (in place); whether anything changed.
+
+    Swapping intrinsic ``i`` with its ghost ``t`` turns the group's gain from ``sum gain[i, ghosts]`` into
+    ``gain[t, i] + sum gain[t, other ghosts]``: it fixes greedy choices where a copy was picked before
+    the filter it copies.
+    """
+    source = intrinsic[owner]
+    same = owner[:, None] == owner[None, :]
+    old = (gain[source][:, slot_ghost] * same).sum(1)
+    new = gain[slot_ghost, source] + (gain[slot_ghost][:, slot_ghost] * same).sum(1)
+    better = (new - old) > 1e-6 * gain.max().clamp_min(1e-30)
+    changed = False
+    for slot in better.nonzero().squeeze(1).tolist():
+        group = owner[slot].item()
+        members = [o for o in (owner == group).nonzero().squeeze(1).tolist() if better[o]]
+        best = max(members, key=lambda o: new[o] - old[o])
+        if best == slot:
+            intrinsic[group], slot_ghost[slot] = slot_ghost[slot].item(), intrinsic[group].item()
+            changed = True
+    return changed
+
+
+def choose(pairing: Pairing, s: int, rounds: int = 10) -> Choice:
     """Pick ``ceil(n / s)`` intrinsic channels and assign every other channel to one, by fit.
 
     An intrinsic channel is reproduced exactly; a ghost ``t`` of ``i`` loses ``weight * energy * (1 -
-    explained)``. Intrinsic channels are chosen greedily (``_select``); the first chosen take the positions
-    with the most ghost slots, and an optimal assignment (Hungarian, on the kept slots) gives every other
-    channel its intrinsic map.
+    explained)``. Intrinsic channels are chosen greedily (``_select``), the first chosen taking the positions
+    with the most ghost slots; then, for a few rounds, an optimal assignment of the other channels to the
+    slots (``_assign``) alternates with swapping a ghost into its group's intrinsic place (``_swap``).
     """
     fraction = explained(pairing).fill_diagonal_(0)
     value = (pairing.weight * pairing.energy).float()
+    gain = fraction * value[None, :]
     caps = capacities(len(value), s)
     intrinsic = torch.tensor(_select(fraction.double().numpy(), value.double().numpy(), len(caps), s))
-    rest = torch.ones(len(value), dtype=torch.bool)
-    rest[intrinsic] = False
-    ghosts = rest.nonzero().squeeze(1)
     owner = torch.repeat_interleave(torch.arange(len(caps)), torch.tensor(caps))
-    cost = -(fraction * value[None, :])[intrinsic[owner]][:, ghosts].T.numpy()
-    rows, cols = linear_sum_assignment(cost)
-    slot_ghost = torch.empty(len(ghosts), dtype=torch.long)
-    slot_ghost[torch.as_tensor(cols)] = ghosts[torch.as_tensor(rows)]
+    slot_ghost = _assign(gain, intrinsic, owner)
+    for _ in range(rounds):
+        if not _swap(gain, intrinsic, slot_ghost, owner):
+            break
+        slot_ghost = _assign(gain, intrinsic, owner)
     return Choice(intrinsic, slot_ghost, s)
 
 
