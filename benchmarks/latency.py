@@ -16,7 +16,7 @@ import torch
 import torchvision
 
 import ghostify
-from ghostify.bench import bench
+from ghostify.latency import bench
 
 MODELS = ("resnet50", "resnet18", "vgg16", "efficientnet_b0")
 

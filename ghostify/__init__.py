@@ -1,16 +1,15 @@
 """ghostify: turn a PyTorch CNN into a cheaper GhostNet-style network.
 
 The public API is re-exported here and imported on first use, so ``import ghostify`` (and ``ghostify --help``)
-stays fast::
+stays fast. (Modules are named apart from the functions they export, e.g. ``reporting.report``, so that
+importing a submodule never shadows a function of the package.)::
 
     import ghostify, torchvision
     ghost = ghostify.convert(torchvision.models.resnet50(), s=2, d=3)
     print(ghostify.report(torchvision.models.resnet50(), ghost).to_dict()["flops_after"])
 """
 
-import sys
 from importlib import import_module
-from types import ModuleType
 from typing import Any
 
 _EXPORTS = {
@@ -23,10 +22,10 @@ _EXPORTS = {
     "report": "reporting",
     "save": "io",
     "load": "io",
-    "deploy": "deploy",
-    "DeployedGhost": "deploy",
-    "export": "export",
-    "bench": "bench",
+    "deploy": "deployment",
+    "DeployedGhost": "deployment",
+    "export": "exporting",
+    "bench": "latency",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -42,17 +41,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__():
     return sorted(list(globals()) + __all__)
-
-
-class _Package(ModuleType):
-    """Keeps ``ghostify.deploy`` / ``export`` / ``bench`` the functions: importing a submodule of the same
-    name would otherwise overwrite the package attribute with the module (``from ghostify.deploy import X``
-    still works; it reads ``sys.modules``)."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, ModuleType) and _EXPORTS.get(name) == name:
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -210,7 +210,7 @@ def models() -> None:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the export.")
 def export(model, fmt, input_size, dynamic_batch, force, output) -> None:
     """Export MODEL (usually a ghostify file) in its deploy form: BNs folded, ready to run without ghostify."""
-    from .export import export as export_model
+    from .exporting import export as export_model
     from .sources import default_input_size, load_model, parse
 
     with _status(f"Exporting {model} as {fmt}"):
@@ -238,7 +238,7 @@ def bench(model, ghost_file, batches, runtime, threads, repeats, s, d, input_siz
     """Latency of MODEL vs its Ghost version (GHOST_FILE, MODEL itself if it is a ghostify file, or converted
     here with --s/--d), both in deploy form, interleaved; median of the repeats."""
     import ghostify
-    from .bench import bench as run_bench
+    from .latency import bench as run_bench
     from .sources import build, default_input_size, load_model, parse
 
     with _status(f"Building {model}", as_json):

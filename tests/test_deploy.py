@@ -7,7 +7,7 @@ from torch import nn
 
 import ghostify
 from ghostify import models as zoo
-from ghostify.deploy import DeployedGhost
+from ghostify.deployment import DeployedGhost
 
 SMALL = torch.randn(2, 3, 64, 64)
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
-from .deploy import RUNTIMES
+from .deployment import RUNTIMES
 
 
 
@@ -109,7 +109,7 @@ def _torch_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
 
 
 def _onnx_runners(models: Sequence[nn.Module], x: torch.Tensor, threads: int, folder: str) -> List[Callable[[], Any]]:
-    from .export import onnx_session, write_onnx
+    from .exporting import onnx_session, write_onnx
 
     runners = []
     for index, model in enumerate(models):
@@ -150,14 +150,14 @@ def bench(original: nn.Module, converted: nn.Module, *, batches: Sequence[int] =
         RuntimeError: a model is in training mode.
         ImportError: runtime ``"onnxruntime"`` without onnxruntime installed.
     """
-    from .deploy import deploy
+    from .deployment import deploy
 
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if not batches or min(batches) < 1 or repeats < 1:
         raise ValueError(f"batches and repeats must be >= 1, got batches={list(batches)}, repeats={repeats}")
     if runtime == "onnxruntime":
-        from .export import require_onnx
+        from .exporting import require_onnx
 
         require_onnx()
     threads = threads or torch.get_num_threads()

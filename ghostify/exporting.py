@@ -16,7 +16,7 @@ from typing import Any, Dict, Sequence, Tuple
 import torch
 from torch import nn
 
-from .deploy import deploy
+from .deployment import deploy
 from .io import atomic_write
 
 FORMATS = ("onnx", "torchscript", "pt2")
