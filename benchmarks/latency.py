@@ -1,10 +1,13 @@
 """Latency of torchvision models vs their Ghost conversions, both in deploy form (``ghostify.bench``).
 
 Prints a markdown table: per model, s, runtime and batch size, the median latency of the original and the
-converted model (interleaved runs), the speed-up and the FLOPs ratio (conv + linear multiply-adds).
+converted model (interleaved runs), the speed-up and the FLOPs ratio (conv + linear multiply-adds). A second
+table puts the zoo's GhostNet 1.0x beside torchvision's mobilenet_v3_large and resnet18 (paper Table 7's
+comparison, on this CPU), measured the same way: speed-up = baseline ms / GhostNet ms.
 
     OMP_NUM_THREADS=1 python benchmarks/latency.py --threads 1 --repeats 10
     python benchmarks/latency.py --models resnet50 --s 2 --runtimes torch --batches 1 16
+    python benchmarks/latency.py --tables zoo
 """
 
 from __future__ import annotations
@@ -17,8 +20,34 @@ import torchvision
 
 import ghostify
 from ghostify.latency import bench
+from ghostify.models import get_model
 
 MODELS = ("resnet50", "resnet18", "vgg16", "efficientnet_b0")
+BASELINES = ("mobilenet_v3_large", "resnet18")
+
+
+def converted_table(args: argparse.Namespace) -> None:
+    """Each torchvision model against its Ghost conversion."""
+    if "converted" in args.tables:
+        converted_table(args)
+    if "zoo" in args.tables:
+        print()
+        zoo_table(args)
+
+
+def zoo_table(args: argparse.Namespace) -> None:
+    """GhostNet 1.0x (built with Ghost modules) against torchvision baselines of similar or larger cost."""
+    ghostnet = get_model("ghostnet_100").eval()
+    print("| baseline | runtime | batch | baseline ms | GhostNet 1.0x ms | speed-up | FLOPs ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for name in BASELINES:
+        baseline = torchvision.models.get_model(name).eval()
+        for runtime in args.runtimes:
+            result = bench(baseline, ghostnet, batches=args.batches, runtime=runtime, threads=args.threads,
+                           repeats=args.repeats, name=name)
+            for row in result.rows:
+                print(f"| {name} | {runtime} | {row.batch} | {row.original_ms:.1f} | {row.converted_ms:.1f} | "
+                      f"{row.speedup:.2f}x | {result.flops_ratio:.2f}x |", flush=True)
 
 
 def main() -> None:
@@ -32,22 +61,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--init", default="random",
                         help="ghostify init; 'copy' may add output gathers (index_select) that cost a copy each")
+    parser.add_argument("--tables", nargs="+", choices=["converted", "zoo"], default=["converted", "zoo"])
     args = parser.parse_args()
 
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} thread(s), "
           f"median of {args.repeats} interleaved runs; d={args.d}, init={args.init}; depthwise/grouped convs left alone\n")
-    print("| model | s | runtime | batch | original ms | ghost ms | speed-up | FLOPs ratio |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name in args.models:
-        original = torchvision.models.get_model(name).eval()
-        for s in args.s:
-            converted = ghostify.convert(original, s=s, d=args.d, init=args.init).eval()
-            for runtime in args.runtimes:
-                result = bench(original, converted, batches=args.batches, runtime=runtime, threads=args.threads,
-                               repeats=args.repeats, name=name)
-                for row in result.rows:
-                    print(f"| {name} | {s} | {runtime} | {row.batch} | {row.original_ms:.1f} | "
-                          f"{row.converted_ms:.1f} | {row.speedup:.2f}x | {result.flops_ratio:.2f}x |", flush=True)
+    if "converted" in args.tables:
+        converted_table(args)
+    if "zoo" in args.tables:
+        print()
+        zoo_table(args)
 
 
 if __name__ == "__main__":
