@@ -140,6 +140,10 @@ def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_s
 
     if os.path.exists(output) and not force:
         raise FileExistsError(f"{output} exists; pass --force to overwrite it")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(output))):
+        raise FileNotFoundError(f"folder does not exist: {os.path.dirname(os.path.abspath(output))}")
+    if init == "calibrate" and calib_data is None:
+        raise ValueError("--init calibrate needs --calib-data PATH (an image folder or a .pt tensor file)")
     import ghostify
     from .sources import default_input_size, load_model, parse
 
@@ -151,8 +155,6 @@ def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_s
         from .init.data import load_calibration
 
         calibration = load_calibration(calib_data, tuple(inputs[0].shape[1:]), calib_samples)
-    elif init == "calibrate":
-        raise ValueError("--init calibrate needs --calib-data PATH (an image folder or a .pt tensor file)")
     with _status("Converting and counting", as_json or init == "calibrate"):  # calibrate shows its own progress
         ghost = ghostify.convert(source, s=s, d=d, primary_kernel=primary_kernel, include=include or None,
                                  exclude=exclude or None, include_stem=include_stem, example_inputs=inputs, init=init,
@@ -180,11 +182,11 @@ def report(model, input_size, as_json) -> None:
         if result is None:
             inputs = _inputs(input_size, default_input_size(spec))
             summary = ghostify.report(loaded, None, inputs, name=model)
+        elif result.source is None:  # converted from a Python object: no original to rebuild
+            summary = ghostify.report(loaded, None, _inputs(input_size, result.input_shapes[0][1:]), name=model)
         else:
             inputs = _inputs(input_size, tuple(result.input_shapes[0][1:]))
-            original = build(result.source) if result.source else None
-            name = result.source.get("name", model) if result.source else model
-            summary = ghostify.report(original, loaded, inputs, name=name) if original else ghostify.report(loaded, None, inputs, name=model)
+            summary = ghostify.report(build(result.source), loaded, inputs, name=result.source.get("name", model))
     _print_report(summary, as_json)
 
 

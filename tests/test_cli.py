@@ -134,3 +134,8 @@ def test_console_script_in_subprocess(tmp_path):
     bad = subprocess.run(command + ["convert", "resnet18", "--d", "4", "-o", str(tmp_path / "x.pt")],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: d must be an odd integer >= 1, got 4"
+
+
+def test_missing_output_folder_fails_before_any_work(tmp_path):
+    result = invoke("convert", "resnet18", *SMALL, "-o", tmp_path / "no" / "such" / "g.pt")
+    assert_one_line_error(result, "folder does not exist")
