@@ -5,17 +5,16 @@ upsampled to 32x32, 3 channels; weights cached in a temp dir), converts them wit
 s = 2 and s = 4, and prints top-1 accuracy, top-1 agreement with the original and conversion wall time;
 then fine-tunes each converted model for the same short budget and prints the accuracy it reaches.
 
-    OMP_NUM_THREADS=2 python benchmarks/fidelity.py [--finetune-steps 200] [--models resnet18 vgg-small]
+    OMP_NUM_THREADS=2 python benchmarks/fidelity.py [--models resnet18 vgg-small] [--finetune-steps 200]
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import tempfile
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -48,13 +47,19 @@ def digits() -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return x[train], y[train], x[test], y[test]
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, seed: int = 0) -> nn.Module:
-    """SGD with momentum and a cosine schedule on random batches of 64 with random 2-pixel shifts."""
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, seed: int = 0,
+          evaluate: Optional[Callable[[nn.Module], float]] = None, every: int = 0) -> List[float]:
+    """SGD with momentum and a cosine schedule on random batches of 64 with random 2-pixel shifts.
+
+    Returns:
+        ``evaluate(model)`` after every ``every`` steps (empty without ``evaluate``); the model ends in eval mode.
+    """
     generator = torch.Generator().manual_seed(seed)
     optimiser = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
-    model.train()
-    for _ in range(steps):
+    scores = []
+    for step in range(1, steps + 1):
+        model.train()
         index = torch.randint(len(y), (64,), generator=generator)
         shift = torch.randint(-2, 3, (2,), generator=generator).tolist()
         batch = torch.roll(x[index], shifts=shift, dims=(2, 3))
@@ -63,7 +68,10 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: fl
         loss.backward()
         optimiser.step()
         schedule.step()
-    return model.eval()
+        if evaluate is not None and step % every == 0:
+            scores.append(evaluate(model))
+    model.eval()
+    return scores
 
 
 def reference(name: str, x: torch.Tensor, y: torch.Tensor) -> nn.Module:
@@ -86,56 +94,74 @@ def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([model(batch).argmax(1) for batch in x.split(250)])
 
 
-def measure(name: str, model: nn.Module, data, s: int, init: str, finetune_steps: int) -> Dict[str, float]:
-    """Convert ``model`` with ``init``; accuracy and agreement before and after a short fine-tuning."""
-    xtr, ytr, xte, yte = data
-    reference_predictions = predict(model, xte)
-    extra = {"calibration_data": xtr[:CALIBRATION]} if init == "calibrate" else {}
+def convert(model: nn.Module, data, s: int, init: str) -> Tuple[nn.Module, float]:
+    """The converted model (``CALIBRATION`` training images for ``calibrate``) and the wall time it took."""
+    extra = {"calibration_data": data[0][:CALIBRATION]} if init == "calibrate" else {}
     torch.manual_seed(0)
     start = time.perf_counter()
-    ghost = ghostify.convert(model, s=s, init=init, example_inputs=xtr[:1], **extra)
-    seconds = time.perf_counter() - start
-    predictions = predict(ghost, xte)
-    row = {"model": name, "s": s, "init": init, "seconds": seconds,
-           "accuracy": (predictions == yte).float().mean().item(),
-           "agreement": (predictions == reference_predictions).float().mean().item(),
-           "gathers": sum(r.gather for r in ghost.ghostify_result.replaced),
-           "layers": len(ghost.ghostify_result.replaced)}
-    if finetune_steps:
-        train(ghost, xtr, ytr, steps=finetune_steps, lr=0.01, seed=1)
-        row["finetuned"] = (predict(ghost, xte) == yte).float().mean().item()
-    return row
+    ghost = ghostify.convert(model, s=s, init=init, example_inputs=data[0][:1], **extra)
+    return ghost, time.perf_counter() - start
 
 
-def table(rows: List[Dict[str, float]], originals: Dict[str, float]) -> str:
+def fidelity(name: str, model: nn.Module, data, s: int, init: str) -> Dict:
+    """Accuracy and agreement with the original right after conversion, no training."""
+    xte, yte = data[2], data[3]
+    ghost, seconds = convert(model, data, s, init)
+    predictions, reference_predictions = predict(ghost, xte), predict(model, xte)
+    return {"model": name, "s": s, "init": init, "seconds": seconds,
+            "accuracy": (predictions == yte).float().mean().item(),
+            "agreement": (predictions == reference_predictions).float().mean().item(),
+            "gathers": sum(r.gather for r in ghost.ghostify_result.replaced),
+            "layers": len(ghost.ghostify_result.replaced)}
+
+
+def finetune(model: nn.Module, data, s: int, init: str, steps: int, every: int) -> List[float]:
+    """Test accuracy every ``every`` SGD steps of fine-tuning the converted model (same budget for every init)."""
+    ghost, _ = convert(model, data, s, init)
+    accuracy = lambda m: (predict(m, data[2]) == data[3]).float().mean().item()  # noqa: E731
+    return train(ghost, data[0], data[1], steps=steps, lr=0.01, seed=1, evaluate=accuracy, every=every)
+
+
+def table(rows: List[Dict], originals: Dict[str, float], tuned: Dict, every: int) -> str:
     """The results as a Markdown table."""
-    lines = ["| model | s | init | top-1 | agreement | convert (s) | top-1 after fine-tune |",
-             "|---|---|---|---|---|---|---|"]
+    budgets = sorted({every * (i + 1) for scores in tuned.values() for i in range(len(scores))})
+    head = "".join(f" top-1 after {b} steps |" for b in budgets)
+    lines = [f"| model | s | init | top-1 | agreement | convert (s) | gathers |{head}",
+             "|---|---|---|---|---|---|---|" + "---|" * len(budgets)]
     for name, accuracy in originals.items():
-        lines.append(f"| {name} | - | original | {accuracy:.1%} | 100% | - | - |")
+        lines.append(f"| {name} | - | original | {accuracy:.1%} | 100% | - | - |" + " - |" * len(budgets))
         for r in (r for r in rows if r["model"] == name):
-            tuned = f"{r['finetuned']:.1%}" if "finetuned" in r else "-"
+            scores = tuned.get((name, r["s"], r["init"]), [])
+            cells = "".join(f" {scores[i]:.1%} |" if i < len(scores) else " - |" for i in range(len(budgets)))
             lines.append(f"| {name} | {r['s']} | {r['init']} | {r['accuracy']:.1%} | {r['agreement']:.1%} | "
-                         f"{r['seconds']:.1f} | {tuned} |")
+                         f"{r['seconds']:.1f} | {r['gathers']}/{r['layers']} |{cells}")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--finetune-steps", type=int, default=200, help="SGD steps after conversion (0: none)")
     parser.add_argument("--models", nargs="+", default=list(ARCHITECTURES), choices=list(ARCHITECTURES))
+    parser.add_argument("--finetune-steps", type=int, default=200, help="SGD steps after conversion (0: none)")
+    parser.add_argument("--finetune-every", type=int, default=50, help="report test accuracy every this many steps")
+    parser.add_argument("--finetune-s", type=int, nargs="*", default=[2, 4], help="ratios to fine-tune")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     data = digits()
-    rows, originals = [], {}
-    for name in args.models:
-        model = reference(name, data[0], data[1])
-        originals[name] = (predict(model, data[2]) == data[3]).float().mean().item()
+    models = {name: reference(name, data[0], data[1]) for name in args.models}
+    originals = {name: (predict(model, data[2]) == data[3]).float().mean().item() for name, model in models.items()}
+    rows, tuned = [], {}
+    for name, model in models.items():
         for s in (2, 4):
             for init in ("random", "copy", "calibrate"):
-                rows.append(measure(name, model, data, s, init, args.finetune_steps))
+                rows.append(fidelity(name, model, data, s, init))
                 print(rows[-1], flush=True)
-    print(table(rows, originals))
+    print(table(rows, originals, tuned, args.finetune_every), flush=True)
+    for name, model in models.items():
+        for s in args.finetune_s if args.finetune_steps else ():
+            for init in ("random", "copy", "calibrate"):
+                tuned[name, s, init] = finetune(model, data, s, init, args.finetune_steps, args.finetune_every)
+                print(name, s, init, tuned[name, s, init], flush=True)
+    print(table(rows, originals, tuned, args.finetune_every))
 
 
 if __name__ == "__main__":

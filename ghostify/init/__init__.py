@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from ..module import GhostModule
-from .calibrate import calibrate, check_calibration
+from .calibrate import calibrate
 from .channels import consumers, fold
+from .data import check_calibration
 from .datafree import copy_layer
 from .measure import layer_errors
 

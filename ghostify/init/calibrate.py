@@ -18,7 +18,6 @@ from torch import nn
 
 from ..module import GhostModule
 from .channels import Consumers
-from .data import check_calibration
 from .datafree import bn_gain, write
 from .fit import Choice, Pairing, choose, restrict, solve
 from .measure import evaluating
@@ -26,9 +25,6 @@ from .measure import evaluating
 ROWS = 16384
 PAIR_ROWS = 2048
 PRIOR = 1e-2
-
-__all__ = ["calibrate", "check_calibration"]
-
 
 class _Stop(Exception):
     """Raised by a hook to end a forward pass once the layer of interest has been reached."""
@@ -163,7 +159,7 @@ def _progress():
 
     console = Console(stderr=True)
     return Progress(TextColumn("calibrating {task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("rel. MSE {task.fields[loss]:.4f}"), TimeElapsedColumn(),
+                    TextColumn("fit error {task.fields[loss]:.4f}"), TimeElapsedColumn(),
                     console=console, transient=True, disable=not console.is_terminal)
 
 

@@ -16,7 +16,6 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 RIDGE = 1e-6
 
@@ -123,6 +122,8 @@ def _select(fraction: np.ndarray, value: np.ndarray, m: int, s: int) -> List[int
 
 def _assign(gain: torch.Tensor, intrinsic: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
     """The channel for each kept ghost slot: the assignment with the largest total ``gain`` (Hungarian)."""
+    from scipy.optimize import linear_sum_assignment
+
     rest = torch.ones(len(gain), dtype=torch.bool)
     rest[intrinsic] = False
     ghosts = rest.nonzero().squeeze(1)
