@@ -61,12 +61,11 @@ def initialise(
         result.notes["init"] = f"init={init!r} skipped: the weights are on the meta device"
         return
     readers = consumers(model, [name for name, _, _ in swapped])
-    stats = {name: (r.bn.running_mean.clone(), r.bn.running_var.clone())
-             for name, r in readers.items() if r.bn is not None}
+    means = {name: r.bn.running_mean.clone() for name, r in readers.items() if r.bn is not None}
     orders = {name: copy_layer(conv, ghost, readers[name].bn).order for name, conv, ghost in swapped}
     if init == "calibrate":
         once = {row.name for row in result.replaced if row.calls == 1}  # shared layers keep the copy fit
-        orders.update(calibrate(model, original, [item for item in swapped if item[0] in once], readers, stats,
+        orders.update(calibrate(model, original, [item for item in swapped if item[0] in once], readers, means,
                                 batches))
     measured = [(batches[0],)] if init == "calibrate" else [tuple(example_inputs)]
     paths = {id(module): path for path, module in model.named_modules()}

@@ -122,12 +122,12 @@ def _fit_cheap(ghost: GhostModule, choice: Choice, z: torch.Tensor, y: torch.Ten
     return h[:, :q].view(-1, ghost.d, ghost.d), (h[:, q] if offset else torch.zeros(len(h), dtype=h.dtype))
 
 
-def fit_layer(conv: nn.Conv2d, ghost: GhostModule, bn: Optional[nn.BatchNorm2d], stats: Optional[Tuple],
+def fit_layer(conv: nn.Conv2d, ghost: GhostModule, bn: Optional[nn.BatchNorm2d], mean: Optional[torch.Tensor],
               x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> Tuple[Choice, float]:
     """Refit ``ghost`` so that, on input ``x``, it outputs ``conv``'s original outputs ``y``.
 
-    ``bn`` (the batch norm reading the layer, if any) gets back its original running ``stats`` (mean, var)
-    before it absorbs the new offsets.
+    ``bn`` (the batch norm reading the layer, if any) gets back its original running ``mean`` before it
+    absorbs the new offsets.
 
     Returns:
         The channel choice and the relative MSE of the fitted layer on ``x``.
@@ -144,8 +144,7 @@ def fit_layer(conv: nn.Conv2d, ghost: GhostModule, bn: Optional[nn.BatchNorm2d],
     offsets = torch.zeros(conv.out_channels, dtype=torch.float64)
     offsets[choice.intrinsic], offsets[choice.ghost] = intrinsic_offset, ghost_offset
     if bn is not None:
-        bn.running_mean.copy_(stats[0])
-        bn.running_var.copy_(stats[1])
+        bn.running_mean.copy_(mean)
     primary_bias = torch.zeros(len(choice.intrinsic)) if conv.bias is not None else None
     write(ghost, choice, primary.to(ghost.primary_conv.weight.dtype), cheap, offsets, bn, primary_bias)
     with torch.no_grad():
@@ -164,12 +163,12 @@ def _progress():
 
 
 def calibrate(model: nn.Module, original: nn.Module, swapped: List[Tuple[str, nn.Conv2d, GhostModule]],
-              readers: Dict[str, Consumers], stats: Dict[str, Tuple[torch.Tensor, torch.Tensor]],
+              readers: Dict[str, Consumers], means: Dict[str, torch.Tensor],
               batches: Sequence[torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Refit each swapped layer of ``model`` in turn (``fit_layer``); returns each layer's channel order.
 
     Args:
-        readers: each layer's following batch norm; ``stats``: its running mean and variance before ``copy``.
+        readers: each layer's following batch norm; ``means``: its running mean before ``copy`` changed it.
         batches: calibration inputs (``check_calibration``).
     """
     orders = {}
@@ -179,7 +178,7 @@ def calibrate(model: nn.Module, original: nn.Module, swapped: List[Tuple[str, nn
             progress.update(task, description=f"layer {step + 1}/{len(swapped)} {name}")
             x = _capture(model, ghost, batches, output=False)
             y = _capture(original, original.get_submodule(name), batches, output=True)
-            choice, loss = fit_layer(conv, ghost, readers[name].bn, stats.get(name), x, y, seed=step)
+            choice, loss = fit_layer(conv, ghost, readers[name].bn, means.get(name), x, y, seed=step)
             orders[name] = choice.order
             progress.update(task, advance=1, loss=loss)
     return orders

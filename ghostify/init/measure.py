@@ -50,14 +50,17 @@ def layer_errors(original: nn.Module, converted: nn.Module, names: Sequence[str]
         inputs: positional-argument tuples to run both models on.
     """
     targets: Dict[str, List[torch.Tensor]] = {name: [] for name in names}
-    _record(original, names, lambda name, out: targets[name].append(out), inputs)
+    _record(original, names, lambda name, out: targets[name].append(out.clone()), inputs)  # later in-place ops
     sums = {name: [0.0, 0.0, 0] for name in names}
 
     def compare(name: str, out: torch.Tensor) -> None:
         total = sums[name]
         target = targets[name][total[2]]
         total[0] += (out.double() - target.double()).square().sum().item()
-        total[1] += (target.double() - target.double().mean((0, 2, 3), keepdim=True)).square().sum().item()
+        target = target.double()
+        if target[:, 0].numel() > 1:  # one value per channel (a single 1x1 map) has no variance to compare with
+            target = target - target.mean((0, 2, 3), keepdim=True)
+        total[1] += target.square().sum().item()
         total[2] += 1
 
     _record(converted, names, compare, inputs)
