@@ -28,11 +28,18 @@ BASELINES = ("mobilenet_v3_large", "resnet18")
 
 def converted_table(args: argparse.Namespace) -> None:
     """Each torchvision model against its Ghost conversion."""
-    if "converted" in args.tables:
-        converted_table(args)
-    if "zoo" in args.tables:
-        print()
-        zoo_table(args)
+    print("| model | s | runtime | batch | original ms | ghost ms | speed-up | FLOPs ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.models:
+        original = torchvision.models.get_model(name).eval()
+        for s in args.s:
+            converted = ghostify.convert(original, s=s, d=args.d, init=args.init).eval()
+            for runtime in args.runtimes:
+                result = bench(original, converted, batches=args.batches, runtime=runtime, threads=args.threads,
+                               repeats=args.repeats, name=name)
+                for row in result.rows:
+                    print(f"| {name} | {s} | {runtime} | {row.batch} | {row.original_ms:.1f} | "
+                          f"{row.converted_ms:.1f} | {row.speedup:.2f}x | {result.flops_ratio:.2f}x |", flush=True)
 
 
 def zoo_table(args: argparse.Namespace) -> None:
