@@ -8,6 +8,7 @@ comparison, on this CPU), measured the same way: speed-up = baseline ms / GhostN
     OMP_NUM_THREADS=1 python benchmarks/latency.py --threads 1 --repeats 10
     python benchmarks/latency.py --models resnet50 --s 2 --runtimes torch --batches 1 16
     python benchmarks/latency.py --tables zoo
+    python benchmarks/latency.py --tables profile --models resnet50 --s 2 --batches 16   # where the time goes
 """
 
 from __future__ import annotations
@@ -57,6 +58,25 @@ def zoo_table(args: argparse.Namespace) -> None:
                       f"{row.speedup:.2f}x | {result.flops_ratio:.2f}x |", flush=True)
 
 
+def profile_table(args: argparse.Namespace) -> None:
+    """Eager CPU time per operator of each deployed model (torch.profiler), to show where a speed-up is lost."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(args.threads)
+    for name in args.models:
+        original = torchvision.models.get_model(name).eval()
+        converted = ghostify.convert(original, s=args.s[0], d=args.d, init=args.init).eval()
+        x = torch.randn(args.batches[-1], 3, 224, 224)
+        for label, model in (("original", original), (f"ghost s={args.s[0]}", converted)):
+            deployed = ghostify.deploy(model)
+            with torch.no_grad():
+                deployed(x)
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    deployed(x)
+            print(f"\n{name} {label}, batch {x.shape[0]}, eager deploy form:")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
@@ -68,7 +88,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--init", default="random",
                         help="ghostify init; 'copy' may add output gathers (index_select) that cost a copy each")
-    parser.add_argument("--tables", nargs="+", choices=["converted", "zoo"], default=["converted", "zoo"])
+    parser.add_argument("--tables", nargs="+", choices=["converted", "zoo", "profile"],
+                        default=["converted", "zoo"])
     args = parser.parse_args()
 
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} thread(s), "
@@ -78,6 +99,8 @@ def main() -> None:
     if "zoo" in args.tables:
         print()
         zoo_table(args)
+    if "profile" in args.tables:
+        profile_table(args)
 
 
 if __name__ == "__main__":

@@ -6,10 +6,9 @@ a per-channel affine for the intrinsic channels. (It cannot go into the primary 
 the primary conv's raw output, and a folded bias would change what its zero padding sees at the borders.)
 A BN after a plain conv folds into it, as in ``torch.nn.utils.fusion``. Everything else is left alone.
 
-In eager PyTorch a deployed Ghost module writes both halves straight into one preallocated output (the
-intrinsic affine writes its channel slice with ``out=``, the ghosts are copied into the other), so no
-separate BN pass and no ``cat`` copy of the intrinsic maps remain. While a tracer or exporter is running
-(TorchScript, ``torch.export``, ONNX) it emits the plain ``cat`` form, which graph runtimes handle well.
+A deployed Ghost module applies the intrinsic affine to a contiguous tensor and concatenates: measured on
+CPU (channels-last), that is faster than writing both halves into channel slices of one preallocated
+output (strided writes: 6.5 against 11 ms for a 16x256x28x28 output, single thread).
 """
 
 from __future__ import annotations
@@ -26,11 +25,6 @@ from .module import GhostModule
 
 _FOLDABLE_NORM = nn.BatchNorm2d
 RUNTIMES = ("torch", "onnxruntime")
-
-
-def _exporting() -> bool:
-    """True while TorchScript tracing, torch.export / dynamo or the ONNX exporter runs the model."""
-    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
 
 
 def _fuse_sequential(block: nn.Sequential) -> nn.Sequential:
@@ -59,7 +53,6 @@ class DeployedGhost(nn.Module):
         super().__init__()
         self.primary, self.cheap = primary, cheap
         self.out_channels = out_channels
-        self.intrinsic_channels = primary[0].out_channels
         self.folded_norm = scale is not None
         self.register_buffer("scale", None if scale is None else scale.reshape(-1, 1, 1))
         self.register_buffer("shift", None if shift is None else shift.reshape(-1, 1, 1))
@@ -108,21 +101,12 @@ class DeployedGhost(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         intrinsic = self.primary(x)
         ghosts = self.cheap(intrinsic)
-        m, n = self.intrinsic_channels, self.out_channels
-        if self.scale is None or self.out_index is not None or _exporting():
-            if self.scale is not None:
-                intrinsic = torch.addcmul(self.shift, intrinsic, self.scale)
-            out = torch.cat([intrinsic, ghosts], dim=1)
-            if self.out_index is not None:
-                return out.index_select(1, self.out_index)
-            return out if out.shape[1] == n else out[:, :n]
-        channels_last = intrinsic.dim() == 4 and intrinsic.is_contiguous(memory_format=torch.channels_last)
-        out = torch.empty((intrinsic.shape[0], n) + tuple(intrinsic.shape[2:]), dtype=intrinsic.dtype,
-                          device=intrinsic.device,
-                          memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        torch.addcmul(self.shift, intrinsic, self.scale, out=out[:, :m])
-        out[:, m:].copy_(ghosts[:, : n - m])
-        return out
+        if self.scale is not None:
+            intrinsic = torch.addcmul(self.shift, intrinsic, self.scale)
+        out = torch.cat([intrinsic, ghosts], dim=1)
+        if self.out_index is not None:
+            return out.index_select(1, self.out_index)
+        return out if out.shape[1] == self.out_channels else out[:, : self.out_channels]
 
     def extra_repr(self) -> str:
         return f"out_channels={self.out_channels}, folded_norm={self.folded_norm}"
