@@ -80,8 +80,8 @@ def _ridge(a: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     a, residual = a.double(), residual.double()
     lam = PRIOR * a.square().sum() / cols
     if rows >= cols:
-        return torch.linalg.solve(a.T @ a + lam * torch.eye(cols, dtype=a.dtype), a.T @ residual)
-    return a.T @ torch.linalg.solve(a @ a.T + lam * torch.eye(rows, dtype=a.dtype), residual)
+        return torch.linalg.solve(a.T @ a + lam * torch.eye(cols, dtype=a.dtype, device=a.device), a.T @ residual)
+    return a.T @ torch.linalg.solve(a @ a.T + lam * torch.eye(rows, dtype=a.dtype, device=a.device), residual)
 
 
 def _choice(ghost: GhostModule, y: torch.Tensor, gain: torch.Tensor, generator: torch.Generator) -> Choice:
