@@ -71,7 +71,7 @@ def copy_layer(conv: nn.Conv2d, ghost: GhostModule, bn: Optional[nn.BatchNorm2d]
     if reference is not None:
         offsets[choice.ghost] = reference[choice.ghost] - h.sum(1) * reference[source]
     bias = conv.bias.detach()[choice.intrinsic.to(weight.device)] if conv.bias is not None else None
-    write(ghost, choice, primary[choice.intrinsic].to(weight.device), h.view(-1, ghost.d, ghost.d), offsets, bn, bias)
+    write(ghost, choice, primary[choice.intrinsic].to(weight.device), pairing.kernels(h, ghost.d), offsets, bn, bias)
     return choice
 
 

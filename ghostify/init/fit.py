@@ -30,12 +30,22 @@ class Pairing:
         energy: ``(n,)``; squared norm of each target.
         weight: ``(n,)``; how much an error in each channel matters relative to its energy (e.g. the
             following batch norm's gain squared); 1 when nothing is known.
+        taps: which of the ``d*d`` cheap taps the ``q`` columns are (None: all, in order).
     """
 
     cross: torch.Tensor
     gram: torch.Tensor
     energy: torch.Tensor
     weight: torch.Tensor
+    taps: Optional[torch.Tensor] = None
+
+    def kernels(self, coefficients: torch.Tensor, d: int) -> torch.Tensor:
+        """``(k, d, d)`` cheap kernels from ``(k, q)`` least-squares coefficients (0 on taps left out)."""
+        if self.taps is None:
+            return coefficients.view(-1, d, d)
+        full = coefficients.new_zeros(len(coefficients), d * d)
+        full[:, self.taps] = coefficients
+        return full.view(-1, d, d)
 
 
 @dataclass
@@ -105,7 +115,7 @@ def _select(fraction: np.ndarray, value: np.ndarray, m: int, s: int) -> List[int
         partners = np.argpartition(-others, s - 2)[: s - 1]
         return value[i] * (1 - covered[i]) + others[partners].sum(), partners
 
-    heap = [(-gain, i) for i, gain in enumerate(value + np.sort(fraction * value, axis=1)[:, -s:].sum(1))]
+    heap = [(-gain, i) for i, gain in enumerate(value + np.partition(fraction * value, -s, axis=1)[:, -s:].sum(1))]
     heapq.heapify(heap)
     chosen: List[int] = []
     while len(chosen) < m:
@@ -239,7 +249,7 @@ def filter_pairing(weight: torch.Tensor, primary_kernel, dilation, stride, d: in
     (to_orig_y, self_y), (to_orig_x, self_x) = _geometry(weight, primary_kernel, dilation, stride, d)
     w = weight.float()
     primary = restrict(w, primary_kernel, dilation, stride, d)
-    shifts = [(uy, ux) for uy in range(d) for ux in range(d)]
+    shifts = _linked([(uy, ux) for uy in range(d) for ux in range(d)], to_orig_y, to_orig_x, self_y, self_x)
     cross = w.new_zeros(len(w), len(w), len(shifts))
     for j, (uy, ux) in enumerate(shifts):
         if to_orig_y[uy] and to_orig_x[ux]:
@@ -255,4 +265,18 @@ def filter_pairing(weight: torch.Tensor, primary_kernel, dilation, stride, d: in
     gram = torch.stack([torch.stack([auto.get((uy - vy, ux - vx), zero) for vy, vx in shifts], 1)
                         for uy, ux in shifts], 1)
     energy = w.flatten(1).square().sum(1)
-    return Pairing(cross, gram, energy, gain.float()), primary.to(weight.dtype)
+    taps = torch.tensor([uy * d + ux for uy, ux in shifts])
+    return Pairing(cross, gram, energy, gain.float(), taps), primary.to(weight.dtype)
+
+
+def _linked(shifts: List[Tuple[int, int]], to_orig_y, to_orig_x, self_y, self_x) -> List[Tuple[int, int]]:
+    """The cheap taps that can matter: those overlapping the original filter, and (transitively) those
+    overlapping one of them. The others are orthogonal to everything kept, so their least-squares weight
+    is 0; dropping them makes 1x1 convs (only the centre tap matters) ``d*d`` times cheaper to pair."""
+    kept = [(uy, ux) for uy, ux in shifts if to_orig_y[uy] and to_orig_x[ux]]
+    grown = True
+    while grown:
+        more = [(uy, ux) for uy, ux in shifts if (uy, ux) not in kept and
+                any(self_y[uy - vy] and self_x[ux - vx] for vy, vx in kept)]
+        kept, grown = kept + more, bool(more)
+    return sorted(kept)
