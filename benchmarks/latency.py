@@ -27,6 +27,17 @@ MODELS = ("resnet50", "resnet18", "vgg16", "efficientnet_b0")
 BASELINES = ("mobilenet_v3_large", "resnet18")
 
 
+def print_rows(args: argparse.Namespace, first: torch.nn.Module, second: torch.nn.Module, runtime: str,
+               cells: list) -> None:
+    """Time ``first`` against ``second`` in one interleaved run; one markdown row per batch size."""
+    result = bench(first, second, batches=args.batches, runtime=runtime, threads=args.threads,
+                   repeats=args.repeats, name=str(cells[0]))
+    for row in result.rows:
+        values = cells + [row.batch, f"{row.original_ms:.1f}", f"{row.converted_ms:.1f}", f"{row.speedup:.2f}x",
+                          f"{result.flops_ratio:.2f}x"]
+        print("| " + " | ".join(map(str, values)) + " |", flush=True)
+
+
 def converted_table(args: argparse.Namespace) -> None:
     """Each torchvision model against its Ghost conversion."""
     print("| model | s | runtime | batch | original ms | ghost ms | speed-up | FLOPs ratio |")
@@ -36,11 +47,7 @@ def converted_table(args: argparse.Namespace) -> None:
         for s in args.s:
             converted = ghostify.convert(original, s=s, d=args.d, init=args.init).eval()
             for runtime in args.runtimes:
-                result = bench(original, converted, batches=args.batches, runtime=runtime, threads=args.threads,
-                               repeats=args.repeats, name=name)
-                for row in result.rows:
-                    print(f"| {name} | {s} | {runtime} | {row.batch} | {row.original_ms:.1f} | "
-                          f"{row.converted_ms:.1f} | {row.speedup:.2f}x | {result.flops_ratio:.2f}x |", flush=True)
+                print_rows(args, original, converted, runtime, [name, s, runtime])
 
 
 def zoo_table(args: argparse.Namespace) -> None:
@@ -51,11 +58,7 @@ def zoo_table(args: argparse.Namespace) -> None:
     for name in BASELINES:
         baseline = torchvision.models.get_model(name).eval()
         for runtime in args.runtimes:
-            result = bench(baseline, ghostnet, batches=args.batches, runtime=runtime, threads=args.threads,
-                           repeats=args.repeats, name=name)
-            for row in result.rows:
-                print(f"| {name} | {runtime} | {row.batch} | {row.original_ms:.1f} | {row.converted_ms:.1f} | "
-                      f"{row.speedup:.2f}x | {result.flops_ratio:.2f}x |", flush=True)
+            print_rows(args, baseline, ghostnet, runtime, [name, runtime])
 
 
 def profile_table(args: argparse.Namespace) -> None:

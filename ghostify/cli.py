@@ -218,7 +218,10 @@ def export(model, fmt, input_size, dynamic_batch, force, output) -> None:
     with _status(f"Exporting {model} as {fmt}"):
         loaded = load_model(model).eval()
         result = getattr(loaded, "ghostify_result", None)
-        default = tuple(result.input_shapes[0][1:]) if result and result.input_shapes[0] else default_input_size(parse(model))
+        if result and result.input_shapes[0]:
+            default = tuple(result.input_shapes[0][1:])
+        else:
+            default = default_input_size(parse(model))
         done = export_model(loaded, output, fmt, input_size=input_size or default, dynamic_batch=dynamic_batch,
                             overwrite=force)
     click.echo(f"wrote {done.path} ({fmt}, input {'x'.join(map(str, done.input_shape))}"
@@ -228,7 +231,8 @@ def export(model, fmt, input_size, dynamic_batch, force, output) -> None:
 @main.command()
 @click.argument("model", type=MODEL)
 @click.argument("ghost_file", required=False, type=click.Path(exists=True, dir_okay=False))
-@click.option("--batch", "batches", multiple=True, type=click.IntRange(min=1), help="Batch size (repeatable; default 1 and 16).")
+@click.option("--batch", "batches", multiple=True, type=click.IntRange(min=1),
+              help="Batch size (repeatable; default 1 and 16).")
 @click.option("--runtime", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads (default: torch's setting).")
 @click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True, help="Timed runs per model.")

@@ -66,7 +66,8 @@ def _read(path: str) -> Dict[str, Any]:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a ghostify file (no ghostify header); was it written by ghostify.save?")
     if payload.get("version") != VERSION:
-        raise ValueError(f"{path} has ghostify format version {payload.get('version')!r}; this ghostify reads {VERSION}")
+        raise ValueError(f"{path} has ghostify format version {payload.get('version')!r}; "
+                         f"this ghostify reads {VERSION}")
     return payload
 
 
@@ -108,7 +109,8 @@ def load(path: str, model: Optional[nn.Module] = None) -> nn.Module:
     try:
         rebuilt.load_state_dict(state)
     except RuntimeError as error:
-        raise ValueError(f"the weights in {path} do not fit the rebuilt {type(rebuilt).__name__}: "
-                         f"{str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else error}") from None
+        lines = str(error).splitlines()
+        detail = lines[1].strip() if len(lines) > 1 else str(error)
+        raise ValueError(f"the weights in {path} do not fit the rebuilt {type(rebuilt).__name__}: {detail}") from None
     rebuilt.ghostify_result = result
     return rebuilt

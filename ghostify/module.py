@@ -53,7 +53,8 @@ def primary_padding(
     """
     if padding == "same":
         return "same"
-    kernel, dil, pk = _pair(kernel_size, "kernel_size"), _pair(dilation, "dilation"), _pair(primary_kernel, "primary_kernel")
+    kernel, dil = _pair(kernel_size, "kernel_size"), _pair(dilation, "dilation")
+    pk = _pair(primary_kernel, "primary_kernel")
     pad = (0, 0) if padding == "valid" else _pair(padding, "padding")
     result = []
     for k, p, dl, kp in zip(kernel, pad, dil, pk):

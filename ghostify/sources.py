@@ -90,7 +90,8 @@ def build(spec: Spec) -> nn.Module:
             raise ValueError("timm models need timm: pip install timm") from None
         if not timm.is_model(spec["name"]):
             close = difflib.get_close_matches(spec["name"], timm.list_models(), n=3)
-            raise ValueError(f"unknown timm model {spec['name']!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"unknown timm model {spec['name']!r}{hint}")
         model = timm.create_model(spec["name"], pretrained=False)
     elif kind == "module":
         try:
