@@ -34,6 +34,9 @@ def atomic_write(path: str, write, overwrite: bool = True) -> None:
     os.close(handle)
     try:
         write(temp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
         os.replace(temp, path)
     except BaseException:
         if os.path.exists(temp):

@@ -84,6 +84,14 @@ def test_save_plain_model_refused():
     assert not os.path.exists("never.pt")
 
 
+def test_saved_file_has_the_usual_permissions(tmp_path, converted):
+    path = tmp_path / "ghost.pt"
+    ghostify.save(converted, path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_existing_file_kept_without_overwrite(tmp_path, converted):
     path = tmp_path / "ghost.pt"
     path.write_bytes(b"keep me")
