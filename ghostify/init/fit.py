@@ -100,6 +100,13 @@ def capacities(n: int, s: int) -> List[int]:
     return [max(0, min(s - 1, n - m - i * (s - 1))) for i in range(m)]
 
 
+def _partners(others: np.ndarray, s: int) -> np.ndarray:
+    """Indices of the ``s - 1`` largest ``others`` (an argmax when ``s == 2``, the common case)."""
+    if s == 2:
+        return np.array([others.argmax()])
+    return np.argpartition(-others, s - 2)[: s - 1]
+
+
 def _select(fraction: np.ndarray, value: np.ndarray, m: int, s: int) -> List[int]:
     """Greedy (lazy) choice of ``m`` intrinsic channels by marginal gain, most valuable first.
 
@@ -108,11 +115,14 @@ def _select(fraction: np.ndarray, value: np.ndarray, m: int, s: int) -> List[int
     chosen. Gains only shrink as more is explained, so stale gains are upper bounds (lazy evaluation).
     """
     covered = np.zeros(len(value))
+    others = np.empty(len(value))  # reused by every evaluation
 
     def marginal(i: int):
-        others = np.clip(fraction[i] - covered, 0, None) * value
+        np.subtract(fraction[i], covered, out=others)
+        np.maximum(others, 0, out=others)
+        np.multiply(others, value, out=others)
         others[i] = 0
-        partners = np.argpartition(-others, s - 2)[: s - 1]
+        partners = _partners(others, s)
         return value[i] * (1 - covered[i]) + others[partners].sum(), partners
 
     heap = [(-gain, i) for i, gain in enumerate(value + np.partition(fraction * value, -s, axis=1)[:, -s:].sum(1))]
@@ -143,27 +153,36 @@ def _assign(gain: torch.Tensor, intrinsic: torch.Tensor, owner: torch.Tensor) ->
     return slot_ghost
 
 
-def _swap(gain: torch.Tensor, intrinsic: torch.Tensor, slot_ghost: torch.Tensor, owner: torch.Tensor) -> bool:
-    """Make a ghost the intrinsic map of its group where that gains (in place); whether anything changed.
+def _group_pairs(owner: torch.Tensor, s: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Every ``(a, b)`` pair of kept ghost slots in one group (groups are runs of at most ``s - 1`` slots)."""
+    a = torch.arange(len(owner)).repeat(2 * s - 3)
+    b = a + torch.arange(2 - s, s - 1).repeat_interleave(len(owner))
+    inside = (b >= 0) & (b < len(owner))
+    a, b = a[inside], b[inside]
+    same = owner[a] == owner[b]
+    return a[same], b[same]
+
+
+def _swap(gain: torch.Tensor, intrinsic: torch.Tensor, slot_ghost: torch.Tensor, owner: torch.Tensor, s: int,
+          tol: float) -> bool:
+    """Make a ghost the intrinsic map of its group where that gains over ``tol`` (in place); whether any did.
 
     Swapping intrinsic ``i`` with its ghost ``t`` turns the group's gain from ``sum gain[i, ghosts]`` into
     ``gain[t, i] + sum gain[t, other ghosts]``: it fixes greedy choices where a copy was picked before
-    the filter it copies.
+    the filter it copies. Each group swaps its best such ghost (the first one on ties).
     """
     source = intrinsic[owner]
-    same = owner[:, None] == owner[None, :]
-    old = (gain[source][:, slot_ghost] * same).sum(1)
-    new = gain[slot_ghost, source] + (gain[slot_ghost][:, slot_ghost] * same).sum(1)
-    better = (new - old) > 1e-6 * gain.max().clamp_min(1e-30)
-    changed = False
-    for slot in better.nonzero().squeeze(1).tolist():
-        group = owner[slot].item()
-        members = [o for o in (owner == group).nonzero().squeeze(1).tolist() if better[o]]
-        best = max(members, key=lambda o: new[o] - old[o])
-        if best == slot:
-            intrinsic[group], slot_ghost[slot] = slot_ghost[slot].item(), intrinsic[group].item()
-            changed = True
-    return changed
+    a, b = _group_pairs(owner, s)
+    old = gain.new_zeros(len(owner)).index_add_(0, a, gain[source[a], slot_ghost[b]])
+    new = gain[slot_ghost, source] + gain.new_zeros(len(owner)).index_add_(0, a, gain[slot_ghost[a], slot_ghost[b]])
+    counts = torch.bincount(owner, minlength=len(intrinsic))
+    start = counts.cumsum(0) - counts
+    score = torch.full((len(intrinsic), s - 1), -torch.inf, dtype=gain.dtype)
+    score[owner, torch.arange(len(owner)) - start[owner]] = torch.where(new - old > tol, new - old, -torch.inf)
+    groups = (score.amax(1) > -torch.inf).nonzero().squeeze(1)
+    slots = start[groups] + score[groups].argmax(1)
+    intrinsic[groups], slot_ghost[slots] = slot_ghost[slots], intrinsic[groups]
+    return len(groups) > 0
 
 
 def choose(pairing: Pairing, s: int, rounds: int = 10) -> Choice:
@@ -181,8 +200,9 @@ def choose(pairing: Pairing, s: int, rounds: int = 10) -> Choice:
     intrinsic = torch.tensor(_select(fraction.double().numpy(), value.double().numpy(), len(caps), s))
     owner = torch.repeat_interleave(torch.arange(len(caps)), torch.tensor(caps))
     slot_ghost = _assign(gain, intrinsic, owner)
+    tol = 1e-6 * gain.max().clamp_min(1e-30).item()
     for _ in range(rounds):
-        if not _swap(gain, intrinsic, slot_ghost, owner):
+        if not _swap(gain, intrinsic, slot_ghost, owner, s, tol):
             break
         slot_ghost = _assign(gain, intrinsic, owner)
     return Choice(intrinsic, slot_ghost, s)
@@ -258,9 +278,11 @@ def filter_pairing(weight: torch.Tensor, primary_kernel, dilation, stride, d: in
     auto = {}
     for dy, pairs_y in self_y.items():
         for dx, pairs_x in self_x.items():
-            if pairs_y and pairs_x:
+            if (-dy, -dx) in auto:  # the same products: the taps of -delta are those of delta, swapped
+                auto[dy, dx] = auto[-dy, -dx]
+            elif pairs_y and pairs_x:
                 (ay, by), (ax, bx) = pairs_y, pairs_x
-                auto[dy, dx] = (_taps(primary, ay, ax) * _taps(primary, by, bx)).sum(1)
+                auto[dy, dx] = (primary[:, :, ay, ax] * primary[:, :, by, bx]).flatten(1).sum(1)
     zero = w.new_zeros(len(w))
     gram = torch.stack([torch.stack([auto.get((uy - vy, ux - vx), zero) for vy, vx in shifts], 1)
                         for uy, ux in shifts], 1)
