@@ -14,6 +14,8 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
+from .trace import evaluating
+
 
 class Counts:
     """FLOPs and parameters of ``model`` on ``inputs``, by module and in total.
@@ -34,26 +36,21 @@ class Counts:
     @cached_property
     def _analysis(self):
         """fvcore's analysis, run once; per-module and per-operator totals come from the same trace."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                from fvcore.nn import FlopCountAnalysis
+        with evaluating(self.model), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from fvcore.nn import FlopCountAnalysis
 
-                analysis = FlopCountAnalysis(self.model, self.inputs)
-                analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
-                analysis.by_module()
-                return analysis
-        finally:
-            self.model.train(was_training)
+            analysis = FlopCountAnalysis(self.model, self.inputs)
+            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+            analysis.by_module()
+            return analysis
 
-    @property
+    @cached_property
     def flops_by_module(self) -> Dict[str, int]:
         """Multiply-adds per qualified module name ('' is the whole model), summed over calls."""
         return dict(self._analysis.by_module())
 
-    @property
+    @cached_property
     def flops_by_operator(self) -> Dict[str, int]:
         """Multiply-adds per operator kind ('conv', 'linear', 'batch_norm', ...)."""
         return dict(self._analysis.by_operator())

@@ -22,6 +22,8 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
 from .module import GhostModule
+from .rewrite import set_module
+from .trace import GhostLeafTracer
 
 _FOLDABLE_NORM = nn.BatchNorm2d
 RUNTIMES = ("torch", "onnxruntime")
@@ -125,16 +127,6 @@ class DeployResult:
         return asdict(self)
 
 
-class _GhostLeafTracer(fx.Tracer):
-    def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
-        return isinstance(module, GhostModule) or super().is_leaf_module(module, qualname)
-
-
-def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(root.get_submodule(parent), child, module)
-
-
 def _fold_graph(gm: fx.GraphModule, result: DeployResult, fold_ghosts: bool) -> None:
     """Fold each BN that is the only user of a conv / Ghost module called once, in the traced graph."""
     modules = dict(gm.named_modules())
@@ -160,7 +152,7 @@ def _fold_graph(gm: fx.GraphModule, result: DeployResult, fold_ghosts: bool) -> 
             result.ghosts.append(prev.target)
         else:
             continue
-        _set_module(gm, prev.target, new)
+        set_module(gm, prev.target, new)
         modules[prev.target] = new
         node.replace_all_uses_with(prev)
         gm.graph.erase_node(node)
@@ -225,7 +217,7 @@ def deploy(model: nn.Module, *, runtime: str = "torch") -> nn.Module:
                            "call model.eval() first")
     copied = copy.deepcopy(model)
     try:
-        graph = _GhostLeafTracer().trace(copied)
+        graph = GhostLeafTracer().trace(copied)
     except Exception:  # noqa: BLE001 - any tracing failure means: use the module-level fallback
         deployed, result = copied, DeployResult("sequential")
         _fold_sequentials(deployed, result, fold_ghosts=runtime == "torch")
@@ -234,7 +226,7 @@ def deploy(model: nn.Module, *, runtime: str = "torch") -> nn.Module:
         _fold_graph(deployed, result, fold_ghosts=runtime == "torch")
     for name, module in list(deployed.named_modules()):
         if isinstance(module, GhostModule) and runtime == "torch":
-            _set_module(deployed, name, DeployedGhost.deploy(module))
+            set_module(deployed, name, DeployedGhost.deploy(module))
             result.ghosts.append(name)
     if runtime == "torch":
         deployed = deployed.to(memory_format=torch.channels_last)

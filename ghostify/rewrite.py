@@ -188,7 +188,8 @@ def _warn_unmatched(opts: Dict[str, Any], names: List[str]) -> None:
                 warnings.warn(f"{what} pattern {pattern!r} matches no convolution layer", UserWarning, stacklevel=3)
 
 
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted attribute ``path`` of ``model``."""
     parent, _, child = path.rpartition(".")
     setattr(model.get_submodule(parent), child, module)
 
@@ -219,7 +220,7 @@ def apply_plan(model: nn.Module, plan: Iterable[Mapping[str, Any]]) -> List[Tupl
         if entry.get("gather", False):
             ghost.set_out_index(torch.arange(ghost.out_channels))
         for path in aliases[id(conv)]:
-            _set_module(model, path, ghost)
+            set_module(model, path, ghost)
         swapped.append((name, conv, ghost))
     return swapped
 

@@ -9,12 +9,15 @@ conv that runs.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+
+from .module import GhostModule
 
 _CONV_TYPES = (nn.modules.conv._ConvNd,)
 _FUNCTIONAL_CONVS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d,
@@ -41,6 +44,26 @@ class Analysis:
     method: str
     sites: List[ConvSite]
     functional: List[str]
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode and without gradients; every module's training flag is restored afterwards."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+class GhostLeafTracer(fx.Tracer):
+    """A symbolic tracer that keeps each ``GhostModule`` as one call, for passes that act on whole modules."""
+
+    def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
+        return isinstance(module, GhostModule) or super().is_leaf_module(module, qualname)
 
 
 def conv_sites(model: nn.Module) -> Dict[int, ConvSite]:
@@ -114,19 +137,13 @@ def analyse(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Analysis:
     Raises:
         ValueError: the model fails on ``inputs``.
     """
-    flags = [(module, module.training) for module in model.modules()]
     sites = conv_sites(model)
-    model.eval()
-    try:
-        with torch.no_grad():
-            try:
-                graph_module = fx.symbolic_trace(model)
-            except Exception:  # noqa: BLE001 - untraceable Python: run the model itself
-                graph_module = None
-            order = _run_with_hooks(graph_module or model, sites, inputs)
-    finally:
-        for module, training in flags:
-            module.training = training
+    with evaluating(model):
+        try:
+            graph_module = fx.symbolic_trace(model)
+        except Exception:  # noqa: BLE001 - untraceable Python: run the model itself
+            graph_module = None
+        order = _run_with_hooks(graph_module or model, sites, inputs)
     if graph_module is None:
         method, functional = "hooks", []
         for site in order[:1]:

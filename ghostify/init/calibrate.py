@@ -20,7 +20,7 @@ from ..module import GhostModule
 from .channels import Consumers
 from .datafree import bn_gain, write
 from .fit import Choice, Pairing, choose, restrict, solve
-from .measure import evaluating
+from ..trace import evaluating
 
 ROWS = 16384
 PAIR_ROWS = 2048

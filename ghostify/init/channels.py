@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..module import GhostModule
+from ..trace import GhostLeafTracer
 
 _PER_CHANNEL = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.ELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid,
                 nn.Tanh, nn.Identity, nn.Dropout, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
@@ -39,11 +40,6 @@ class Consumers:
 
     bn: Optional[nn.BatchNorm2d] = None
     fold: Optional[List[nn.Module]] = None
-
-
-class _LeafGhosts(fx.Tracer):
-    def is_leaf_module(self, module: nn.Module, name: str) -> bool:
-        return isinstance(module, GhostModule) or super().is_leaf_module(module, name)
 
 
 def _only_input(node: fx.Node, source: fx.Node) -> bool:
@@ -85,7 +81,7 @@ def _fold_targets(source: fx.Node, modules: Dict[str, nn.Module], runs: Dict[int
 def consumers(model: nn.Module, names: List[str]) -> Dict[str, Consumers]:
     """Readers of each named Ghost module of ``model``; plain ``Consumers()`` when the model does not trace."""
     try:
-        graph = fx.GraphModule(model, _LeafGhosts().trace(model)).graph
+        graph = fx.GraphModule(model, GhostLeafTracer().trace(model)).graph
     except Exception:  # noqa: BLE001 - untraceable Python: every layer keeps its gather
         return {name: Consumers() for name in names}
     modules = dict(model.named_modules(remove_duplicate=False))

@@ -9,24 +9,12 @@ directly reads the layer, it is measured after that batch norm, which the initia
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable, Dict, Iterator, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
 
-
-@contextmanager
-def evaluating(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` in eval mode and without gradients; every module's training flag is restored afterwards."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield model
-    finally:
-        for module, training in flags:
-            module.training = training
+from ..trace import evaluating
 
 
 def _record(model: nn.Module, names: Sequence[str], sink: Callable[[str, torch.Tensor], None], inputs) -> None:
