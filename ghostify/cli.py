@@ -101,6 +101,9 @@ MODEL = ModelParam()
 INPUT_SIZE = click.option("--input-size", nargs=3, type=click.IntRange(min=1), metavar="C H W",
                           help="Example input size (default: the model's own, usually 3 224 224).")
 JSON = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout, nothing else.")
+TRUST_SOURCE = click.option("--trust-source", is_flag=True,
+                            help="Allow rebuilding a ghostify file whose architecture comes from Python code "
+                                 "(module:factory or file.py:factory); only for files you trust.")
 
 
 @click.group(cls=GhostifyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -131,10 +134,11 @@ def main(debug: bool) -> None:
 @click.option("--calib-samples", type=click.IntRange(min=1), default=256, show_default=True,
               help="How many calibration inputs to use.")
 @JSON
+@TRUST_SOURCE
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
 def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_size, weights, init, calib_data,
-            calib_samples, as_json, force, output) -> None:
+            calib_samples, as_json, trust_source, force, output) -> None:
     """Convert MODEL's Conv2d layers to Ghost modules, print the report, write OUT."""
     import os
 
@@ -148,7 +152,7 @@ def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_s
     from .sources import default_input_size, load_model, parse
 
     with _status(f"Building {model}", as_json):
-        source = load_model(model, weights)
+        source = load_model(model, weights, trust_source)
     inputs = _inputs(input_size, default_input_size(parse(model)))
     calibration = None
     if calib_data is not None:
@@ -170,14 +174,16 @@ def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_s
 @click.argument("model", type=MODEL)
 @INPUT_SIZE
 @JSON
-def report(model, input_size, as_json) -> None:
+@TRUST_SOURCE
+def report(model, input_size, as_json, trust_source) -> None:
     """Count FLOPs and params of MODEL (before and after, for a ghostify file)."""
     import ghostify
-    from .sources import build, default_input_size, load_model, parse
+    from .io import build_source
+    from .sources import default_input_size, load_model, parse
 
     spec = parse(model)
     with _status(f"Counting {model}", as_json):
-        loaded = load_model(model)
+        loaded = load_model(model, trust_source=trust_source)
         result = getattr(loaded, "ghostify_result", None)
         if result is None:
             inputs = _inputs(input_size, default_input_size(spec))
@@ -186,7 +192,8 @@ def report(model, input_size, as_json) -> None:
             summary = ghostify.report(loaded, None, _inputs(input_size, result.input_shapes[0][1:]), name=model)
         else:
             inputs = _inputs(input_size, tuple(result.input_shapes[0][1:]))
-            summary = ghostify.report(build(result.source), loaded, inputs, name=result.source.get("name", model))
+            original = build_source(result.source, model, trust_source)
+            summary = ghostify.report(original, loaded, inputs, name=result.source.get("name", model))
     _print_report(summary, as_json)
 
 
@@ -208,15 +215,16 @@ def models() -> None:
               help="onnx (checked with onnxruntime), torchscript (torch.jit.load) or pt2 (torch.export.load).")
 @INPUT_SIZE
 @click.option("--dynamic-batch", is_flag=True, help="Let the batch size vary in the exported file.")
+@TRUST_SOURCE
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the export.")
-def export(model, fmt, input_size, dynamic_batch, force, output) -> None:
+def export(model, fmt, input_size, dynamic_batch, trust_source, force, output) -> None:
     """Export MODEL (usually a ghostify file) in its deploy form: BNs folded, ready to run without ghostify."""
     from .exporting import export as export_model
     from .sources import default_input_size, load_model, parse
 
     with _status(f"Exporting {model} as {fmt}"):
-        loaded = load_model(model).eval()
+        loaded = load_model(model, trust_source=trust_source).eval()
         result = getattr(loaded, "ghostify_result", None)
         if result and result.input_shapes[0]:
             default = tuple(result.input_shapes[0][1:])
@@ -240,18 +248,20 @@ def export(model, fmt, input_size, dynamic_batch, force, output) -> None:
 @click.option("--d", "d", type=int, default=3, show_default=True, help="Cheap kernel when MODEL is converted here.")
 @INPUT_SIZE
 @JSON
-def bench(model, ghost_file, batches, runtime, threads, repeats, s, d, input_size, as_json) -> None:
+@TRUST_SOURCE
+def bench(model, ghost_file, batches, runtime, threads, repeats, s, d, input_size, as_json, trust_source) -> None:
     """Latency of MODEL vs its Ghost version (GHOST_FILE, MODEL itself if it is a ghostify file, or converted
     here with --s/--d), both in deploy form, interleaved; median of the repeats."""
     import ghostify
+    from .io import build_source
     from .latency import bench as run_bench
-    from .sources import build, default_input_size, load_model, parse
+    from .sources import default_input_size, load_model, parse
 
     with _status(f"Building {model}", as_json):
-        original = load_model(model)
-        converted = load_model(ghost_file) if ghost_file else None
+        original = load_model(model, trust_source=trust_source)
+        converted = load_model(ghost_file, trust_source=trust_source) if ghost_file else None
         if converted is None and getattr(original, "ghostify_result", None) is not None:
-            converted, original = original, build(original.ghostify_result.source)
+            converted, original = original, build_source(original.ghostify_result.source, model, trust_source)
         size = tuple(input_size or default_input_size(parse(model)))
         if converted is None:
             # random init: weights do not change the speed, and it adds no output gathers

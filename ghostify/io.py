@@ -2,8 +2,10 @@
 
 A file holds plain data only (it loads under ``torch.load(..., weights_only=True)``): the source model's
 spec, the conversion result (its per-layer plan) and the state_dict. Loading rebuilds the source
-architecture, replays the plan and loads the weights. Writes are atomic: a temp file in the same folder,
-renamed into place, so a failure or Ctrl-C never leaves a partial file.
+architecture, replays the plan and loads the weights. Loading never runs code a file names: a spec that
+points at Python code (``module:factory``, ``file.py:factory``) is only built with ``trust_source=True``.
+Writes are atomic: a temp file in the same folder, renamed into place, so a failure or Ctrl-C never leaves
+a partial file.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from .rewrite import ConversionResult, Replaced, Skipped, apply_plan
 
 FORMAT = "ghostify"
 VERSION = 1
+NAMED_SOURCES = frozenset({"torchvision", "zoo", "timm"})  # registered names: building one runs no file's code
+CODE_SOURCES = frozenset({"module", "file"})  # building these imports and runs the code they name
 
 
 def atomic_write(path: str, write, overwrite: bool = True) -> None:
@@ -81,33 +85,59 @@ def _result_from_dict(data: Dict[str, Any]) -> ConversionResult:
     return ConversionResult(**data)
 
 
-def load(path: str, model: Optional[nn.Module] = None) -> nn.Module:
+def build_source(source: Any, path: str, trust_source: bool = False) -> nn.Module:
+    """Build the original architecture a file's source spec names, never running code the file chose.
+
+    A file is data, so only specs on an allow-list are built from it: torchvision, zoo and timm names. A spec
+    naming Python code (``module:factory``, ``file.py:factory``) would import and run that code, so it is
+    built only when the caller trusts the file; any other kind is refused.
+
+    Raises:
+        ValueError: the spec names code and ``trust_source`` is False, or it is not a spec ghostify builds
+            (None: the model was converted from a Python object).
+    """
+    from .sources import build
+
+    if source is None:
+        raise ValueError(f"{path} was converted from a Python object, not a MODEL name; rebuild it with "
+                         "ghostify.load(path, model=<the original architecture>)")
+    kind = source.get("kind") if isinstance(source, dict) else None
+    if kind in NAMED_SOURCES or (trust_source and kind in CODE_SOURCES):
+        return build(source)
+    if kind in CODE_SOURCES:
+        code = f"{source.get('module', source.get('path'))}:{source.get('factory')}"
+        raise ValueError(f"{path} was converted from code ({code!r}); loading it would import and run that code. "
+                         "Pass the architecture (ghostify.load(path, model=...)) or, if you trust the file, "
+                         "trust_source=True (CLI: --trust-source)")
+    raise ValueError(f"{path} names an architecture source ghostify does not build ({source!r}); "
+                     "pass the architecture: ghostify.load(path, model=...)")
+
+
+def load(path: str, model: Optional[nn.Module] = None, *, trust_source: bool = False) -> nn.Module:
     """Rebuild a converted model saved by ``ghostify.save``.
+
+    The architecture is rebuilt from the file's spec when it is a torchvision, zoo or timm name. A file
+    converted from code (``module:factory``, ``file.py:factory``) needs ``model`` or ``trust_source=True``:
+    loading a file must not import and run code the file names.
 
     Args:
         path: the file.
         model: the original architecture, needed when the model was converted from a Python object rather
-            than a MODEL string; it is copied, not modified.
+            than a MODEL string; it is copied, not modified, and the file's spec is then ignored.
+        trust_source: build a spec that names Python code, importing and running it; only for trusted files.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the file is not a ghostify file, or the weights do not fit the rebuilt architecture.
+        ValueError: the file is not a ghostify file, its spec names code and neither ``model`` nor
+            ``trust_source`` is given, or the weights do not fit the rebuilt architecture.
     """
-    from .sources import build
-
     payload = _read(os.fspath(path))
     try:
         result = _result_from_dict(payload["result"])
         state = payload["state_dict"]
     except (KeyError, TypeError) as error:
         raise ValueError(f"{path} is a damaged ghostify file: {error}") from None
-    if model is not None:
-        rebuilt = copy.deepcopy(model)
-    elif result.source is not None:
-        rebuilt = build(result.source)
-    else:
-        raise ValueError(f"{path} was converted from a Python object, not a MODEL name; rebuild it with "
-                         "ghostify.load(path, model=<the original architecture>)")
+    rebuilt = copy.deepcopy(model) if model is not None else build_source(result.source, path, trust_source)
     apply_plan(rebuilt, result.plan())
     try:
         rebuilt.load_state_dict(state)

@@ -140,13 +140,18 @@ def default_input_size(spec: Spec) -> Tuple[int, int, int]:
     return (3, 224, 224)
 
 
-def load_model(text: str, weights: Optional[str] = None) -> nn.Module:
-    """Build the model a MODEL string names (a ghostify file loads as its converted model)."""
+def load_model(text: str, weights: Optional[str] = None, trust_source: bool = False) -> nn.Module:
+    """Build the model a MODEL string names (a ghostify file loads as its converted model).
+
+    ``trust_source`` goes to ``ghostify.load``: a ghostify file converted from code (``module:factory``,
+    ``file.py:factory``) is rebuilt by running that code only when it is True. A MODEL string itself naming
+    code is the caller's choice and is built as asked.
+    """
     spec = parse(text)
     if spec["kind"] == "ghostify_file":
         from .io import load
 
-        return load(spec["path"])
+        return load(spec["path"], trust_source=trust_source)
     model = build(spec)
     if weights is not None:
         load_weights(model, weights)

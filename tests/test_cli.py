@@ -99,7 +99,42 @@ def test_module_and_file_factories(tmp_path):
         out = tmp_path / "g.pt"
         result = invoke("convert", model, *SMALL, "--force", "-o", out)
         assert result.exit_code == 0, result.stderr
-        assert type(ghostify.load(out).layer2[0].conv1).__name__ == "GhostModule"
+        assert type(ghostify.load(out, trust_source=True).layer2[0].conv1).__name__ == "GhostModule"
+
+
+@pytest.fixture
+def code_file(tmp_path):
+    """(path, marker): a file converted from evil.py:build, whose import writes the marker (removed again)."""
+    marker, evil = tmp_path / "marker", tmp_path / "evil.py"
+    evil.write_text(f"open({str(marker)!r}, 'w').write('ran')\nfrom torch import nn\n\n\ndef build():\n"
+                    "    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),\n"
+                    "                         nn.Conv2d(8, 16, 3, padding=1))\n")
+    path = tmp_path / "ghost.pt"
+    result = invoke("convert", f"{evil}:build", "--input-size", 3, 16, 16, "--init", "random", "--json", "-o", path)
+    assert result.exit_code == 0 and marker.exists(), result.stderr
+    marker.unlink()
+    return path, marker
+
+
+@pytest.mark.parametrize("command, args", [
+    ("report", []), ("export", ["-o", "out.onnx"]), ("bench", []), ("convert", ["-o", "out.pt"]),
+])
+def test_code_built_file_needs_trust_source(tmp_path, code_file, command, args):
+    path, marker = code_file
+    result = invoke(command, path, *[tmp_path / a if a.startswith("out") else a for a in args])
+    assert_one_line_error(result, "--trust-source")
+    assert len(result.stderr.strip().splitlines()) == 1 and "evil.py:build" in result.stderr
+    assert not marker.exists() and not (tmp_path / "out.onnx").exists() and not (tmp_path / "out.pt").exists()
+
+
+def test_trust_source_rebuilds_code_built_file(code_file):
+    path, marker = code_file
+    result = invoke("report", path, "--json", "--trust-source")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert marker.exists() and data["flops_after"] < data["flops_before"] and data["input_shapes"] == [[1, 3, 16, 16]]
+    result = invoke("bench", path, "--batch", 1, "--repeats", 1, "--json", "--trust-source")
+    assert result.exit_code == 0, result.stderr
 
 
 def test_timm_without_timm_is_clear(tmp_path):

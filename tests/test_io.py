@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import ghostify
-from ghostify.sources import load_model
+from ghostify.sources import build, load_model
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -69,6 +69,84 @@ def test_python_object_needs_model_argument(tmp_path):
     assert isinstance(original.features[3], nn.Conv2d)  # the argument is copied, never converted in place
     with torch.no_grad():
         assert torch.equal(reloaded(X), ghost(X))
+
+
+EVIL = """
+open({marker!r}, "w").write("ran")
+from torch import nn
+
+
+def build():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU())
+"""
+SMALL_X = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def small_net():
+    """The architecture EVIL's build() returns, made without running EVIL."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU())
+
+
+@pytest.fixture
+def code_file(tmp_path):
+    """(path, marker, model): a file converted from evil.py:build, whose import writes the marker (removed)."""
+    marker, evil = tmp_path / "marker", tmp_path / "evil.py"
+    evil.write_text(EVIL.format(marker=str(marker)))
+    ghost = ghostify.convert(build({"kind": "file", "path": str(evil), "factory": "build"}), init="random",
+                             example_inputs=torch.randn(1, 3, 16, 16)).eval()
+    assert type(ghost[2]).__name__ == "GhostModule"
+    path = tmp_path / "ghost.pt"
+    ghostify.save(ghost, path)
+    marker.unlink()
+    return path, marker, ghost
+
+
+def test_load_never_runs_code_the_file_names(code_file):
+    path, marker, _ = code_file
+    for load in (ghostify.load, load_model):
+        with pytest.raises(ValueError, match=r"converted from code \('.*evil\.py:build'\).*trust_source=True") as error:
+            load(str(path))
+        assert len(str(error.value).splitlines()) == 1 and "model=" in str(error.value)
+    assert not marker.exists()
+
+
+def test_hand_crafted_module_spec_is_never_imported(tmp_path, monkeypatch, code_file):
+    path, marker, _ = code_file
+    (tmp_path / "ghostify_evil_module.py").write_text(EVIL.format(marker=str(marker)))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    payload = torch.load(path, weights_only=True)
+    payload["result"]["source"] = {"kind": "module", "module": "ghostify_evil_module", "factory": "build"}
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match=r"\('ghostify_evil_module:build'\).*trust_source=True"):
+        ghostify.load(path)
+    assert not marker.exists() and "ghostify_evil_module" not in sys.modules
+
+
+@pytest.mark.parametrize("source", [{"kind": "pickle", "path": "x"}, {"name": "resnet18"}, "resnet18", [1]])
+def test_unknown_source_kinds_are_refused_even_when_trusted(tmp_path, converted, source):
+    path = tmp_path / "ghost.pt"
+    ghostify.save(converted, path)
+    payload = torch.load(path, weights_only=True)
+    payload["result"]["source"] = source
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match="names an architecture source ghostify does not build"):
+        ghostify.load(path, trust_source=True)
+
+
+def test_trusted_code_file_loads_identically(code_file):
+    path, marker, ghost = code_file
+    for reloaded in (ghostify.load(path, trust_source=True), load_model(str(path), trust_source=True)):
+        assert marker.exists()  # the file's code ran, as asked
+        with torch.no_grad():
+            assert torch.equal(reloaded.eval()(SMALL_X), ghost(SMALL_X))
+
+
+def test_model_argument_loads_code_file_without_running_it(code_file):
+    path, marker, ghost = code_file
+    reloaded = ghostify.load(path, model=small_net()).eval()
+    assert not marker.exists()
+    with torch.no_grad():
+        assert torch.equal(reloaded(SMALL_X), ghost(SMALL_X))
 
 
 def test_load_into_wrong_architecture_is_clear(tmp_path):
