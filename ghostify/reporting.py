@@ -51,6 +51,7 @@ class LayerRow:
     ratio: Optional[float]
     theoretical_ratio: float
     reconstruction_error: Optional[float] = None
+    gather_reason: Optional[str] = None
 
 
 @dataclass
@@ -115,6 +116,14 @@ class Report:
                                f"{row.ratio:.2f}x" if row.ratio else "-", f"{row.theoretical_ratio:.2f}x",
                                *([_error(row.reconstruction_error)] if errors else []))
             parts.append(layers)
+        gathers = [row for row in self.layers if row.gather_reason]
+        if gathers:
+            table = Table(title=f"{len(gathers)} layers keep an output gather (a copy per call)")
+            for column in ("layer", "why its channel order cannot be absorbed"):
+                table.add_column(column)
+            for row in gathers:
+                table.add_row(row.name, row.gather_reason)
+            parts.append(table)
         if self.skipped:
             skipped = Table(title=f"{len(self.skipped)} convolutions left as they are")
             for column in ("layer", "type", "reason"):
@@ -177,6 +186,6 @@ def report(
                 row.name, was, now, row.output_shape, *flops,
                 before.module_params(row.name), after.module_params(row.name), _ratio(*flops),
                 theoretical_ratio(row.in_channels, row.kernel_size, row.s, row.d, row.primary_kernel),
-                getattr(row, "error", None),
+                row.error, row.gather_reason,
             ))
     return out

@@ -40,6 +40,7 @@ class Replaced:
     aliases: List[str] = field(default_factory=list)
     calls: int = 1
     gather: bool = False
+    gather_reason: Optional[str] = None
     error: Optional[float] = None
 
 

@@ -75,7 +75,9 @@ def test_weights_loaded_first_and_mismatch_is_clear(tmp_path):
     torch.save(source.state_dict(), tmp_path / "w.pth")
     out = tmp_path / "g.pt"
     assert invoke("convert", "resnet18", *SMALL, "--weights", tmp_path / "w.pth", "-o", out).exit_code == 0
-    assert torch.equal(ghostify.load(out).fc.weight, source.fc.weight)
+    fc = ghostify.load(out).fc  # its inputs come in the converted stream's channel order
+    assert torch.equal(fc.bias, source.fc.bias) and not torch.equal(fc.weight, source.fc.weight)
+    assert torch.equal(fc.weight.sort(1).values, source.fc.weight.sort(1).values)
     torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "wrong.pth")
     result = invoke("convert", "resnet18", *SMALL, "--weights", tmp_path / "wrong.pth", "-o", tmp_path / "x.pt")
     assert_one_line_error(result, "do not fit ResNet: unexpected layer1.2")

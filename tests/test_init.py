@@ -170,7 +170,7 @@ def test_calibrate_lowers_every_layer_error_on_a_trained_model(digits_model):
 def test_calibrated_model_round_trips_bit_identically(tmp_path, digits_model):
     model, x = digits_model
     ghost = ghostify.convert(model, init="calibrate", calibration_data=[(x[:32], None), (x[32:64], None)]).eval()
-    assert [row.gather for row in ghost.ghostify_result.replaced] == [False, False, True]
+    assert [row.gather for row in ghost.ghostify_result.replaced] == [False, False, False]  # the last one: into fc
     ghostify.save(ghost, tmp_path / "g.pt")
     loaded = ghostify.load(tmp_path / "g.pt", model=model).eval()
     with torch.no_grad():

@@ -3,27 +3,28 @@
 ``"random"`` keeps the fresh initialisation that ``GhostModule.from_conv`` gives (PyTorch's Conv2d default).
 ``"copy"`` (data-free) builds each module from the original filters (``datafree``); ``"calibrate"`` then
 refits every layer, in run order, to the original model's outputs on calibration inputs (``calibrate``).
-Both leave each module's outputs in the original channel order: folded into the readers' weights where
-``channels`` finds that possible, else by an ``out_index`` gather; and both record each layer's
-reconstruction error (``measure``).
+Both leave each module's outputs in the original channel order at no cost where ``channels`` finds the
+order can be absorbed by the layers around it (layers writing into one tensor then share one channel
+choice), else by an ``out_index`` gather; and both record each layer's reconstruction error (``measure``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..module import GhostModule
 from .calibrate import calibrate
-from .channels import consumers, fold
+from .channels import Group, couple
 from .data import check_calibration
-from .datafree import copy_layer
+from .datafree import copy_layer, filter_problem
+from .fit import Choice, choose
 from .measure import layer_errors
 
 if TYPE_CHECKING:
-    from ..rewrite import ConversionResult
+    from ..rewrite import ConversionResult, Replaced
 
 METHODS = ("random", "copy", "calibrate")
 
@@ -37,6 +38,12 @@ def check_init(init: str) -> str:
     return init
 
 
+def _blocked_by_ratio(group: Group, rows: Dict[str, "Replaced"]) -> None:
+    ratios = sorted({rows[name].s for name in group.members})
+    if group.blocked is None and len(ratios) > 1:
+        group.blocked = f"writes into a tensor with layers of other s ({', '.join(map(str, ratios))})"
+
+
 def initialise(
     init: str,
     swapped: List[Tuple[str, nn.Conv2d, GhostModule]],
@@ -48,11 +55,15 @@ def initialise(
 ) -> None:
     """Set the weights of each ``(name, conv, ghost)`` in ``swapped`` (modules of ``model``) by method ``init``.
 
+    Layers that write into one tensor (``channels.couple``) get one shared channel choice, so that the whole
+    group's channel order is absorbed by the layers around it; a group that reaches something needing the
+    original order keeps gathers, and the reason is recorded per layer.
+
     Args:
-        result: gets each layer's reconstruction error and whether it keeps a gather.
+        result: gets each layer's reconstruction error and whether (and why) it keeps a gather.
         model: the converted model; ``original``: the model it was converted from (only read).
         batches: calibration inputs, for ``"calibrate"`` (see ``check_calibration``).
-        example_inputs: inputs the ``copy`` errors are measured on.
+        example_inputs: inputs the analysis and the ``copy`` errors run on.
     """
     check_init(init)
     if init == "random" or not swapped:
@@ -60,22 +71,35 @@ def initialise(
     if any(conv.weight.is_meta for _, conv, _ in swapped):
         result.notes["init"] = f"init={init!r} skipped: the weights are on the meta device"
         return
-    readers = consumers(model, [name for name, _, _ in swapped])
-    means = {name: r.bn.running_mean.clone() for name, r in readers.items() if r.bn is not None}
-    orders = {name: copy_layer(conv, ghost, readers[name].bn).order for name, conv, ghost in swapped}
+    rows = {row.name: row for row in result.replaced}
+    coupling = couple(model, [name for name, _, _ in swapped], example_inputs)
+    for group in coupling.groups:
+        _blocked_by_ratio(group, rows)
+    bns = coupling.bn
+    means = {name: bn.running_mean.clone() for name, bn in bns.items() if bn is not None}
+    items = {name: (conv, ghost) for name, conv, ghost in swapped}
+    choices: Dict[str, Choice] = {}
+    for group in coupling.groups:
+        for names in [group.members] if group.blocked is None else [[name] for name in group.members]:
+            problems = [filter_problem(*items[name], bns[name]) for name in names]
+            choice = choose([pairing for pairing, _ in problems], rows[names[0]].s)
+            for name, problem in zip(names, problems):
+                copy_layer(*items[name], bns[name], problem, choice)
+                choices[name] = choice
     if init == "calibrate":
         once = {row.name for row in result.replaced if row.calls == 1}  # shared layers keep the copy fit
-        orders.update(calibrate(model, original, [item for item in swapped if item[0] in once], readers, means,
-                                batches))
+        shared = {name: group.members for group in coupling.groups if group.blocked is None
+                  and len(group.members) > 1 for name in group.members}
+        choices.update(calibrate(model, original, [item for item in swapped if item[0] in once], bns, means,
+                                 batches, shared))
     measured = [(batches[0],)] if init == "calibrate" else [tuple(example_inputs)]
     paths = {id(module): path for path, module in model.named_modules()}
-    measured_at = {name: paths[id(readers[name].bn)] if readers[name].bn is not None else name
-                   for name, _, _ in swapped}
+    measured_at = {name: paths[id(bns[name])] if bns[name] is not None else name for name, _, _ in swapped}
     errors = layer_errors(original, model, list(measured_at.values()), measured)
-    rows = {row.name: row for row in result.replaced}
-    for name, conv, ghost in swapped:
-        if readers[name].fold is not None:
-            fold(ghost, orders[name], readers[name].fold)
+    coupling.apply({name: choice.order for name, choice in choices.items()},
+                   {name: ghost for name, _, ghost in swapped})
+    for name, _, ghost in swapped:
         rows[name].gather = ghost.out_index is not None
+        rows[name].gather_reason = coupling.group_of(name).blocked if rows[name].gather else None
         rows[name].error = errors[measured_at[name]]
     result.notes["error_inputs"] = "first calibration batch" if init == "calibrate" else "example inputs"

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..module import GhostModule
-from .channels import Consumers
 from .datafree import bn_gain, write
 from .fit import Choice, Pairing, choose, restrict, solve
 from ..trace import evaluating
@@ -84,15 +83,14 @@ def _ridge(a: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     return a.T @ torch.linalg.solve(a @ a.T + lam * torch.eye(rows, dtype=a.dtype, device=a.device), residual)
 
 
-def _choice(ghost: GhostModule, y: torch.Tensor, gain: torch.Tensor, generator: torch.Generator) -> Choice:
-    """Intrinsic channels and ghost assignment from the original output maps (centred)."""
+def map_pairing(ghost: GhostModule, y: torch.Tensor, gain: torch.Tensor, generator: torch.Generator) -> Pairing:
+    """The ghost problem on the original output maps ``y`` (centred), for ``fit.choose``."""
     n, q = y.shape[1], ghost.d ** 2
     patches, targets = _design(ghost.cheap_conv, y, y, PAIR_ROWS, generator)
     shifted = patches.view(len(patches), n, q)
     shifted, targets = shifted - shifted.mean(0), targets - targets.mean(0)
-    pairing = Pairing(torch.einsum("riu,rt->itu", shifted, targets), torch.einsum("riu,riv->iuv", shifted, shifted),
-                      targets.square().sum(0), gain)
-    return choose(pairing, ghost.s)
+    return Pairing(torch.einsum("riu,rt->itu", shifted, targets), torch.einsum("riu,riv->iuv", shifted, shifted),
+                   targets.square().sum(0), gain)
 
 
 def _fit_primary(conv: nn.Conv2d, ghost: GhostModule, choice: Choice, x, y, offset: bool, generator):
@@ -123,18 +121,20 @@ def _fit_cheap(ghost: GhostModule, choice: Choice, z: torch.Tensor, y: torch.Ten
 
 
 def fit_layer(conv: nn.Conv2d, ghost: GhostModule, bn: Optional[nn.BatchNorm2d], mean: Optional[torch.Tensor],
-              x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> Tuple[Choice, float]:
+              x: torch.Tensor, y: torch.Tensor, seed: int = 0, choice: Optional[Choice] = None) -> Tuple[Choice, float]:
     """Refit ``ghost`` so that, on input ``x``, it outputs ``conv``'s original outputs ``y``.
 
     ``bn`` (the batch norm reading the layer, if any) gets back its original running ``mean`` before it
-    absorbs the new offsets.
+    absorbs the new offsets. ``choice`` fixes the channel choice (a group's shared one); by default it is
+    chosen from ``y``.
 
     Returns:
         The channel choice and the relative MSE of the fitted layer on ``x``.
     """
     generator = torch.Generator().manual_seed(seed)
     offset = conv.bias is not None or bn is not None
-    choice = _choice(ghost, y, bn_gain(bn, conv.out_channels), generator)
+    if choice is None:
+        choice = choose([map_pairing(ghost, y, bn_gain(bn, conv.out_channels), generator)], ghost.s)
     primary, intrinsic_offset = _fit_primary(conv, ghost, choice, x, y, offset, generator)
     with torch.no_grad():
         z = ghost.primary_conv._conv_forward(x, primary.to(x.dtype), None)
@@ -162,23 +162,40 @@ def _progress():
                     console=console, transient=True, disable=not console.is_terminal)
 
 
+def shared_choice(original: nn.Module, layers: Sequence[Tuple[str, GhostModule, Optional[nn.BatchNorm2d]]],
+                  batches: Sequence[torch.Tensor], seed: int = 0) -> Choice:
+    """One channel choice for layers that write into the same tensor, from all their original outputs."""
+    generator = torch.Generator().manual_seed(seed)
+    pairings = []
+    for name, ghost, bn in layers:
+        y = _capture(original, original.get_submodule(name), batches, output=True)
+        pairings.append(map_pairing(ghost, y, bn_gain(bn, ghost.out_channels), generator))
+    return choose(pairings, layers[0][1].s)
+
+
 def calibrate(model: nn.Module, original: nn.Module, swapped: List[Tuple[str, nn.Conv2d, GhostModule]],
-              readers: Dict[str, Consumers], means: Dict[str, torch.Tensor],
-              batches: Sequence[torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Refit each swapped layer of ``model`` in turn (``fit_layer``); returns each layer's channel order.
+              bns: Dict[str, Optional[nn.BatchNorm2d]], means: Dict[str, torch.Tensor],
+              batches: Sequence[torch.Tensor], groups: Dict[str, List[str]]) -> Dict[str, Choice]:
+    """Refit each swapped layer of ``model`` in turn (``fit_layer``); returns each layer's channel choice.
 
     Args:
-        readers: each layer's following batch norm; ``means``: its running mean before ``copy`` changed it.
+        bns: each layer's following batch norm; ``means``: its running mean before ``copy`` changed it.
         batches: calibration inputs (``check_calibration``).
+        groups: for layers that must share a channel choice, the names of all the layers sharing it.
     """
-    orders = {}
+    choices: Dict[str, Choice] = {}
+    ghosts = {name: ghost for name, _, ghost in swapped}
     with _progress() as progress:
         task = progress.add_task("", total=len(swapped), loss=float("nan"))
         for step, (name, conv, ghost) in enumerate(swapped):
             progress.update(task, description=f"layer {step + 1}/{len(swapped)} {name}")
+            if name in groups and name not in choices:
+                members = [(member, ghosts[member], bns[member]) for member in groups[name]]
+                choices.update(dict.fromkeys(groups[name], shared_choice(original, members, batches, seed=step)))
             x = _capture(model, ghost, batches, output=False)
             y = _capture(original, original.get_submodule(name), batches, output=True)
-            choice, loss = fit_layer(conv, ghost, readers[name].bn, means.get(name), x, y, seed=step)
-            orders[name] = choice.order
+            choice, loss = fit_layer(conv, ghost, bns[name], means.get(name), x, y, seed=step,
+                                     choice=choices.get(name))
+            choices[name] = choice
             progress.update(task, advance=1, loss=loss)
-    return orders
+    return choices

@@ -1,118 +1,376 @@
-"""Where a converted layer's outputs go, so its channel order can be fixed at no cost, and what follows it.
+"""Coupled channels: which tensors share a channel order, so that a fitted layer's channel order costs nothing.
 
-A fitted Ghost module makes the original channels in another order. When every path from the layer's output
-runs through per-channel layers (batch norm, activations, pooling) into dense convolutions, the
-permutation is folded into those layers' weights (zero inference cost); otherwise the module keeps an
-``out_index`` gather. The layer's directly following batch norm, if any, tells how much each channel matters
-and absorbs mean corrections.
+A fitted Ghost module makes the original channels in another order (``Choice.order``). The order is free
+when everything the output flows into can store its channels permuted: per-channel layers (batch norm,
+activations, pooling, depthwise convs) permute their parameters, dense convs and linear layers that read the
+tensor permute their input weights, and plain convs that write into the same tensor permute their filters.
+Tensors tied by element-wise arithmetic (a residual addition, a squeeze-and-excite product) must share one
+order, so the Ghost modules writing into them form a ``Group`` that gets one shared intrinsic/ghost choice,
+as Torch-Pruning's dependency groups tie the layers that must be pruned together; a concatenation places its
+inputs' orders side by side. Where a tensor reaches something that needs the original order (the model's
+output, an op this analysis cannot see through), the group keeps an ``out_index`` gather on every member,
+and the reason is recorded.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List, Optional
+import operator
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from ..module import GhostModule
-from ..trace import GhostLeafTracer
+from ..trace import GhostLeafTracer, evaluating
 
 _PER_CHANNEL = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.ELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid,
-                nn.Tanh, nn.Identity, nn.Dropout, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
-                nn.AdaptiveMaxPool2d)
-_PER_CHANNEL_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.silu, F.gelu, F.elu, F.hardswish, torch.sigmoid,
-                          torch.tanh, F.dropout, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
-                          F.adaptive_max_pool2d}
-_PER_CHANNEL_METHODS = {"relu", "relu_", "sigmoid", "tanh"}
+                nn.Tanh, nn.Hardtanh, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout2d, nn.MaxPool2d, nn.AvgPool2d,
+                nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample)
+_PER_CHANNEL_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.hardtanh, F.leaky_relu, F.silu, F.gelu, F.elu, F.hardswish,
+                          F.hardsigmoid, F.mish, torch.sigmoid, F.sigmoid, torch.tanh, F.dropout, F.max_pool2d,
+                          F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate}
+_PER_CHANNEL_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous", "clone"}
+_ELEMENTWISE = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+                operator.truediv, torch.add, torch.sub, torch.mul, torch.div}
+_ELEMENTWISE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
+_RESHAPES = {torch.flatten, torch.reshape}
+_RESHAPE_METHODS = {"flatten", "view", "reshape"}
+_HARMLESS_METHODS = {"size", "dim"}
+
+
+def _per_channel_extras() -> set:
+    """Channel-agnostic functions from torchvision that torch.fx keeps as calls (stochastic depth)."""
+    try:
+        from torchvision.ops import stochastic_depth
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return set()
+    return {stochastic_depth}
+
+
+class Space:
+    """The channels of a family of tensors that must share one order (a union-find node)."""
+
+    def __init__(self, size: int, blocked: Optional[str] = None) -> None:
+        self.size = size
+        self.parent: "Space" = self
+        self.members: List[str] = []
+        self.writers: List[nn.Conv2d] = []
+        self.blocked = blocked
+
+    def root(self) -> "Space":
+        node = self
+        while node.parent is not node:
+            node = node.parent
+        self.parent = node
+        return node
+
+    def block(self, reason: str) -> None:
+        root = self.root()
+        root.blocked = root.blocked or reason
+
+
+def _union(a: Space, b: Space) -> None:
+    a, b = a.root(), b.root()
+    if a is b:
+        return
+    b.parent = a
+    a.members += b.members
+    a.writers += b.writers
+    a.blocked = a.blocked or b.blocked
 
 
 @dataclass
-class Consumers:
-    """What reads one converted layer's output.
+class Layout:
+    """A tensor's channels as spaces side by side (a concatenation), each channel repeated ``repeat`` times in
+    a row (a flattened ``(N, C, H, W)`` tensor has ``repeat = H * W``)."""
+
+    spaces: Tuple[Space, ...]
+    repeat: int = 1
+
+    def block(self, reason: str) -> None:
+        for space in self.spaces:
+            space.block(reason)
+
+    def permutation(self, orders: Dict[int, torch.Tensor]) -> Optional[torch.Tensor]:
+        """Index of the original feature stored at each position, or None when nothing moves."""
+        parts, offset, moved = [], 0, False
+        for space in self.spaces:
+            order = orders.get(id(space.root()))
+            moved |= order is not None
+            parts.append(offset + (torch.arange(space.size) if order is None else order))
+            offset += space.size
+        if not moved:
+            return None
+        channels = torch.cat(parts)
+        return (channels[:, None] * self.repeat + torch.arange(self.repeat)).flatten()
+
+
+@dataclass
+class Group:
+    """Converted layers whose outputs share one channel order; ``blocked`` says why they keep a gather."""
+
+    members: List[str]
+    blocked: Optional[str] = None
+
+
+@dataclass
+class Coupling:
+    """The channel groups of a converted model and what absorbs each group's order.
 
     Attributes:
-        bn: the batch norm that is the layer's only reader (run once), or None.
-        fold: batch norms and dense convs (or Ghost modules) to permute instead of gathering; None when the
-            output reaches anything else (an addition, a concatenation, the model output, a shared layer).
+        groups: one per family of tied tensors that converted layers write into.
+        bn: per converted layer, the batch norm that alone reads its output (run once), or None.
+        uses: ``(role, module, layout)`` for every module whose weights follow the order of a tensor it reads:
+            ``"reader"`` (dense conv / Ghost module input), ``"linear"`` (linear input), ``"per_channel"``
+            (batch norm, depthwise conv).
     """
 
-    bn: Optional[nn.BatchNorm2d] = None
-    fold: Optional[List[nn.Module]] = None
+    groups: List[Group]
+    bn: Dict[str, Optional[nn.BatchNorm2d]]
+    uses: List[Tuple[str, nn.Module, Layout]] = field(default_factory=list)
+    roots: Dict[str, Space] = field(default_factory=dict)
+
+    @classmethod
+    def isolated(cls, names: Sequence[str], reason: str) -> "Coupling":
+        """Every layer on its own and gathered: nothing is known about the readers."""
+        return cls([Group([name], reason) for name in names], {name: None for name in names})
+
+    def group_of(self, name: str) -> Group:
+        return next(group for group in self.groups if name in group.members)
+
+    def apply(self, orders: Dict[str, torch.Tensor], ghosts: Dict[str, GhostModule]) -> None:
+        """Store each unblocked group in its members' shared order: drop their gathers, permute what reads or
+        writes the group's tensors. ``orders`` holds each layer's output order (original channel per output)."""
+        by_space = {id(self.roots[group.members[0]]): orders[group.members[0]].cpu()
+                    for group in self.groups if group.blocked is None and group.members[0] in self.roots}
+        with torch.no_grad():
+            for role, module, layout in self.uses:
+                index = layout.permutation(by_space)
+                if index is not None:
+                    _permute_input(role, module, index)
+            for group in self.groups:
+                if group.blocked is not None:
+                    continue
+                root = self.roots[group.members[0]]
+                for conv in root.writers:
+                    _permute_output(conv, by_space[id(root)])
+                for name in group.members:
+                    ghosts[name].set_out_index(None)
 
 
-def _only_input(node: fx.Node, source: fx.Node) -> bool:
-    """``source`` is ``node``'s first argument and no other argument is a graph value."""
-    return bool(node.args) and node.args[0] is source and not any(
-        isinstance(a, fx.Node) for a in list(node.args[1:]) + list(node.kwargs.values()))
+def _permute_input(role: str, module: nn.Module, index: torch.Tensor) -> None:
+    if role == "per_channel":
+        for tensor in (module.weight, module.bias, getattr(module, "running_mean", None),
+                       getattr(module, "running_var", None)):
+            if tensor is not None:
+                tensor.copy_(tensor[index.to(tensor.device)])
+        return
+    conv = module.primary_conv if isinstance(module, GhostModule) else module
+    conv.weight.copy_(conv.weight[:, index.to(conv.weight.device)])
 
 
-def _per_channel(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules[node.target], _PER_CHANNEL)
-    if node.op == "call_function":
-        return node.target in _PER_CHANNEL_FUNCTIONS
-    return node.op == "call_method" and node.target in _PER_CHANNEL_METHODS
+def _permute_output(conv: nn.Conv2d, order: torch.Tensor) -> None:
+    for tensor in (conv.weight, conv.bias):
+        if tensor is not None:
+            tensor.copy_(tensor[order.to(tensor.device)])
 
 
-def _fold_targets(source: fx.Node, modules: Dict[str, nn.Module], runs: Dict[int, int]) -> Optional[List[nn.Module]]:
-    """Modules whose channels can absorb a permutation of ``source``'s output, or None."""
-    found: List[nn.Module] = []
-    for user in source.users:
-        module = modules.get(user.target) if user.op == "call_module" else None
-        if not _only_input(user, source) or (module is not None and runs[id(module)] != 1 and
-                                               not isinstance(module, _PER_CHANNEL)):
+def _describe(node: fx.Node) -> str:
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"{node.op} {target}" if node.op != "call_module" else f"module {target}"
+
+
+class _Walker:
+    """One pass over the traced graph, giving each tensor-valued node a ``Layout``."""
+
+    def __init__(self, gm: fx.GraphModule, names: Sequence[str]) -> None:
+        self.modules = dict(gm.named_modules())
+        self.names = set(names)
+        self.runs: Dict[int, int] = {}
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                key = id(self.modules[node.target])
+                self.runs[key] = self.runs.get(key, 0) + 1
+        self.layouts: Dict[fx.Node, Layout] = {}
+        self.roots: Dict[str, Space] = {}
+        self.uses: List[Tuple[str, nn.Module, Layout]] = []
+        self.per_channel_functions = _PER_CHANNEL_FUNCTIONS | _per_channel_extras()
+
+    def fresh(self, node: fx.Node, blocked: Optional[str]) -> Layout:
+        return Layout((Space(_shape(node)[1], blocked),))
+
+    def inputs(self, node: fx.Node) -> List[fx.Node]:
+        return [arg for arg in node.all_input_nodes if arg in self.layouts]
+
+    def block_inputs(self, node: fx.Node, reason: Optional[str] = None) -> None:
+        for arg in self.inputs(node):
+            self.layouts[arg].block(reason or f"read by {_describe(node)}")
+
+    def visit(self, node: fx.Node) -> None:
+        shape = _shape(node)
+        if node.op == "output":
+            self.block_inputs(node, "reaches the model's output")
+            return
+        if shape is None or len(shape) < 2:
+            harmless = node.op == "call_method" and node.target in _HARMLESS_METHODS or node.target is getattr
+            if not harmless:
+                self.block_inputs(node)
+            return
+        if node.op in ("placeholder", "get_attr"):
+            self.layouts[node] = self.fresh(node, "the model's input" if node.op == "placeholder" else "a constant")
+            return
+        layout = self.module_rule(node) if node.op == "call_module" else self.function_rule(node)
+        if layout is None:
+            self.block_inputs(node)
+            layout = self.fresh(node, f"made by {_describe(node)}")
+        self.layouts[node] = layout
+
+    def first(self, node: fx.Node) -> Optional[Layout]:
+        arg = node.args[0] if node.args else None
+        if not isinstance(arg, fx.Node) or arg not in self.layouts:
+            return None
+        others = [a for a in node.all_input_nodes if a is not arg and a in self.layouts]
+        return None if others else self.layouts[arg]
+
+    def module_rule(self, node: fx.Node) -> Optional[Layout]:
+        module = self.modules[node.target]
+        layout, once = self.first(node), self.runs[id(module)] == 1
+        if layout is None:
             return None
         if isinstance(module, GhostModule) or (type(module) is nn.Conv2d and module.groups == 1):
-            found.append(module)
-            continue
-        if isinstance(module, nn.BatchNorm2d):
-            found.append(module)
-        elif not _per_channel(user, modules):
-            return None
-        more = _fold_targets(user, modules, runs)
-        if more is None:
-            return None
-        found += more
-    return found
-
-
-def consumers(model: nn.Module, names: List[str]) -> Dict[str, Consumers]:
-    """Readers of each named Ghost module of ``model``; plain ``Consumers()`` when the model does not trace."""
-    try:
-        graph = fx.GraphModule(model, GhostLeafTracer().trace(model)).graph
-    except Exception:  # noqa: BLE001 - untraceable Python: every layer keeps its gather
-        return {name: Consumers() for name in names}
-    modules = dict(model.named_modules(remove_duplicate=False))
-    runs: Dict[int, int] = {}
-    nodes: Dict[str, List[fx.Node]] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            runs[id(modules[node.target])] = runs.get(id(modules[node.target]), 0) + 1
-            nodes.setdefault(node.target, []).append(node)
-    found = {}
-    for name in names:
-        calls = [n for target, group in nodes.items() if modules[target] is modules[name] for n in group]
-        if len(calls) != 1:
-            found[name] = Consumers()
-            continue
-        users = list(calls[0].users)
-        first = modules.get(users[0].target) if len(users) == 1 and users[0].op == "call_module" else None
-        bn = first if isinstance(first, nn.BatchNorm2d) and runs[id(first)] == 1 else None
-        found[name] = Consumers(bn, _fold_targets(calls[0], modules, runs))
-    return found
-
-
-def fold(ghost: GhostModule, order: torch.Tensor, targets: List[nn.Module]) -> None:
-    """Drop ``ghost``'s gather: its output ``j`` is original channel ``order[j]``; permute the readers to match."""
-    with torch.no_grad():
-        for module in targets:
-            if isinstance(module, nn.BatchNorm2d):
-                for tensor in (module.weight, module.bias, module.running_mean, module.running_var):
-                    if tensor is not None:
-                        tensor.copy_(tensor[order])
+            if not once:
+                return None
+            self.uses.append(("reader", module, layout))
+            out = self.fresh(node, None)
+            space = out.spaces[0]
+            if isinstance(module, GhostModule):
+                if node.target in self.names:
+                    space.members.append(node.target)
+                    self.roots[node.target] = space
+                else:
+                    space.blocked = f"made by {_describe(node)}"
             else:
-                conv = module.primary_conv if isinstance(module, GhostModule) else module
-                conv.weight.copy_(conv.weight[:, order])
-    ghost.set_out_index(None)
+                space.writers.append(module)
+            return out
+        depthwise = type(module) is nn.Conv2d and module.groups == module.in_channels == module.out_channels
+        if isinstance(module, nn.Conv2d) and module.groups > 1 and not depthwise:
+            layout.block(f"read by grouped conv {node.target} (groups={module.groups}), which mixes channels "
+                         "within fixed groups")
+            return None
+        if depthwise or isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if not once or layout.repeat != 1:
+                return None
+            self.uses.append(("per_channel", module, layout))
+            return layout
+        if isinstance(module, _PER_CHANNEL):
+            return layout
+        if isinstance(module, nn.Flatten):
+            return self.reshaped(node, layout)
+        if isinstance(module, nn.Linear) and len(_shape(node.args[0])) == 2 and once:
+            self.uses.append(("linear", module, layout))
+            return self.fresh(node, f"made by {_describe(node)}")
+        return None
+
+    def function_rule(self, node: fx.Node) -> Optional[Layout]:
+        target, method = node.target, node.op == "call_method"
+        if (method and target in _ELEMENTWISE_METHODS) or (not method and target in _ELEMENTWISE):
+            return self.elementwise(node)
+        if not method and target is torch.cat:
+            return self.concatenated(node)
+        layout = self.first(node)
+        if layout is None:
+            return None
+        if (method and target in _PER_CHANNEL_METHODS) or (not method and target in self.per_channel_functions):
+            return layout
+        if (method and target in _RESHAPE_METHODS) or (not method and target in _RESHAPES):
+            return self.reshaped(node, layout)
+        return None
+
+    def reshaped(self, node: fx.Node, layout: Layout) -> Optional[Layout]:
+        """A flatten of ``(N, C, H, W)`` to ``(N, C*H*W)`` keeps channels in runs of ``H*W``; a no-op reshape
+        keeps the layout; anything else mixes channels."""
+        before, after = _shape(node.all_input_nodes[0]), _shape(node)
+        if tuple(before) == tuple(after):
+            return layout
+        if len(before) == 4 and len(after) == 2 and after[1] == before[1] * before[2] * before[3]:
+            return Layout(layout.spaces, layout.repeat * before[2] * before[3])
+        return None
+
+    def elementwise(self, node: fx.Node) -> Optional[Layout]:
+        """Operands with the full channel count share their order; broadcast operands (one channel) do not."""
+        shape = _shape(node)
+        full = []
+        for arg in self.inputs(node):
+            other = _shape(arg)
+            channel = len(other) - len(shape) + 1  # operands broadcast from the right
+            if len(other) == len(shape) and other[1] == shape[1] and shape[1] > 1:
+                full.append(self.layouts[arg])
+            elif channel >= 0 and other[channel] != 1:
+                return None
+        if not full:
+            return self.fresh(node, f"made by {_describe(node)}")
+        for other in full[1:]:
+            if other.repeat != full[0].repeat or [s.size for s in other.spaces] != [s.size for s in full[0].spaces]:
+                return None
+            for a, b in zip(full[0].spaces, other.spaces):
+                _union(a, b)
+        return full[0]
+
+    def concatenated(self, node: fx.Node) -> Optional[Layout]:
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if not isinstance(tensors, (list, tuple)) or not all(t in self.layouts for t in tensors):
+            return None
+        if dim not in (1, 1 - len(_shape(node))):
+            return None
+        parts = [self.layouts[t] for t in tensors]
+        if any(part.repeat != 1 for part in parts):
+            return None
+        return Layout(tuple(space for part in parts for space in part.spaces))
+
+
+def _shape(node) -> Optional[Tuple[int, ...]]:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    shape = getattr(meta, "shape", None)
+    return tuple(shape) if shape is not None else None
+
+
+def couple(model: nn.Module, names: Sequence[str], example_inputs: Sequence[torch.Tensor]) -> Coupling:
+    """Group the converted layers ``names`` of ``model`` by the tensors they write into (see module docstring).
+
+    The model is traced with its Ghost modules as leaves and run once on ``example_inputs`` for shapes; a
+    model that does not trace gets one gathered group per layer.
+    """
+    try:
+        gm = fx.GraphModule(model, GhostLeafTracer().trace(model))
+        with evaluating(gm):
+            ShapeProp(gm).propagate(*example_inputs)
+    except Exception:  # noqa: BLE001 - untraceable Python: every layer keeps its gather
+        return Coupling.isolated(names, "the model does not trace with torch.fx")
+    walker = _Walker(gm, names)
+    for node in gm.graph.nodes:
+        walker.visit(node)
+    groups: Dict[int, Group] = {}
+    for name in names:
+        root = walker.roots[name].root() if name in walker.roots else None
+        if root is None:
+            groups[id(name)] = Group([name], "runs more than once")
+            continue
+        group = groups.setdefault(id(root), Group(list(root.members), root.blocked))
+        walker.roots[name] = root
+    bn = {name: _following_bn(gm, walker, name) for name in names}
+    return Coupling(list(groups.values()), bn, walker.uses, walker.roots)
+
+
+def _following_bn(gm: fx.GraphModule, walker: _Walker, name: str) -> Optional[nn.BatchNorm2d]:
+    calls = [node for node in gm.graph.nodes if node.op == "call_module" and node.target == name]
+    if len(calls) != 1 or len(calls[0].users) != 1:
+        return None
+    (user,) = calls[0].users
+    module = walker.modules.get(user.target) if user.op == "call_module" else None
+    if isinstance(module, nn.BatchNorm2d) and walker.runs[id(module)] == 1:
+        return module
+    return None

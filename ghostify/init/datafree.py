@@ -9,13 +9,13 @@ in the following batch norm's running mean; with a batch norm there, each ghost'
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..module import GhostModule
-from .fit import Choice, choose, filter_pairing, solve
+from .fit import Choice, Pairing, filter_pairing, solve
 
 VARIANCE_FLOOR = 1e-4
 
@@ -55,12 +55,17 @@ def write(ghost: GhostModule, choice: Choice, primary: torch.Tensor, cheap: torc
     ghost.set_out_index(choice.out_index())
 
 
-def copy_layer(conv: nn.Conv2d, ghost: GhostModule, bn: Optional[nn.BatchNorm2d]) -> Choice:
-    """Initialise ``ghost`` from ``conv``'s filters; returns the channel choice made."""
+def filter_problem(conv: nn.Conv2d, ghost: GhostModule, bn: Optional[nn.BatchNorm2d]) -> Tuple[Pairing, torch.Tensor]:
+    """The data-free ghost problem of ``conv`` (``fit.filter_pairing``) and its primary filters."""
+    return filter_pairing(conv.weight.detach().cpu(), ghost.primary_conv.kernel_size, conv.dilation, conv.stride,
+                          ghost.d, bn_gain(bn, conv.out_channels))
+
+
+def copy_layer(conv: nn.Conv2d, ghost: GhostModule, bn: Optional[nn.BatchNorm2d],
+               problem: Tuple[Pairing, torch.Tensor], choice: Choice) -> None:
+    """Initialise ``ghost`` from ``conv``'s filters with the given channel ``choice`` (``fit.choose``)."""
     weight = conv.weight.detach()
-    pairing, primary = filter_pairing(weight.cpu(), ghost.primary_conv.kernel_size, conv.dilation, conv.stride,
-                                      ghost.d, bn_gain(bn, conv.out_channels))
-    choice = choose(pairing, ghost.s)
+    pairing, primary = problem
     source = choice.intrinsic[choice.owner]
     h = solve(pairing.cross[source, choice.ghost], pairing.gram[source])
     if bn is not None:
@@ -72,7 +77,6 @@ def copy_layer(conv: nn.Conv2d, ghost: GhostModule, bn: Optional[nn.BatchNorm2d]
         offsets[choice.ghost] = reference[choice.ghost] - h.sum(1) * reference[source]
     bias = conv.bias.detach()[choice.intrinsic.to(weight.device)] if conv.bias is not None else None
     write(ghost, choice, primary[choice.intrinsic].to(weight.device), pairing.kernels(h, ghost.d), offsets, bn, bias)
-    return choice
 
 
 def _match_variance(h: torch.Tensor, gram: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:

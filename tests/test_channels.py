@@ -1,0 +1,145 @@
+"""Coupled channels: converted layers leave no output gather where the layers around them can absorb the channel
+order; layers writing into one tensor share one choice; the outputs are those of the gathered model."""
+
+import pytest
+import torch
+import torchvision
+from torch import fx, nn
+
+import ghostify
+from ghostify.init import channels
+
+
+def _gathered(model: nn.Module, **kwargs) -> nn.Module:
+    """The same conversion with every layer keeping its output gather (nothing absorbed by its neighbours)."""
+    apply = channels.Coupling.apply
+    channels.Coupling.apply = lambda self, orders, ghosts: None
+    try:
+        return ghostify.convert(model, **kwargs)
+    finally:
+        channels.Coupling.apply = apply
+
+
+def _settled(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Batch-norm statistics of the model's own activations, and non-trivial affine parameters; eval mode."""
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = None
+            module.weight.data.uniform_(0.5, 1.5, generator=generator)
+            module.bias.data.uniform_(-0.5, 0.5, generator=generator)
+    with torch.no_grad():
+        model.train()(x)
+    return model.eval()
+
+
+def _scaled_copies(n: int, c: int, order: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``n`` 3x3 filters in which channel ``order[n//2 + j]`` is a scaled copy of channel ``order[j]``."""
+    base = torch.randn(n // 2, c, 3, 3, generator=generator)
+    weight = torch.cat([base, torch.randn(n // 2, 1, 1, 1, generator=generator) * base])
+    return weight[order.argsort()]
+
+
+class Stage(nn.Module):
+    """Three residual blocks writing into one stream, the last read by a linear classifier."""
+
+    def __init__(self, n: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, n, 3, padding=1, bias=False)
+        self.convs = nn.ModuleList(nn.Conv2d(n, n, 3, padding=1, bias=False) for _ in range(3))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(n) for _ in range(4))
+        self.fc = nn.Linear(n * 4, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bns[0](self.stem(x)))
+        for conv, bn in zip(self.convs, self.bns[1:]):
+            x = torch.relu(x + bn(conv(x)))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 2), 1))
+
+
+def test_writers_of_one_stream_share_one_choice_and_stay_exact():
+    """Every writer has the same ghost structure under one channel order, which only a shared choice can keep
+    exact; the stream's channels are then stored in that order, read by the next convs and the classifier."""
+    generator = torch.Generator().manual_seed(0)
+    model = Stage()
+    order = torch.randperm(8, generator=generator)
+    for conv in model.convs:
+        conv.weight.data.copy_(_scaled_copies(8, 8, order, generator))
+    x = torch.randn(16, 3, 10, 10, generator=generator)
+    model = _settled(model, x)
+    ghost = ghostify.convert(model, s=2, d=1, example_inputs=x[:2])
+    rows = ghost.ghostify_result.replaced
+    assert [row.name for row in rows] == ["convs.0", "convs.1", "convs.2"]
+    assert not any(row.gather for row in rows)
+    assert max(row.error for row in rows) < 1e-10
+    with torch.no_grad():
+        assert torch.allclose(ghost(x), model(x), atol=1e-4)
+    assert not torch.equal(ghost.fc.weight, model.fc.weight)  # the classifier reads the stream's new order
+    assert not torch.equal(ghost.stem.weight, model.stem.weight)  # the stem writes into the stream in it
+
+
+def test_output_layer_keeps_its_gather_with_the_reason_and_round_trips(tmp_path):
+    model = _settled(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3)),
+                     torch.randn(8, 3, 12, 12))
+    x = torch.randn(2, 3, 12, 12)
+    ghost = ghostify.convert(model, include_stem=True, example_inputs=x).eval()
+    first, last = ghost.ghostify_result.replaced
+    assert (first.gather, first.gather_reason) == (False, None)
+    assert last.gather and last.gather_reason == "reaches the model's output"
+    assert "+gather" in ghostify.report(model, ghost, (x,)).layers[1].replacement
+    ghostify.save(ghost, tmp_path / "g.pt")
+    loaded = ghostify.load(tmp_path / "g.pt", model=model).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), ghost(x))
+
+
+class Sliced(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3), nn.Conv2d(4, 4, 3)
+
+    def forward(self, x):
+        return self.conv2(self.conv1(x)[:, :4]).sum()
+
+
+def test_op_that_mixes_channels_keeps_the_gather():
+    ghost = ghostify.convert(Sliced(), include="conv1", include_stem=True, example_inputs=torch.randn(1, 3, 9, 9))
+    (row,) = ghost.ghostify_result.replaced
+    assert row.gather and "getitem" in row.gather_reason
+
+
+def test_coupled_layers_with_different_s_keep_gathers():
+    model = _settled(Stage(), torch.randn(8, 3, 10, 10))
+    ghost = ghostify.convert(model, s={"convs.1": 4, "*": 2}, d=1, example_inputs=torch.randn(1, 3, 10, 10))
+    reasons = {row.name: row.gather_reason for row in ghost.ghostify_result.replaced}
+    assert all(reason and "other s (2, 4)" in reason for reason in reasons.values()), reasons
+
+
+FAMILIES = ["resnet18", "resnet50", "vgg16", "densenet121", "mobilenet_v2", "efficientnet_b0", "mobilenet_v3_small"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_torchvision_model_has_no_gather_and_matches_the_gathered_model(name):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    model = _settled(torchvision.models.get_model(name), torch.randn(4, 3, 64, 64))
+    ghost = ghostify.convert(model, s=2, example_inputs=x[:1]).eval()
+    kept = [(row.name, row.gather_reason) for row in ghost.ghostify_result.replaced if row.gather]
+    assert not kept
+    reference = _gathered(model, s=2, example_inputs=x[:1]).eval()
+    assert sum(row.gather for row in reference.ghostify_result.replaced) > 0  # there was an order to absorb
+    deployed = ghostify.deploy(ghost)
+    assert isinstance(deployed, fx.GraphModule)
+    assert all(getattr(module, "out_index", None) is None for module in deployed.modules())
+    with torch.no_grad():
+        expected = reference(x)
+        assert torch.allclose(ghost(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
+        assert torch.allclose(deployed(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
+
+
+def test_layers_read_by_grouped_convs_keep_gathers_with_the_reason():
+    model = torchvision.models.regnet_x_400mf().eval()
+    ghost = ghostify.convert(model, s=2, example_inputs=torch.randn(1, 3, 64, 64))
+    reasons = {row.name: row.gather_reason for row in ghost.ghostify_result.replaced}
+    assert "grouped conv trunk_output.block1.block1-0.f.b.0 (groups=" in reasons["trunk_output.block1.block1-0.f.a.0"]
+    assert reasons["trunk_output.block1.block1-0.proj.0"] is None  # the stream's writers and readers are not grouped
