@@ -106,14 +106,24 @@ def arithmetic(model: nn.Module, x: torch.Tensor, s: Optional[int], d: int = 3, 
     becomes ``m`` intrinsic maps (``c * m * k * k`` weights) plus ``m * (s - 1)`` depthwise ``d x d`` ghosts,
     each costing its weights times ``H * W``. ``intrinsic="ceil"`` takes ``m = ceil(n / s)`` (the authors'
     code and ghostify; surplus ghosts are computed, then dropped), ``"exact"`` takes ``m = n / s`` (Eq. 4-5).
-    ``s=None`` counts the network as it is. The stem is the conv that reads the input tensor itself.
+    ``s=None`` counts the network as it is. The stem is the conv that reads the input tensor itself. A batch
+    norm that reads a conv's output is taken into the Ghost module, as norms after both of its convs (``m * s``
+    channels, as in the authors' code).
     """
     calls: List[Tuple[nn.Module, bool, torch.Size]] = []
+    normed: set = set()
+    outputs = {}
 
     def hook(module, inputs, output):
+        if isinstance(module, nn.BatchNorm2d):
+            if id(inputs[0]) in outputs:
+                normed.add(outputs[id(inputs[0])])
+            return
         calls.append((module, inputs[0] is x, output.shape))
+        outputs[id(output)] = module
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    kinds = (nn.Conv2d, nn.Linear, nn.BatchNorm2d)
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
     try:
         with torch.no_grad():
             model(x)
@@ -137,7 +147,8 @@ def arithmetic(model: nn.Module, x: torch.Tensor, s: Optional[int], d: int = 3, 
         if module not in replaced:  # a conv called twice is one set of weights
             replaced.add(module)
             bias = 0 if module.bias is None else m * s - n  # primary and cheap convs both carry a bias
-            params += c * m * kh * kw + m * (s - 1) * d * d - module.weight.numel() + bias
+            norm = 2 * (m * s - n) if module in normed else 0  # weight and bias of the surplus ghosts' norm
+            params += c * m * kh * kw + m * (s - 1) * d * d - module.weight.numel() + bias + norm
     return params, flops
 
 

@@ -184,6 +184,18 @@ def _fold_sequentials(model: nn.Module, result: DeployResult, fold_ghosts: bool)
             result.folded.append(f"{name}.{second} -> {name}.{first}".replace(" .", " ").lstrip("."))
 
 
+def _drop_identities(gm: fx.GraphModule) -> None:
+    """Remove ``nn.Identity`` calls (where norms taken into Ghost modules were)."""
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and type(modules[node.target]) is nn.Identity and len(node.args) == 1:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+
+
 def deploy(model: nn.Module, *, runtime: str = "torch") -> nn.Module:
     """Return an inference-only copy of ``model`` with BNs folded and Ghost modules in their fast form.
 
@@ -225,9 +237,11 @@ def deploy(model: nn.Module, *, runtime: str = "torch") -> nn.Module:
         deployed, result = fx.GraphModule(copied, graph, class_name=type(model).__name__), DeployResult("fx")
         _fold_graph(deployed, result, fold_ghosts=runtime == "torch")
     for name, module in list(deployed.named_modules()):
-        if isinstance(module, GhostModule) and runtime == "torch":
+        if isinstance(module, GhostModule) and (runtime == "torch" or module.inner_norms is not None):
             set_module(deployed, name, DeployedGhost.deploy(module))
             result.ghosts.append(name)
+    if isinstance(deployed, fx.GraphModule):
+        _drop_identities(deployed)
     if runtime == "torch":
         deployed = deployed.to(memory_format=torch.channels_last)
         result.memory_format = "channels_last"

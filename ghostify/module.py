@@ -153,6 +153,14 @@ class GhostModule(nn.Module):
         """The depthwise convolution that makes the ghost maps."""
         return self.cheap[0]
 
+    @property
+    def inner_norms(self) -> Optional[Tuple[nn.Module, nn.Module]]:
+        """The norms after the primary conv and after the cheap operation, when the module has them."""
+        norm = nn.modules.batchnorm._NormBase
+        if len(self.primary) > 1 and isinstance(self.primary[1], norm) and isinstance(self.cheap[1], norm):
+            return self.primary[1], self.cheap[1]
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         intrinsic = self.primary(x)
         ghosts = self.cheap(intrinsic)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import warnings
+from functools import partial
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -39,6 +40,7 @@ class Replaced:
     output_shape: Optional[Tuple[int, ...]] = None
     aliases: List[str] = field(default_factory=list)
     calls: int = 1
+    norm: Optional[str] = None
     gather: bool = False
     gather_reason: Optional[str] = None
     error: Optional[float] = None
@@ -67,8 +69,8 @@ class ConversionResult:
 
     def plan(self) -> List[Dict[str, Any]]:
         """The per-layer settings that rebuild the converted architecture from the original one."""
-        return [{"name": r.name, "s": r.s, "d": r.d, "primary_kernel": list(r.primary_kernel), "gather": r.gather}
-                for r in self.replaced]
+        return [{"name": r.name, "s": r.s, "d": r.d, "primary_kernel": list(r.primary_kernel), "norm": r.norm,
+                 "gather": r.gather} for r in self.replaced]
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -173,7 +175,8 @@ def _choose(site: ConvSite, opts: Dict[str, Any]) -> Union[Replaced, Skipped]:
     if reason is not None:
         return Skipped(site.name, type(site.module).__name__, reason)
     return Replaced(site.name, s, d, kernel, conv.in_channels, conv.out_channels, tuple(conv.kernel_size),
-                    tuple(conv.stride), site.input_shape, site.output_shape, site.aliases, site.calls)
+                    tuple(conv.stride), site.input_shape, site.output_shape, site.aliases, site.calls,
+                    site.norm if opts["absorb_norm"] else None)
 
 
 def _warn_unmatched(opts: Dict[str, Any], names: List[str]) -> None:
@@ -198,6 +201,10 @@ def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 def apply_plan(model: nn.Module, plan: Iterable[Mapping[str, Any]]) -> List[Tuple[str, nn.Conv2d, GhostModule]]:
     """Swap each planned Conv2d of ``model`` (in place) for a fresh ``GhostModule`` at all its paths.
 
+    A planned ``norm`` (the batch norm that alone reads the conv) is taken into the Ghost module, which then
+    normalises its intrinsic maps before the cheap operation reads them (the GhostNet form, which folds
+    exactly at deploy time); the norm's own paths become ``nn.Identity``.
+
     Returns:
         (name, original conv, new Ghost module) for every swapped layer.
 
@@ -216,14 +223,34 @@ def apply_plan(model: nn.Module, plan: Iterable[Mapping[str, Any]]) -> List[Tupl
             raise ValueError(f"the model has no layer {name!r}; is it the architecture that was converted?") from None
         if type(conv) is not nn.Conv2d:
             raise ValueError(f"layer {name!r} is a {type(conv).__name__}, not the Conv2d that was converted")
-        ghost = GhostModule.from_conv(conv, s=entry["s"], d=entry["d"], primary_kernel=tuple(entry["primary_kernel"]))
+        norm = _planned_norm(model, entry.get("norm"), name)
+        inner = {} if norm is None else {"inner_bn": True, "norm_layer": partial(
+            nn.BatchNorm2d, eps=norm.eps, momentum=norm.momentum)}
+        ghost = GhostModule.from_conv(conv, s=entry["s"], d=entry["d"], primary_kernel=tuple(entry["primary_kernel"]),
+                                      **inner)
         ghost.train(conv.training)
         if entry.get("gather", False):
             ghost.set_out_index(torch.arange(ghost.out_channels))
         for path in aliases[id(conv)]:
             set_module(model, path, ghost)
+        for path in aliases[id(norm)] if norm is not None else ():
+            set_module(model, path, nn.Identity())
         swapped.append((name, conv, ghost))
     return swapped
+
+
+def _planned_norm(model: nn.Module, path: Optional[str], name: str) -> Optional[nn.BatchNorm2d]:
+    if path is None:
+        return None
+    try:
+        norm = model.get_submodule(path)
+    except AttributeError:
+        norm = None
+    if type(norm) is not nn.BatchNorm2d:
+        raise ValueError(f"layer {name!r} takes in the batch norm {path!r}, but the model has "
+                         f"{type(norm).__name__ if norm is not None else 'nothing'} there; "
+                         "is it the architecture that was converted?")
+    return norm
 
 
 def convert(
@@ -239,6 +266,7 @@ def convert(
     init: str = "copy",
     calibration_data: Any = None,
     calibration_samples: int = 256,
+    absorb_norm: bool = True,
 ) -> nn.Module:
     """Return a copy of ``model`` with its dense Conv2d layers replaced by Ghost modules.
 
@@ -256,6 +284,9 @@ def convert(
         calibration_data: for ``"calibrate"``: an ``(N, C, H, W)`` tensor, or an iterable of batches or of
             (inputs, targets) pairs; by default ``example_inputs`` is its first input.
         calibration_samples: how many calibration inputs to use at most.
+        absorb_norm: take the batch norm that alone reads a conv into its Ghost module (the GhostNet form:
+            the cheap operation reads normalised maps), so that deploy folds it into the two convs exactly;
+            False keeps the norm after a linear Ghost module.
 
     Returns:
         The converted model, with ``ghostify_result`` (a ``ConversionResult``) listing what was replaced
@@ -279,7 +310,7 @@ def convert(
     _validate(s, check_ratio, "s")
     _validate(d, check_cheap_kernel, "d")
     _validate(primary_kernel, _check_kernel, "primary_kernel")
-    opts = {"s": s, "d": d, "primary_kernel": primary_kernel, "include_stem": include_stem,
+    opts = {"s": s, "d": d, "primary_kernel": primary_kernel, "include_stem": include_stem, "absorb_norm": absorb_norm,
             "include": _patterns(include, "include"), "exclude": _patterns(exclude, "exclude")}
     inputs = _example_inputs(example_inputs)
 

@@ -35,6 +35,7 @@ class ConvSite:
     input_shape: Optional[Tuple[int, ...]] = None
     output_shape: Optional[Tuple[int, ...]] = None
     is_stem: bool = False
+    norm: Optional[str] = None
 
 
 @dataclass
@@ -127,6 +128,27 @@ def _fx_stems_and_functional(graph_module: fx.GraphModule, conv_names: set) -> T
     return stems - not_stems, functional
 
 
+def _sole_norms(graph_module: fx.GraphModule) -> Dict[str, str]:
+    """For each conv module run once, the ``BatchNorm2d`` (run once, with running statistics) that is the only
+    reader of its output: the pair a Ghost module can take in whole."""
+    modules = dict(graph_module.named_modules())
+    runs: Dict[str, int] = {}
+    for node in graph_module.graph.nodes:
+        if node.op == "call_module":
+            runs[node.target] = runs.get(node.target, 0) + 1
+    found = {}
+    for node in graph_module.graph.nodes:
+        conv = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(conv, nn.Conv2d) or runs[node.target] != 1 or len(node.users) != 1:
+            continue
+        (user,) = node.users
+        norm = modules.get(user.target) if user.op == "call_module" else None
+        if (type(norm) is nn.BatchNorm2d and runs[user.target] == 1 and norm.running_mean is not None
+                and norm.num_features == conv.out_channels):
+            found[node.target] = user.target
+    return found
+
+
 def analyse(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Analysis:
     """Run ``model`` once on ``inputs`` (eval mode, no grad) and describe its convolutions.
 
@@ -151,7 +173,9 @@ def analyse(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Analysis:
     else:
         method = "fx"
         stems, functional = _fx_stems_and_functional(graph_module, {site.name for site in sites.values()})
+        norms = _sole_norms(graph_module)
         for site in order:
             site.is_stem = site.name in stems
+            site.norm = norms.get(site.name)
     unused = [site for site in sites.values() if site.calls == 0]
     return Analysis(method, order + unused, functional)

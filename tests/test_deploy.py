@@ -45,13 +45,40 @@ def test_deploy_torchvision_models_keep_outputs(name, s, d, runtime):
     assert_same_outputs(ghost, deployed)
 
 
-def test_deploy_folds_every_ghost_norm_in_resnet():
-    ghost = with_random_statistics(ghostify.convert(torchvision.models.resnet18(), example_inputs=SMALL[:1]))
+@pytest.mark.parametrize("absorb_norm", [True, False])
+def test_deploy_folds_every_ghost_norm_in_resnet(absorb_norm):
+    ghost = with_random_statistics(ghostify.convert(torchvision.models.resnet18(), example_inputs=SMALL[:1],
+                                                    absorb_norm=absorb_norm))
     deployed = ghostify.deploy(ghost)
     replaced = len(ghost.ghostify_result.replaced)
-    assert len(deployed.ghostify_deploy.ghosts) == replaced
-    assert sum(isinstance(m, DeployedGhost) and m.folded_norm for m in deployed.modules()) == replaced
+    deployed_ghosts = [m for m in deployed.modules() if isinstance(m, DeployedGhost)]
+    assert len(deployed.ghostify_deploy.ghosts) == len(deployed_ghosts) == replaced
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())
+    # the GhostNet form folds into its two convs; the linear form needs an affine on the intrinsic maps
+    assert all(m.folded_norm != absorb_norm and (m.scale is None) == absorb_norm for m in deployed_ghosts)
     assert deployed.ghostify_deploy.memory_format == "channels_last"
+    assert_same_outputs(ghost, deployed)
+
+
+# one model per torchvision family with dense convs to convert, each with another (s, d)
+FORM_CASES = [("alexnet", 2, 1), ("vgg11_bn", 3, 3), ("resnet50", 4, 5), ("resnext50_32x4d", 5, 7),
+              ("densenet121", 2, 7), ("googlenet", 3, 1), ("mobilenet_v2", 4, 3), ("mnasnet0_5", 5, 5),
+              ("efficientnet_b0", 2, 5), ("shufflenet_v2_x0_5", 3, 7), ("squeezenet1_1", 4, 1),
+              ("regnet_y_400mf", 5, 3), ("inception_v3", 2, 3)]
+
+
+@pytest.mark.parametrize("name, s, d", FORM_CASES)
+def test_ghost_form_deploys_to_the_converted_models_outputs(name, s, d):
+    """Norms (and ReLUs) taken into the Ghost modules fold into their two convs: no norm or affine remains."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 96, 96) if name == "inception_v3" else SMALL
+    original = torchvision.models.get_model(name)
+    ghost = with_random_statistics(ghostify.convert(original, s=s, d=d, example_inputs=x[:1]))
+    has_norms = any(isinstance(m, nn.BatchNorm2d) for m in original.modules())
+    assert any(row.norm for row in ghost.ghostify_result.replaced) == has_norms  # AlexNet, SqueezeNet have none
+    deployed = ghostify.deploy(ghost)
+    assert all(m.scale is None for m in deployed.modules() if isinstance(m, DeployedGhost))
+    assert_same_outputs(ghost, deployed, x)
 
 
 def test_deploy_trimmed_ghost_module_and_original_model():

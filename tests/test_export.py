@@ -89,3 +89,16 @@ def test_cli_bench_json(tmp_path):
 def test_cli_bench_bad_runtime_is_one_line():
     result = CliRunner().invoke(main, ["bench", "resnet18", "--runtime", "tvm"])
     assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_onnx_of_converted_resnet50_is_only_convs_concats_and_the_originals_ops(tmp_path):
+    """Copy-initialised ResNet-50 at s=2: no gather, no slice, no batch norm left for onnxruntime to run."""
+    import onnx
+
+    model = ghostify.convert(build({"kind": "torchvision", "name": "resnet50"}), s=2,
+                             example_inputs=torch.randn(1, *SIZE)).eval()
+    result = ghostify.export(model, tmp_path / "g.onnx", "onnx", input_size=SIZE)
+    ops = {node.op_type for node in onnx.load(tmp_path / "g.onnx").graph.node}
+    assert not ops & {"Slice", "Gather", "BatchNormalization", "Mul"}, ops
+    assert {"Conv", "Concat"} <= ops
+    assert result.max_abs_diff < 1e-3

@@ -185,3 +185,33 @@ def test_rewrite_leaves_existing_ghost_modules_alone():
     ghost = ghostify.convert(model, example_inputs=torch.randn(1, 3, 8, 8))
     assert _replaced(ghost) == ["2"]
     assert _reasons(ghost)["1.primary.0"] == "already part of a Ghost module"
+
+
+def test_rewrite_takes_in_the_following_norm():
+    """conv -> BN becomes one Ghost module in the GhostNet form (its cheap op reads normalised maps); the BN's
+    paths become Identity; a BN that is not the conv's only reader stays."""
+    model = torchvision.models.resnet18().eval()
+    ghost = ghostify.convert(model, example_inputs=torch.randn(1, 3, 64, 64)).eval()
+    rows = {row.name: row for row in ghost.ghostify_result.replaced}
+    assert rows["layer1.0.conv1"].norm == "layer1.0.bn1"
+    assert rows["layer2.0.downsample.0"].norm == "layer2.0.downsample.1"
+    assert type(ghost.layer1[0].bn1) is nn.Identity and type(ghost.layer2[0].downsample[1]) is nn.Identity
+    primary_norm, cheap_norm = ghost.layer1[0].conv1.inner_norms
+    assert primary_norm.eps == model.layer1[0].bn1.eps and cheap_norm.num_features == 32
+    linear = ghostify.convert(model, example_inputs=torch.randn(1, 3, 64, 64), absorb_norm=False)
+    assert linear.layer1[0].conv1.inner_norms is None and type(linear.layer1[0].bn1) is nn.BatchNorm2d
+
+
+class SharedOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.head(self.bn(y)) + y.mean()
+
+
+def test_rewrite_keeps_a_norm_that_is_not_the_only_reader():
+    ghost = ghostify.convert(SharedOutput(), include_stem=True, example_inputs=torch.randn(1, 3, 8, 8))
+    assert ghost.ghostify_result.replaced[0].norm is None and type(ghost.bn) is nn.BatchNorm2d

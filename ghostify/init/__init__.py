@@ -75,8 +75,10 @@ def initialise(
     coupling = couple(model, [name for name, _, _ in swapped], example_inputs)
     for group in coupling.groups:
         _blocked_by_ratio(group, rows)
-    bns = coupling.bn
-    means = {name: bn.running_mean.clone() for name, bn in bns.items() if bn is not None}
+    # the batch norm after each layer: the converted model's, or the original's when the Ghost module took it in
+    means = {name: bn.running_mean.clone() for name, bn in coupling.bn.items() if bn is not None}
+    bns = {name: original.get_submodule(rows[name].norm) if rows[name].norm else bn
+           for name, bn in coupling.bn.items()}
     items = {name: (conv, ghost) for name, conv, ghost in swapped}
     choices: Dict[str, Choice] = {}
     for group in coupling.groups:
@@ -94,8 +96,10 @@ def initialise(
                                  batches, shared))
     measured = [(batches[0],)] if init == "calibrate" else [tuple(example_inputs)]
     paths = {id(module): path for path, module in model.named_modules()}
-    measured_at = {name: paths[id(bns[name])] if bns[name] is not None else name for name, _, _ in swapped}
-    errors = layer_errors(original, model, list(measured_at.values()), measured)
+    measured_at = {name: paths[id(coupling.bn[name])] if coupling.bn[name] is not None else name
+                   for name, _, _ in swapped}  # after the batch norm, also when the Ghost module took it in
+    errors = layer_errors(original, model, {ours: rows[name].norm or ours for name, ours in measured_at.items()},
+                          measured)
     coupling.apply({name: choice.order for name, choice in choices.items()},
                    {name: ghost for name, _, ghost in swapped})
     for name, _, ghost in swapped:

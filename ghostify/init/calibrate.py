@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..module import GhostModule
-from .datafree import bn_gain, write
+from .datafree import bn_gain, bn_scale, write
 from .fit import Choice, Pairing, choose, restrict, solve
 from ..trace import evaluating
 
@@ -124,9 +124,10 @@ def fit_layer(conv: nn.Conv2d, ghost: GhostModule, bn: Optional[nn.BatchNorm2d],
               x: torch.Tensor, y: torch.Tensor, seed: int = 0, choice: Optional[Choice] = None) -> Tuple[Choice, float]:
     """Refit ``ghost`` so that, on input ``x``, it outputs ``conv``'s original outputs ``y``.
 
-    ``bn`` (the batch norm reading the layer, if any) gets back its original running ``mean`` before it
-    absorbs the new offsets. ``choice`` fixes the channel choice (a group's shared one); by default it is
-    chosen from ``y``.
+    ``bn`` is the batch norm reading the layer, if any: the original one when ``ghost`` has taken it in (its
+    inner norms get its statistics; ``y`` stays the conv's output), else the converted model's, which gets back
+    its original running ``mean`` before it absorbs the new offsets. ``choice`` fixes the channel choice (a
+    group's shared one); by default it is chosen from ``y``.
 
     Returns:
         The channel choice and the relative MSE of the fitted layer on ``x``.
@@ -136,19 +137,26 @@ def fit_layer(conv: nn.Conv2d, ghost: GhostModule, bn: Optional[nn.BatchNorm2d],
     if choice is None:
         choice = choose([map_pairing(ghost, y, bn_gain(bn, conv.out_channels), generator)], ghost.s)
     primary, intrinsic_offset = _fit_primary(conv, ghost, choice, x, y, offset, generator)
+    inner = ghost.inner_norms is not None
     with torch.no_grad():
         z = ghost.primary_conv._conv_forward(x, primary.to(x.dtype), None)
-        if ghost.primary_conv.bias is not None:  # else the offset goes to the batch norm, after the cheap op
+        if inner:  # the cheap op reads the normalised intrinsic maps
+            a, beta = (t[choice.intrinsic].to(z).view(1, -1, 1, 1) for t in bn_scale(bn))
+            mean = bn.running_mean[choice.intrinsic.to(z.device)].to(z).view(1, -1, 1, 1)
+            z = a * (z + intrinsic_offset.to(z).view(1, -1, 1, 1) - mean) + beta
+        elif ghost.primary_conv.bias is not None:  # else the offset goes to the batch norm, after the cheap op
             z = z + intrinsic_offset.to(z.dtype).view(1, -1, 1, 1)
     cheap, ghost_offset = _fit_cheap(ghost, choice, z, y, offset, generator)
     offsets = torch.zeros(conv.out_channels, dtype=torch.float64)
     offsets[choice.intrinsic], offsets[choice.ghost] = intrinsic_offset, ghost_offset
-    if bn is not None:
+    if bn is not None and not inner:
         bn.running_mean.copy_(mean)
-    primary_bias = torch.zeros(len(choice.intrinsic)) if conv.bias is not None else None
+    primary_bias = torch.zeros(len(choice.intrinsic)) if conv.bias is not None and not inner else None
     write(ghost, choice, primary.to(ghost.primary_conv.weight.dtype), cheap, offsets, bn, primary_bias)
     with torch.no_grad():
         out = ghost(x)
+        if inner:
+            y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
     return choice, ((out - y).square().sum() / y.square().sum().clamp_min(1e-30)).item()
 
 

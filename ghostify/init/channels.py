@@ -359,7 +359,7 @@ def couple(model: nn.Module, names: Sequence[str], example_inputs: Sequence[torc
         if root is None:
             groups[id(name)] = Group([name], "runs more than once")
             continue
-        group = groups.setdefault(id(root), Group(list(root.members), root.blocked))
+        groups.setdefault(id(root), Group(list(root.members), root.blocked))
         walker.roots[name] = root
     bn = {name: _following_bn(gm, walker, name) for name in names}
     return Coupling(list(groups.values()), bn, walker.uses, walker.roots)

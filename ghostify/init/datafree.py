@@ -28,16 +28,40 @@ def bn_gain(bn: Optional[nn.BatchNorm2d], n: int) -> torch.Tensor:
     return (gamma.square() / (bn.running_var.float() + bn.eps)).cpu()
 
 
+def bn_scale(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(a, beta)`` with ``bn(u) = a * (u - running_mean) + beta`` per channel, in float64 on the CPU."""
+    a = 1 / (bn.running_var.double().cpu() + bn.eps).sqrt()
+    if bn.weight is None:
+        return a, torch.zeros_like(a)
+    return a * bn.weight.detach().double().cpu(), bn.bias.detach().double().cpu()
+
+
+def _write_inner_norms(ghost: GhostModule, choice: Choice, offsets: torch.Tensor, bn: nn.BatchNorm2d) -> None:
+    """Each inner norm takes ``bn``'s statistics of the channels it makes, its running mean shifted so that the
+    module's pre-norm values plus ``offsets`` stand for the original pre-norm values."""
+    for inner, channels in zip(ghost.inner_norms, (choice.intrinsic, choice.ghost)):
+        inner.reset_parameters()
+        index = channels.to(bn.running_mean.device)
+        k = len(channels)
+        inner.running_mean[:k] = bn.running_mean[index] - offsets[channels].to(bn.running_mean)
+        inner.running_var[:k] = bn.running_var[index]
+        if bn.weight is not None:
+            inner.weight[:k], inner.bias[:k] = bn.weight[index], bn.bias[index]
+        inner.num_batches_tracked.copy_(bn.num_batches_tracked)
+
+
 def write(ghost: GhostModule, choice: Choice, primary: torch.Tensor, cheap: torch.Tensor,
           offsets: torch.Tensor, bn: Optional[nn.BatchNorm2d], primary_bias: Optional[torch.Tensor] = None) -> None:
     """Set ``ghost``'s weights and its gather to original channel order.
 
     Args:
         primary: ``(m, c, kh, kw)`` primary filters, in module order.
-        cheap: ``(n - m, d, d)`` cheap kernels of the kept ghost slots.
-        offsets: ``(n,)`` per original channel, what to add to the module's output to match the original;
-            goes to the primary/cheap bias when the module has one, else to ``bn``'s running mean.
-        primary_bias: the primary bias, when it has one, before offsets.
+        cheap: ``(n - m, d, d)`` cheap kernels of the kept ghost slots (on the normalised intrinsic maps when
+            the module has inner norms).
+        offsets: ``(n,)`` per original channel, what to add to the module's pre-norm output to match the
+            original conv's; goes to the primary/cheap bias when the module has one, to its inner norms when
+            it has them (which take ``bn``'s statistics), else to ``bn``'s running mean.
+        primary_bias: the primary bias, when the conv has one, before offsets.
     """
     p, c = ghost.primary_conv, ghost.cheap_conv
     kept = len(choice.ghost)
@@ -45,13 +69,17 @@ def write(ghost: GhostModule, choice: Choice, primary: torch.Tensor, cheap: torc
         p.weight.copy_(primary)
         c.weight.zero_()
         c.weight[:kept, 0] = cheap.to(c.weight.dtype)
-        offsets = offsets.to(p.weight.device)
-        if p.bias is not None:
-            p.bias.copy_(primary_bias + offsets[choice.intrinsic])
+        offsets = offsets.clone()
+        if primary_bias is not None:
+            offsets[choice.intrinsic] += primary_bias.double().cpu()
+        if ghost.inner_norms is not None:
+            _write_inner_norms(ghost, choice, offsets, bn)
+        elif p.bias is not None:
+            p.bias.copy_(offsets[choice.intrinsic].to(p.bias))
             c.bias.zero_()
-            c.bias[:kept] = offsets[choice.ghost].to(c.bias.dtype)
+            c.bias[:kept] = offsets[choice.ghost].to(c.bias)
         elif bn is not None:
-            bn.running_mean.sub_(offsets.to(bn.running_mean.dtype))
+            bn.running_mean.sub_(offsets.to(bn.running_mean))
     ghost.set_out_index(choice.out_index())
 
 
@@ -75,6 +103,11 @@ def copy_layer(conv: nn.Conv2d, ghost: GhostModule, bn: Optional[nn.BatchNorm2d]
         conv.bias.detach().double().cpu() if conv.bias is not None else None)
     if reference is not None:
         offsets[choice.ghost] = reference[choice.ghost] - h.sum(1) * reference[source]
+    if ghost.inner_norms is not None:  # the cheap op reads bn(intrinsic) = a * (u - mean) + beta, not u
+        a, beta = bn_scale(bn)
+        alive = a[source].abs() > 1e-12 * a.abs().max()
+        offsets[choice.ghost] = reference[choice.ghost] - torch.where(alive, h.sum(1) * beta[source] / a[source], 0)
+        h = torch.where(alive[:, None], h / a[source][:, None], 0)
     bias = conv.bias.detach()[choice.intrinsic.to(weight.device)] if conv.bias is not None else None
     write(ghost, choice, primary[choice.intrinsic].to(weight.device), pairing.kernels(h, ghost.d), offsets, bn, bias)
 

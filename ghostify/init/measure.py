@@ -4,7 +4,8 @@ Both models run on the same inputs; each converted layer sees the converted mode
 error includes what the layers before it changed. The figure is the relative MSE: the squared error over
 the original output's variance (per channel, so constant offsets do not count as signal),
 ``||y_converted - y_original||^2 / ||y_original - mean||^2``, over all the layer's calls. Where a batch norm
-directly reads the layer, it is measured after that batch norm, which the initialisers also adjust.
+directly reads the layer, it is measured after that batch norm, which the initialisers also adjust (or which
+the Ghost module has taken in).
 """
 
 from __future__ import annotations
@@ -29,17 +30,20 @@ def _record(model: nn.Module, names: Sequence[str], sink: Callable[[str, torch.T
             handle.remove()
 
 
-def layer_errors(original: nn.Module, converted: nn.Module, names: Sequence[str],
+def layer_errors(original: nn.Module, converted: nn.Module, pairs: Dict[str, str],
                  inputs: Sequence[Tuple[torch.Tensor, ...]]) -> Dict[str, float]:
-    """Relative MSE of each named module of ``converted`` against the same-named module of ``original``.
+    """Relative MSE of modules of ``converted`` against modules of ``original``.
 
     Args:
-        names: modules to compare; each must output the original channel order (a gather, not yet folded).
+        pairs: converted module path -> original module path to compare it with; each converted module must
+            output the original channel order (a gather, not yet folded).
         inputs: positional-argument tuples to run both models on.
     """
-    targets: Dict[str, List[torch.Tensor]] = {name: [] for name in names}
-    _record(original, names, lambda name, out: targets[name].append(out.clone()), inputs)  # later in-place ops
-    sums = {name: [0.0, 0.0, 0] for name in names}
+    targets: Dict[str, List[torch.Tensor]] = {name: [] for name in pairs}
+    by_original = {theirs: ours for ours, theirs in pairs.items()}
+    _record(original, list(by_original), lambda name, out: targets[by_original[name]].append(out.clone()),
+            inputs)  # a clone: later in-place ops change the output
+    sums = {name: [0.0, 0.0, 0] for name in pairs}
 
     def compare(name: str, out: torch.Tensor) -> None:
         total = sums[name]
@@ -51,5 +55,5 @@ def layer_errors(original: nn.Module, converted: nn.Module, names: Sequence[str]
         total[1] += target.square().sum().item()
         total[2] += 1
 
-    _record(converted, names, compare, inputs)
+    _record(converted, list(pairs), compare, inputs)
     return {name: total[0] / total[1] if total[1] else 0.0 for name, total in sums.items()}
