@@ -6,6 +6,7 @@ s = 2 and s = 4, and prints top-1 accuracy, top-1 agreement with the original an
 then fine-tunes each converted model for the same short budget and prints the accuracy it reaches.
 
     OMP_NUM_THREADS=2 python benchmarks/fidelity.py [--models resnet18 vgg-small] [--finetune-steps 200]
+                                                     [--form ghostnet|linear]
 """
 
 from __future__ import annotations
@@ -94,19 +95,23 @@ def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([model(batch).argmax(1) for batch in x.split(250)])
 
 
-def convert(model: nn.Module, data, s: int, init: str) -> Tuple[nn.Module, float]:
+FORMS = {"ghostnet": True, "linear": False}  # convert's absorb_norm: the GhostNet form (default) or a linear module
+
+
+def convert(model: nn.Module, data, s: int, init: str, form: str = "ghostnet") -> Tuple[nn.Module, float]:
     """The converted model (``CALIBRATION`` training images for ``calibrate``) and the wall time it took."""
     extra = {"calibration_data": data[0][:CALIBRATION]} if init == "calibrate" else {}
+    extra["absorb_norm"] = FORMS[form]
     torch.manual_seed(0)
     start = time.perf_counter()
     ghost = ghostify.convert(model, s=s, init=init, example_inputs=data[0][:1], **extra)
     return ghost, time.perf_counter() - start
 
 
-def fidelity(name: str, model: nn.Module, data, s: int, init: str) -> Dict:
+def fidelity(name: str, model: nn.Module, data, s: int, init: str, form: str) -> Dict:
     """Accuracy and agreement with the original right after conversion, no training."""
     xte, yte = data[2], data[3]
-    ghost, seconds = convert(model, data, s, init)
+    ghost, seconds = convert(model, data, s, init, form)
     predictions, reference_predictions = predict(ghost, xte), predict(model, xte)
     return {"model": name, "s": s, "init": init, "seconds": seconds,
             "accuracy": (predictions == yte).float().mean().item(),
@@ -115,9 +120,9 @@ def fidelity(name: str, model: nn.Module, data, s: int, init: str) -> Dict:
             "layers": len(ghost.ghostify_result.replaced)}
 
 
-def finetune(model: nn.Module, data, s: int, init: str, steps: int, every: int) -> List[float]:
+def finetune(model: nn.Module, data, s: int, init: str, steps: int, every: int, form: str) -> List[float]:
     """Test accuracy every ``every`` SGD steps of fine-tuning the converted model (same budget for every init)."""
-    ghost, _ = convert(model, data, s, init)
+    ghost, _ = convert(model, data, s, init, form)
     accuracy = lambda m: (predict(m, data[2]) == data[3]).float().mean().item()  # noqa: E731
     return train(ghost, data[0], data[1], steps=steps, lr=0.01, seed=1, evaluate=accuracy, every=every)
 
@@ -144,7 +149,10 @@ def main() -> None:
     parser.add_argument("--finetune-steps", type=int, default=200, help="SGD steps after conversion (0: none)")
     parser.add_argument("--finetune-every", type=int, default=50, help="report test accuracy every this many steps")
     parser.add_argument("--finetune-s", type=int, nargs="*", default=[2, 4], help="ratios to fine-tune")
+    parser.add_argument("--form", choices=list(FORMS), default="ghostnet",
+                        help="Ghost module form: norm taken in (convert's default) or a linear module before it")
     args = parser.parse_args()
+    print(f"Ghost module form: {args.form}", flush=True)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     data = digits()
     models = {name: reference(name, data[0], data[1]) for name in args.models}
@@ -153,13 +161,14 @@ def main() -> None:
     for name, model in models.items():
         for s in (2, 4):
             for init in ("random", "copy", "calibrate"):
-                rows.append(fidelity(name, model, data, s, init))
+                rows.append(fidelity(name, model, data, s, init, args.form))
                 print(rows[-1], flush=True)
     print(table(rows, originals, tuned, args.finetune_every), flush=True)
     for name, model in models.items():
         for s in args.finetune_s if args.finetune_steps else ():
             for init in ("random", "copy", "calibrate"):
-                tuned[name, s, init] = finetune(model, data, s, init, args.finetune_steps, args.finetune_every)
+                tuned[name, s, init] = finetune(model, data, s, init, args.finetune_steps, args.finetune_every,
+                                                args.form)
                 print(name, s, init, tuned[name, s, init], flush=True)
     print(table(rows, originals, tuned, args.finetune_every))
 

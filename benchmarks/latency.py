@@ -45,7 +45,8 @@ def converted_table(args: argparse.Namespace) -> None:
     for name in args.models:
         original = torchvision.models.get_model(name).eval()
         for s in args.s:
-            converted = ghostify.convert(original, s=s, d=args.d, init=args.init).eval()
+            converted = ghostify.convert(original, s=s, d=args.d, init=args.init,
+                                         absorb_norm=args.form == "ghostnet").eval()
             for runtime in args.runtimes:
                 print_rows(args, original, converted, runtime, [name, s, runtime])
 
@@ -68,7 +69,8 @@ def profile_table(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     for name in args.models:
         original = torchvision.models.get_model(name).eval()
-        converted = ghostify.convert(original, s=args.s[0], d=args.d, init=args.init).eval()
+        converted = ghostify.convert(original, s=args.s[0], d=args.d, init=args.init,
+                                     absorb_norm=args.form == "ghostnet").eval()
         x = torch.randn(args.batches[-1], 3, 224, 224)
         for label, model in (("original", original), (f"ghost s={args.s[0]}", converted)):
             deployed = ghostify.deploy(model)
@@ -89,14 +91,17 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--init", default="random",
-                        help="ghostify init; 'copy' may add output gathers (index_select) that cost a copy each")
+    parser.add_argument("--init", default="copy",
+                        help="ghostify init (default: convert's default, so the timed model is what users get)")
+    parser.add_argument("--form", choices=["ghostnet", "linear"], default="ghostnet",
+                        help="Ghost module form: norm taken in (convert's default) or a linear module before it")
     parser.add_argument("--tables", nargs="+", choices=["converted", "zoo", "profile"],
                         default=["converted", "zoo"])
     args = parser.parse_args()
 
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} thread(s), "
-          f"median of {args.repeats} interleaved runs; d={args.d}, init={args.init}; depthwise/grouped convs left alone\n")
+          f"median of {args.repeats} interleaved runs; d={args.d}, init={args.init}, form={args.form}; "
+          "depthwise/grouped convs left alone\n")
     if "converted" in args.tables:
         converted_table(args)
     if "zoo" in args.tables:

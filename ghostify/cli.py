@@ -241,7 +241,9 @@ def export(model, fmt, input_size, dynamic_batch, trust_source, force, output) -
 @click.argument("ghost_file", required=False, type=click.Path(exists=True, dir_okay=False))
 @click.option("--batch", "batches", multiple=True, type=click.IntRange(min=1),
               help="Batch size (repeatable; default 1 and 16).")
-@click.option("--runtime", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True)
+@click.option("--runtime", type=click.Choice(["torch", "onnxruntime", "inductor"]), default="torch", show_default=True,
+              help="torch: eager; inductor: torch.compile with freezing (compiles each model first, minutes); "
+                   "onnxruntime: exported to ONNX.")
 @click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads (default: torch's setting).")
 @click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True, help="Timed runs per model.")
 @click.option("--s", "s", type=int, default=2, show_default=True, help="Ghost ratio when MODEL is converted here.")
@@ -264,8 +266,7 @@ def bench(model, ghost_file, batches, runtime, threads, repeats, s, d, input_siz
             converted, original = original, build_source(original.ghostify_result.source, model, trust_source)
         size = tuple(input_size or default_input_size(parse(model)))
         if converted is None:
-            # random init: weights do not change the speed, and it adds no output gathers
-            converted = ghostify.convert(original, s=s, d=d, example_inputs=_inputs(size, size)[0], init="random")
+            converted = ghostify.convert(original, s=s, d=d, example_inputs=_inputs(size, size)[0])  # as `convert`
     result = run_bench(original.eval(), converted.eval(), batches=batches or (1, 16), runtime=runtime,
                        threads=threads, repeats=repeats, input_size=size, name=model, progress=not as_json)
     _print_report(result, as_json)

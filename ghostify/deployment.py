@@ -21,12 +21,13 @@ import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
+from .epilogue import assemble, fuse_epilogues
 from .module import GhostModule
 from .rewrite import set_module
 from .trace import GhostLeafTracer
 
 _FOLDABLE_NORM = nn.BatchNorm2d
-RUNTIMES = ("torch", "onnxruntime")
+RUNTIMES = ("torch", "onnxruntime", "inductor")
 
 
 def _fuse_sequential(block: nn.Sequential) -> nn.Sequential:
@@ -59,6 +60,8 @@ class DeployedGhost(nn.Module):
         self.register_buffer("scale", None if scale is None else scale.reshape(-1, 1, 1))
         self.register_buffer("shift", None if shift is None else shift.reshape(-1, 1, 1))
         self.register_buffer("out_index", None if out_index is None else out_index.clone())
+        self.relu = False  # set by ``epilogue.fuse_epilogues``: a ReLU (after the shortcut, if any) is done here
+        self.functional = False  # write the epilogue for torch.compile rather than with out= ops
 
     @classmethod
     def deploy(cls, ghost: GhostModule, norm: Optional[nn.BatchNorm2d] = None) -> "DeployedGhost":
@@ -100,18 +103,21 @@ class DeployedGhost(nn.Module):
         scale, shift = fuse_conv_bn_weights(ones, None, maps[0][:m], maps[1][:m], norm.eps, maps[2][:m], maps[3][:m])
         return cls(primary, cheap, n, scale.detach(), shift.detach(), index)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         intrinsic = self.primary(x)
         ghosts = self.cheap(intrinsic)
         if self.scale is not None:
             intrinsic = torch.addcmul(self.shift, intrinsic, self.scale)
+        if self.out_index is None and (self.relu or residual is not None):
+            ghosts = ghosts[:, : self.out_channels - intrinsic.shape[1]]
+            return assemble((intrinsic, ghosts), residual, self.relu, self.functional)
         out = torch.cat([intrinsic, ghosts], dim=1)
         if self.out_index is not None:
             return out.index_select(1, self.out_index)
         return out if out.shape[1] == self.out_channels else out[:, : self.out_channels]
 
     def extra_repr(self) -> str:
-        return f"out_channels={self.out_channels}, folded_norm={self.folded_norm}"
+        return f"out_channels={self.out_channels}, folded_norm={self.folded_norm}, relu={self.relu}"
 
 
 @dataclass
@@ -121,6 +127,7 @@ class DeployResult:
     method: str
     folded: List[str] = field(default_factory=list)
     ghosts: List[str] = field(default_factory=list)
+    epilogues: int = 0
     memory_format: str = "contiguous"
 
     def to_dict(self) -> Dict[str, Any]:
@@ -196,22 +203,27 @@ def _drop_identities(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
-def deploy(model: nn.Module, *, runtime: str = "torch") -> nn.Module:
+def deploy(model: nn.Module, *, runtime: str = "torch", compile: bool = True) -> nn.Module:
     """Return an inference-only copy of ``model`` with BNs folded and Ghost modules in their fast form.
 
     Args:
         model: a model from ``ghostify.convert`` (or any model: plain conv + BN pairs fold too), in eval mode;
             it is copied, never modified.
-        runtime: where the result will run. ``"torch"``: BNs after Ghost modules folded too, conv weights in
-            channels-last order (oneDNN's fastest on CPU; activations follow the weights). ``"onnxruntime"``:
-            plain conv + BN pairs folded, but a BN after a Ghost module is kept, contiguous weights: measured
-            on CPU, onnxruntime runs Conv -> Concat -> BatchNormalization faster than the folded form, whose
-            per-channel Mul/Add on the intrinsic maps breaks its blocked layout. Outputs are the same.
+        runtime: where the result will run. ``"torch"`` (eager): BNs after Ghost modules folded too, conv
+            weights in channels-last order (oneDNN's fastest on CPU; activations follow the weights), and a
+            residual addition and ReLU after a Ghost module written with its two halves (``epilogue``).
+            ``"inductor"``: the same form with a functional epilogue, compiled with ``torch.compile`` and
+            freezing (``dynamic=False``: one compilation per input shape, on the first call). ``"onnxruntime"``:
+            no epilogue and, for the linear Ghost form, the BN after it kept (onnxruntime runs Conv -> Concat
+            -> BatchNormalization faster than a per-channel affine, which breaks its blocked layout).
+            Outputs are the same.
+        compile: for ``"inductor"``, False returns the form written for ``torch.compile`` uncompiled (plain
+            functional ops: what ``export`` writes for TorchScript and ``torch.export``).
 
     Returns:
-        A ``torch.fx.GraphModule`` (or, for a model torch.fx cannot trace, a copy of the model's own class)
-        whose outputs equal ``model``'s in eval mode within float tolerance, with ``ghostify_deploy`` (a
-        ``DeployResult``) listing the folded norms.
+        A ``torch.fx.GraphModule`` (or, for a model torch.fx cannot trace, a copy of the model's own class;
+        for ``"inductor"``, that compiled) whose outputs equal ``model``'s in eval mode within float
+        tolerance, with ``ghostify_deploy`` (a ``DeployResult``) listing the folded norms.
 
     Raises:
         RuntimeError: ``model`` is in training mode.
@@ -232,21 +244,29 @@ def deploy(model: nn.Module, *, runtime: str = "torch") -> nn.Module:
         graph = GhostLeafTracer().trace(copied)
     except Exception:  # noqa: BLE001 - any tracing failure means: use the module-level fallback
         deployed, result = copied, DeployResult("sequential")
-        _fold_sequentials(deployed, result, fold_ghosts=runtime == "torch")
+        _fold_sequentials(deployed, result, fold_ghosts=runtime != "onnxruntime")
     else:
         deployed, result = fx.GraphModule(copied, graph, class_name=type(model).__name__), DeployResult("fx")
-        _fold_graph(deployed, result, fold_ghosts=runtime == "torch")
+        _fold_graph(deployed, result, fold_ghosts=runtime != "onnxruntime")
     for name, module in list(deployed.named_modules()):
-        if isinstance(module, GhostModule) and (runtime == "torch" or module.inner_norms is not None):
+        if isinstance(module, GhostModule) and (runtime != "onnxruntime" or module.inner_norms is not None):
             set_module(deployed, name, DeployedGhost.deploy(module))
             result.ghosts.append(name)
     if isinstance(deployed, fx.GraphModule):
         _drop_identities(deployed)
-    if runtime == "torch":
+        if runtime != "onnxruntime":
+            result.epilogues = fuse_epilogues(deployed, lambda m: isinstance(m, DeployedGhost) and m.out_index is None)
+    for module in deployed.modules():
+        if isinstance(module, DeployedGhost):
+            module.functional = runtime == "inductor"
+    if runtime != "onnxruntime":
         deployed = deployed.to(memory_format=torch.channels_last)
         result.memory_format = "channels_last"
+    deployed.eval()
+    if runtime == "inductor" and compile:
+        deployed = torch.compile(deployed, dynamic=False, options={"freezing": True})
     for attr in ("ghostify_result", "ghostify_source"):
         if hasattr(model, attr):
             setattr(deployed, attr, getattr(model, attr))
     deployed.ghostify_deploy = result
-    return deployed.eval()
+    return deployed

@@ -120,7 +120,7 @@ def export(model: nn.Module, path: str, format: str = "onnx", *, input_size: Seq
         raise ValueError(f"input_size must be three positive ints C H W, got {tuple(input_size)!r}")
     if format == "onnx":
         require_onnx()
-    deployed = deploy(model, runtime="onnxruntime" if format == "onnx" else "torch")
+    deployed = deploy(model, runtime="onnxruntime" if format == "onnx" else "inductor", compile=False)
     example = torch.randn(2 if dynamic_batch else 1, *input_size)
     with torch.no_grad():
         if format == "onnx":

@@ -1,7 +1,7 @@
 """``bench``: latency of an original model and its converted copy, both in their deploy form, in one run.
 
-Both models get the same treatment (``ghostify.deploy``: BN folded, channels-last weights; for
-onnxruntime the same deploy form exported to ONNX). Runs are interleaved (original, converted, original,
+Both models get the same treatment (``ghostify.deploy`` for the runtime: BN folded, channels-last weights,
+compiled the same way for inductor, exported to ONNX for onnxruntime). Runs are interleaved (original, converted, original,
 ...) so load from other processes hits both alike, and the median of the repeats is reported.
 """
 
@@ -139,7 +139,8 @@ def bench(original: nn.Module, converted: nn.Module, *, batches: Sequence[int] =
     Args:
         original, converted: the two models; copied and deployed, not modified.
         batches: batch sizes to time.
-        runtime: ``"torch"`` (eager, channels-last) or ``"onnxruntime"`` (CPU provider).
+        runtime: ``"torch"`` (eager, channels-last), ``"inductor"`` (``torch.compile`` with freezing, both
+            models compiled the same way; the warm-up runs compile them) or ``"onnxruntime"`` (CPU provider).
         threads: intra-op threads for both runtimes (default: torch's current setting).
         repeats: timed runs per model and batch size; the median is reported.
         warmup: untimed runs first.
@@ -168,7 +169,7 @@ def bench(original: nn.Module, converted: nn.Module, *, batches: Sequence[int] =
         step = (lambda: bar.advance(task)) if bar else None
         for batch in batches:
             x = torch.randn(batch, *input_size)
-            if runtime == "torch":
+            if runtime != "onnxruntime":
                 runners = [_torch_runner(m, x) for m in models]
             else:
                 runners = _onnx_runners(models, x, threads, folder)

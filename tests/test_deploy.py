@@ -127,3 +127,46 @@ def test_deploy_returns_new_model_and_refuses_training_mode():
     assert type(ghost.layer1[0].conv1).__name__ == "GhostModule"
     with pytest.raises(ValueError, match="runtime"):
         ghostify.deploy(ghost, runtime="tensorrt")
+
+
+def test_resnet_epilogues_take_every_residual_add_and_relu():
+    """In a ResNet-50 each Ghost module's ReLU, and each block's shortcut addition, are done as its halves are
+    written: the deployed graph keeps only the stem's ReLU."""
+    ghost = with_random_statistics(ghostify.convert(torchvision.models.resnet50(), example_inputs=SMALL[:1]))
+    deployed = ghostify.deploy(ghost)
+    assert deployed.ghostify_deploy.epilogues == 16 * 3  # conv1, conv2 (ReLU) and conv3 (+ shortcut, ReLU)
+    left = [node.target for node in deployed.graph.nodes if node.op != "call_module" and node.op != "placeholder"]
+    assert not any("add" in str(target) for target in left)
+    assert_same_outputs(ghost, deployed)
+
+
+class BroadcastShortcut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.gate, self.head = nn.Conv2d(8, 1, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        return self.head(torch.relu(self.bn(self.conv(y)) + self.gate(y)))  # a one-channel shortcut, broadcast
+
+
+def test_epilogue_with_a_broadcast_shortcut_keeps_outputs():
+    ghost = with_random_statistics(ghostify.convert(BroadcastShortcut(), example_inputs=SMALL[:1]))
+    deployed = ghostify.deploy(ghost)
+    assert deployed.ghostify_deploy.epilogues == 1
+    assert_same_outputs(ghost, deployed)
+
+
+def test_inductor_runtime_compiles_the_ghost_form_with_the_same_outputs():
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.Conv2d(32, 8, 1))
+    ghost = with_random_statistics(ghostify.convert(model, example_inputs=SMALL[:1]))
+    deployed = ghostify.deploy(ghost, runtime="inductor")
+    assert deployed.ghostify_deploy.epilogues == 1 and hasattr(deployed, "_orig_mod")  # compiled
+    with torch.inference_mode():
+        assert_same_outputs(ghost, deployed, SMALL.contiguous(memory_format=torch.channels_last))
+    functional = ghostify.deploy(ghost, runtime="inductor", compile=False)
+    assert not hasattr(functional, "_orig_mod")
+    assert_same_outputs(ghost, functional)
