@@ -133,12 +133,15 @@ def main(debug: bool) -> None:
               help="Calibration inputs for --init calibrate: an image folder or a .pt file of an (N, C, H, W) tensor.")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=256, show_default=True,
               help="How many calibration inputs to use.")
+@click.option("--form", type=click.Choice(["ghostnet", "linear"]), default="ghostnet", show_default=True,
+              help="ghostnet: a conv and the batch norm after it become one Ghost module (folds exactly at deploy); "
+                   "linear: the norm stays after a linear Ghost module.")
 @JSON
 @TRUST_SOURCE
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
 def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_size, weights, init, calib_data,
-            calib_samples, as_json, trust_source, force, output) -> None:
+            calib_samples, form, as_json, trust_source, force, output) -> None:
     """Convert MODEL's Conv2d layers to Ghost modules, print the report, write OUT."""
     import os
 
@@ -162,7 +165,8 @@ def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_s
     with _status("Converting and counting", as_json or init == "calibrate"):  # calibrate shows its own progress
         ghost = ghostify.convert(source, s=s, d=d, primary_kernel=primary_kernel, include=include or None,
                                  exclude=exclude or None, include_stem=include_stem, example_inputs=inputs, init=init,
-                                 calibration_data=calibration, calibration_samples=calib_samples)
+                                 calibration_data=calibration, calibration_samples=calib_samples,
+                                 absorb_norm=form == "ghostnet")
         report = ghostify.report(source, ghost, inputs, name=model)
     ghostify.save(ghost, output, overwrite=True)
     _print_report(report, as_json)

@@ -1,8 +1,9 @@
 """``bench``: latency of an original model and its converted copy, both in their deploy form, in one run.
 
-Both models get the same treatment (``ghostify.deploy`` for the runtime: BN folded, channels-last weights,
-compiled the same way for inductor, exported to ONNX for onnxruntime). Runs are interleaved (original, converted, original,
-...) so load from other processes hits both alike, and the median of the repeats is reported.
+Both models get the same treatment (``ghostify.deploy`` for the runtime: BN folded, channels-last
+weights, compiled the same way for inductor, exported to ONNX for onnxruntime). Runs are interleaved
+(original, converted, original, ...) so load from other processes hits both alike, and the median of the
+repeats is reported.
 """
 
 from __future__ import annotations

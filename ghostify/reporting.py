@@ -143,7 +143,9 @@ def _describe(row) -> Tuple[str, str]:
     original = f"Conv2d {row.in_channels}->{row.out_channels} {k[0]}x{k[1]}"
     if tuple(stride) != (1, 1):
         original += f" stride {stride[0]}" if stride[0] == stride[1] else f" stride {stride[0]}x{stride[1]}"
-    gather = " +gather" if getattr(row, "gather", False) else ""
+    if row.norm:
+        original += " + BN"
+    gather = " +gather" if row.gather else ""
     return original, f"Ghost s={row.s} d={row.d} k={pk[0]}x{pk[1]}{gather}"
 
 
@@ -181,10 +183,11 @@ def report(
         out.skipped = [asdict(item) for item in result.skipped]
         for row in result.replaced:
             was, now = _describe(row)
-            flops = (before.module_flops(row.name), after.module_flops(row.name))
+            taken = [row.name] + ([row.norm] if row.norm else [])  # the Ghost module took the norm in
+            flops = (sum(before.module_flops(n) for n in taken), after.module_flops(row.name))
             out.layers.append(LayerRow(
                 row.name, was, now, row.output_shape, *flops,
-                before.module_params(row.name), after.module_params(row.name), _ratio(*flops),
+                sum(before.module_params(n) for n in taken), after.module_params(row.name), _ratio(*flops),
                 theoretical_ratio(row.in_channels, row.kernel_size, row.s, row.d, row.primary_kernel),
                 row.error, row.gather_reason,
             ))

@@ -39,6 +39,13 @@ def test_convert_writes_file_and_prints_report(tmp_path):
     assert type(model.layer1[0].conv1).__name__ == "GhostModule"
 
 
+def test_convert_form_linear_keeps_the_norm(tmp_path):
+    for form, norm in (("ghostnet", "Identity"), ("linear", "BatchNorm2d")):
+        out = tmp_path / f"{form}.pt"
+        assert invoke("convert", "resnet18", *SMALL, "--form", form, "--init", "random", "-o", out).exit_code == 0
+        assert type(ghostify.load(out).layer1[0].bn1).__name__ == norm
+
+
 def test_convert_json_is_the_only_stdout(tmp_path):
     result = invoke("convert", "resnet18", *SMALL, "--s", 4, "--json", "-o", tmp_path / "g.pt")
     assert result.exit_code == 0, result.stderr

@@ -63,7 +63,7 @@ def test_report_rows_dict_and_rendering():
     assert [row["name"] for row in data["skipped"]] == ["conv1"]
     row = next(r for r in summary.layers if r.name == "layer4.1.conv2")
     assert row.output_shape == (1, 512, 2, 2)
-    assert row.flops_before == 512 * 512 * 9 * 2 * 2
+    assert row.flops_before == 512 * 512 * 9 * 2 * 2 + Counts(model, (x,)).module_flops("layer4.1.bn2")  # + its BN
     assert row.ratio == pytest.approx(row.flops_before / row.flops_after)
     assert row.theoretical_ratio == pytest.approx(theoretical_ratio(512, (3, 3), 2, 3, (3, 3)))
     console = Console(width=200, record=True)
@@ -82,3 +82,14 @@ def test_theoretical_ratio_is_paper_eq4():
                                          (12, "12"), (None, "-")])
 def test_format_count(value, text):
     assert format_count(value) == text
+
+
+def test_layer_row_counts_the_norm_its_ghost_module_took_in():
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 64, 64)
+    ghost = ghostify.convert(model, example_inputs=x, init="random")
+    row = next(r for r in ghostify.report(model, ghost, (x,)).layers if r.name == "layer1.0.conv1")
+    counts = Counts(model, (x,))
+    assert row.original.endswith("+ BN")
+    assert row.flops_before == counts.module_flops("layer1.0.conv1") + counts.module_flops("layer1.0.bn1")
+    assert row.params_before == 64 * 64 * 9 + 2 * 64
