@@ -62,30 +62,6 @@ class DeployedGhost(nn.Module):
         self.register_buffer("out_index", None if out_index is None else out_index.clone())
         self.relu = False  # set by ``epilogue.fuse_epilogues``: a ReLU (after the shortcut, if any) is done here
         self.functional = False  # write the epilogue for torch.compile rather than with out= ops
-        self.interleaved = False  # set by ``split_cheap``: ``cheap`` holds s-1 depthwise convs
-
-    def split_cheap(self) -> bool:
-        """For ``s > 2``, turn the cheap conv (one grouped conv with a channel multiplier of ``s - 1``) into
-        ``s - 1`` true depthwise convs whose outputs the module interleaves back into place: oneDNN runs only
-        multiplier-1 depthwise convs on its depthwise kernels. Done only for modules that keep all ``m * s``
-        maps in order (no trimmed ghosts, no gather); returns whether it was done."""
-        conv = self.cheap[0] if isinstance(self.cheap, nn.Sequential) and len(self.cheap) == 1 else None
-        if conv is None or self.out_index is not None or conv.groups != conv.in_channels:
-            return False
-        m, k = conv.in_channels, conv.out_channels // conv.in_channels
-        if k < 2 or m * (k + 1) != self.out_channels:
-            return False
-        parts = []
-        for j in range(k):
-            part = nn.Conv2d(m, m, conv.kernel_size, padding=conv.padding, groups=m, bias=conv.bias is not None,
-                             padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
-            with torch.no_grad():
-                part.weight.copy_(conv.weight[j::k])
-                if conv.bias is not None:
-                    part.bias.copy_(conv.bias[j::k])
-            parts.append(part)
-        self.cheap, self.interleaved = nn.ModuleList(parts), True
-        return True
 
     @classmethod
     def deploy(cls, ghost: GhostModule, norm: Optional[nn.BatchNorm2d] = None) -> "DeployedGhost":
@@ -129,24 +105,19 @@ class DeployedGhost(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         intrinsic = self.primary(x)
-        if self.interleaved:
-            made = [conv(intrinsic) for conv in self.cheap]
-            intrinsic = intrinsic if self.scale is None else torch.addcmul(self.shift, intrinsic, self.scale)
-            return assemble(intrinsic, made, residual, self.relu, self.functional)
         ghosts = self.cheap(intrinsic)
         if self.scale is not None:
             intrinsic = torch.addcmul(self.shift, intrinsic, self.scale)
         if self.out_index is None and (self.relu or residual is not None):
             ghosts = ghosts[:, : self.out_channels - intrinsic.shape[1]]
-            return assemble(intrinsic, [ghosts], residual, self.relu, self.functional)
+            return assemble((intrinsic, ghosts), residual, self.relu, self.functional)
         out = torch.cat([intrinsic, ghosts], dim=1)
         if self.out_index is not None:
             return out.index_select(1, self.out_index)
         return out if out.shape[1] == self.out_channels else out[:, : self.out_channels]
 
     def extra_repr(self) -> str:
-        return (f"out_channels={self.out_channels}, folded_norm={self.folded_norm}, relu={self.relu}, "
-                f"interleaved={self.interleaved}")
+        return f"out_channels={self.out_channels}, folded_norm={self.folded_norm}, relu={self.relu}"
 
 
 @dataclass
@@ -157,7 +128,6 @@ class DeployResult:
     folded: List[str] = field(default_factory=list)
     ghosts: List[str] = field(default_factory=list)
     epilogues: int = 0
-    split: int = 0
     memory_format: str = "contiguous"
 
     def to_dict(self) -> Dict[str, Any]:
@@ -287,9 +257,8 @@ def deploy(model: nn.Module, *, runtime: str = "torch", compile: bool = True) ->
         if runtime != "onnxruntime":
             result.epilogues = fuse_epilogues(deployed, lambda m: isinstance(m, DeployedGhost) and m.out_index is None)
     for module in deployed.modules():
-        if isinstance(module, DeployedGhost) and runtime != "onnxruntime":
+        if isinstance(module, DeployedGhost):
             module.functional = runtime == "inductor"
-            result.split += module.split_cheap()
     if runtime != "onnxruntime":
         deployed = deployed.to(memory_format=torch.channels_last)
         result.memory_format = "channels_last"

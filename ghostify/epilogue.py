@@ -12,7 +12,7 @@ Inductor computes pointwise inputs of a ``cat`` straight into its buffer.
 from __future__ import annotations
 
 import operator
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,36 +22,24 @@ _RELUS = {F.relu, torch.relu, torch.relu_, "relu", "relu_"}
 _ADDS = {operator.add, operator.iadd, torch.add, "add", "add_"}
 
 
-def _halves(x: torch.Tensor, m: int, ghosts: int) -> List[torch.Tensor]:
-    """Views of ``x``'s intrinsic channels and of each of ``ghosts`` interleaved ghost sets (channel
-    ``m + i * ghosts + j`` is ghost ``j`` of intrinsic map ``i``; one set: all channels after ``m``)."""
-    rest = x[:, m:]
-    if ghosts == 1:
-        return [x[:, :m], rest]
-    sets = rest.unflatten(1, (rest.shape[1] // ghosts, ghosts))
-    return [x[:, :m]] + [sets[:, :, j] for j in range(ghosts)]
-
-
-def assemble(intrinsic: torch.Tensor, ghosts: Sequence[torch.Tensor], residual: Optional[torch.Tensor],
-             relu: bool, functional: bool) -> torch.Tensor:
-    """``[intrinsic, ghosts]`` as one tensor, plus ``residual`` when given, rectified when ``relu``; one pass
-    per part. Several ``ghosts`` sets (one per depthwise conv of an ``s > 2`` module) are interleaved."""
-    m, channels = intrinsic.shape[1], intrinsic.shape[1] + sum(g.shape[1] for g in ghosts)
-    shape = (intrinsic.shape[0], channels, *intrinsic.shape[2:])
-    parts = [intrinsic, *ghosts]
-    if residual is not None and tuple(residual.shape) != shape:  # a broadcast shortcut: no per-part split
-        out = assemble(intrinsic, ghosts, None, False, functional) + residual
+def assemble(parts: Sequence[torch.Tensor], residual: Optional[torch.Tensor], relu: bool,
+             functional: bool) -> torch.Tensor:
+    """``cat(parts, 1)``, plus ``residual`` when given, rectified when ``relu``; one pass per part."""
+    widths = [part.shape[1] for part in parts]
+    first = parts[0]
+    if residual is not None and (residual.dim() != first.dim() or residual.shape[1] != sum(widths)
+                                 or residual.shape[2:] != first.shape[2:]):
+        out = torch.cat(list(parts), 1) + residual  # a broadcast shortcut: no per-half split
         return torch.relu(out) if relu else out
-    shortcuts = [None] * len(parts) if residual is None else _halves(residual, m, len(ghosts))
+    shortcuts = [None] * len(parts) if residual is None else residual.split(widths, 1)
     if functional:
         outs = [part if r is None else part + r for part, r in zip(parts, shortcuts)]
-        outs = [torch.relu(out) if relu else out for out in outs]
-        made = outs[1] if len(ghosts) == 1 else torch.stack(outs[1:], 2).flatten(1, 2)
-        return torch.cat([outs[0], made], 1)
-    layout = torch.channels_last if intrinsic.dim() == 4 and intrinsic.is_contiguous(
+        return torch.cat([torch.relu(out) if relu else out for out in outs], 1)
+    layout = torch.channels_last if first.dim() == 4 and first.is_contiguous(
         memory_format=torch.channels_last) else torch.contiguous_format
-    out = torch.empty(shape, dtype=intrinsic.dtype, device=intrinsic.device, memory_format=layout)
-    for part, r, target in zip(parts, shortcuts, _halves(out, m, len(ghosts))):
+    out = torch.empty((first.shape[0], sum(widths), *first.shape[2:]), dtype=first.dtype, device=first.device,
+                      memory_format=layout)
+    for part, r, target in zip(parts, shortcuts, out.split(widths, 1)):
         if r is not None and relu:
             torch.ops.aten._add_relu.out(part, r, out=target)
         elif r is not None:

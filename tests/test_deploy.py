@@ -170,17 +170,3 @@ def test_inductor_runtime_compiles_the_ghost_form_with_the_same_outputs():
     functional = ghostify.deploy(ghost, runtime="inductor", compile=False)
     assert not hasattr(functional, "_orig_mod")
     assert_same_outputs(ghost, functional)
-
-
-@pytest.mark.parametrize("s, split", [(4, 19), (3, 0)])
-def test_cheap_op_of_s_above_2_becomes_true_depthwise_convs(s, split):
-    """s=4: each cheap conv (multiplier 3) becomes 3 multiplier-1 depthwise convs whose outputs are interleaved
-    back; s=3 on ResNet-18's widths trims ghosts (m * s > n), so those modules keep the grouped conv."""
-    ghost = with_random_statistics(ghostify.convert(torchvision.models.resnet18(), s=s, example_inputs=SMALL[:1]))
-    for runtime in ("torch", "inductor"):
-        deployed = ghostify.deploy(ghost, runtime=runtime, compile=False)
-        assert deployed.ghostify_deploy.split == split
-        depthwise = [m for m in deployed.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
-        assert all(m.out_channels == m.groups for m in depthwise) == (split > 0)
-        assert_same_outputs(ghost, deployed)
-    assert ghostify.deploy(ghost, runtime="onnxruntime").ghostify_deploy.split == 0
