@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
+import secrets
 from typing import Any, Dict, Optional
 
 import torch
@@ -26,6 +26,18 @@ NAMED_SOURCES = frozenset({"torchvision", "zoo", "timm"})  # registered names: b
 CODE_SOURCES = frozenset({"module", "file"})  # building these imports and runs the code they name
 
 
+def _new_file(folder: str, prefix: str) -> str:
+    """Create an empty, uniquely named file with the usual permissions (``0o666`` less the umask, applied by the
+    system: unlike ``mkstemp``'s private files, and without changing the process-wide umask to read it)."""
+    while True:
+        temp = os.path.join(folder, f"{prefix}{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return temp
+        except FileExistsError:
+            continue
+
+
 def atomic_write(path: str, write, overwrite: bool = True) -> None:
     """Call ``write(temp_path)`` and rename the result onto ``path``; nothing is left behind on failure."""
     path = os.fspath(path)
@@ -34,13 +46,9 @@ def atomic_write(path: str, write, overwrite: bool = True) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"folder does not exist: {folder}")
-    handle, temp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(handle)
+    temp = _new_file(folder, f".{os.path.basename(path)}.")
     try:
         write(temp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
         os.replace(temp, path)
     except BaseException:
         if os.path.exists(temp):

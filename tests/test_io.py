@@ -170,6 +170,13 @@ def test_saved_file_has_the_usual_permissions(tmp_path, converted):
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+def test_saving_leaves_the_process_umask_alone(tmp_path, converted, monkeypatch):
+    """Another thread may create files meanwhile: the umask is never flipped to be read."""
+    monkeypatch.setattr(os, "umask", lambda *args: (_ for _ in ()).throw(AssertionError("umask changed")))
+    ghostify.save(converted, tmp_path / "ghost.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["ghost.pt"]
+
+
 def test_existing_file_kept_without_overwrite(tmp_path, converted):
     path = tmp_path / "ghost.pt"
     path.write_bytes(b"keep me")
