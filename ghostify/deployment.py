@@ -24,7 +24,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 from .epilogue import assemble, fuse_epilogues
 from .module import GhostModule
 from .rewrite import set_module
-from .trace import GhostLeafTracer
+from .trace import GhostLeafTracer, module_calls
 
 _FOLDABLE_NORM = nn.BatchNorm2d
 RUNTIMES = ("torch", "onnxruntime", "inductor")
@@ -136,11 +136,7 @@ class DeployResult:
 
 def _fold_graph(gm: fx.GraphModule, result: DeployResult, fold_ghosts: bool) -> None:
     """Fold each BN that is the only user of a conv / Ghost module called once, in the traced graph."""
-    modules = dict(gm.named_modules())
-    calls: Dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    modules, calls = dict(gm.named_modules()), module_calls(gm.graph)
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(modules[node.target], _FOLDABLE_NORM) or not node.args:
             continue

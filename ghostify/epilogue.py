@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .trace import module_calls
+
 _RELUS = {F.relu, torch.relu, torch.relu_, "relu", "relu_"}
 _ADDS = {operator.add, operator.iadd, torch.add, "add", "add_"}
 
@@ -70,11 +72,7 @@ def fuse_epilogues(gm: fx.GraphModule, accepts: Callable[[nn.Module], bool]) -> 
     """Give each call of a module that ``accepts`` (a deployed Ghost module, called once) whose output only
     goes into a residual addition and/or a ReLU that epilogue: the call takes the shortcut as a second
     argument, the module is marked ``relu``, and it returns the finished tensor. Returns how many were fused."""
-    modules = dict(gm.named_modules())
-    calls: Dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    modules, calls = dict(gm.named_modules()), module_calls(gm.graph)
     fused = 0
     for node in list(gm.graph.nodes):
         if (node.op != "call_module" or not accepts(modules[node.target]) or calls[node.target] != 1

@@ -128,24 +128,39 @@ def _fx_stems_and_functional(graph_module: fx.GraphModule, conv_names: set) -> T
     return stems - not_stems, functional
 
 
-def _sole_norms(graph_module: fx.GraphModule) -> Dict[str, str]:
-    """For each conv module run once, the ``BatchNorm2d`` (run once, with running statistics) that is the only
-    reader of its output: the pair a Ghost module can take in whole."""
-    modules = dict(graph_module.named_modules())
-    runs: Dict[str, int] = {}
-    for node in graph_module.graph.nodes:
+def module_calls(graph: fx.Graph) -> Dict[str, int]:
+    """How many times the graph calls each module (by its target path)."""
+    calls: Dict[str, int] = {}
+    for node in graph.nodes:
         if node.op == "call_module":
-            runs[node.target] = runs.get(node.target, 0) + 1
+            calls[node.target] = calls.get(node.target, 0) + 1
+    return calls
+
+
+def sole_norm(node: fx.Node, modules: Dict[str, nn.Module], calls: Dict[str, int],
+              channels: int) -> Optional[str]:
+    """The ``BatchNorm2d`` over ``channels`` (run once, with running statistics) that is the only reader of
+    ``node``'s output, or None."""
+    if len(node.users) != 1:
+        return None
+    (user,) = node.users
+    norm = modules.get(user.target) if user.op == "call_module" else None
+    if (type(norm) is nn.BatchNorm2d and calls[user.target] == 1 and norm.running_mean is not None
+            and norm.num_features == channels):
+        return user.target
+    return None
+
+
+def _sole_norms(graph_module: fx.GraphModule) -> Dict[str, str]:
+    """For each conv module run once, the batch norm that alone reads it: the pair a Ghost module can take in."""
+    modules, calls = dict(graph_module.named_modules()), module_calls(graph_module.graph)
     found = {}
     for node in graph_module.graph.nodes:
         conv = modules.get(node.target) if node.op == "call_module" else None
-        if not isinstance(conv, nn.Conv2d) or runs[node.target] != 1 or len(node.users) != 1:
-            continue
-        (user,) = node.users
-        norm = modules.get(user.target) if user.op == "call_module" else None
-        if (type(norm) is nn.BatchNorm2d and runs[user.target] == 1 and norm.running_mean is not None
-                and norm.num_features == conv.out_channels):
-            found[node.target] = user.target
+        if isinstance(conv, nn.Conv2d) and calls[node.target] == 1:
+            norm = sole_norm(node, modules, calls, conv.out_channels)
+            if norm is not None:
+                found[node.target] = norm
     return found
 
 

@@ -24,7 +24,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..module import GhostModule
-from ..trace import GhostLeafTracer, evaluating
+from ..trace import GhostLeafTracer, evaluating, module_calls, sole_norm
 
 _PER_CHANNEL = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.ELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid,
                 nn.Tanh, nn.Hardtanh, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout2d, nn.MaxPool2d, nn.AvgPool2d,
@@ -189,11 +189,8 @@ class _Walker:
     def __init__(self, gm: fx.GraphModule, names: Sequence[str]) -> None:
         self.modules = dict(gm.named_modules())
         self.names = set(names)
-        self.runs: Dict[int, int] = {}
-        for node in gm.graph.nodes:
-            if node.op == "call_module":
-                key = id(self.modules[node.target])
-                self.runs[key] = self.runs.get(key, 0) + 1
+        self.calls = module_calls(gm.graph)
+        self.nodes: Dict[str, fx.Node] = {}  # the call of each converted layer
         self.layouts: Dict[fx.Node, Layout] = {}
         self.roots: Dict[str, Space] = {}
         self.uses: List[Tuple[str, nn.Module, Layout]] = []
@@ -237,7 +234,7 @@ class _Walker:
 
     def module_rule(self, node: fx.Node) -> Optional[Layout]:
         module = self.modules[node.target]
-        layout, once = self.first(node), self.runs[id(module)] == 1
+        layout, once = self.first(node), self.calls[node.target] == 1
         if layout is None:
             return None
         if isinstance(module, GhostModule) or (type(module) is nn.Conv2d and module.groups == 1):
@@ -249,7 +246,7 @@ class _Walker:
             if isinstance(module, GhostModule):
                 if node.target in self.names:
                     space.members.append(node.target)
-                    self.roots[node.target] = space
+                    self.roots[node.target], self.nodes[node.target] = space, node
                 else:
                     space.blocked = f"made by {_describe(node)}"
             else:
@@ -361,16 +358,9 @@ def couple(model: nn.Module, names: Sequence[str], example_inputs: Sequence[torc
             continue
         groups.setdefault(id(root), Group(list(root.members), root.blocked))
         walker.roots[name] = root
-    bn = {name: _following_bn(gm, walker, name) for name in names}
+    bn = {name: None for name in names}
+    for name, node in walker.nodes.items():
+        norm = sole_norm(node, walker.modules, walker.calls, walker.modules[name].out_channels)
+        bn[name] = walker.modules[norm] if norm is not None else None
     return Coupling(list(groups.values()), bn, walker.uses, walker.roots)
 
-
-def _following_bn(gm: fx.GraphModule, walker: _Walker, name: str) -> Optional[nn.BatchNorm2d]:
-    calls = [node for node in gm.graph.nodes if node.op == "call_module" and node.target == name]
-    if len(calls) != 1 or len(calls[0].users) != 1:
-        return None
-    (user,) = calls[0].users
-    module = walker.modules.get(user.target) if user.op == "call_module" else None
-    if isinstance(module, nn.BatchNorm2d) and walker.runs[id(module)] == 1:
-        return module
-    return None
