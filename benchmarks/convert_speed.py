@@ -50,7 +50,8 @@ def main() -> None:
         report_s = statistics.median(r[1] for r in runs)
         total = statistics.median(r[0] + r[1] for r in runs)
         verdict = "ok" if total < TARGET_S else "SLOWER than target"
-        print(f"{name:<20} {init:<7} {convert_s:>10.2f} {report_s:>10.2f} {total:>10.2f} {runs[0][2]:>11.2f}x  {verdict}")
+        print(f"{name:<20} {init:<7} {convert_s:>10.2f} {report_s:>10.2f} {total:>10.2f} "
+              f"{runs[0][2]:>11.2f}x  {verdict}")
 
 
 if __name__ == "__main__":

@@ -152,7 +152,9 @@ def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_s
     if init == "calibrate" and calib_data is None:
         raise ValueError("--init calibrate needs --calib-data PATH (an image folder or a .pt tensor file)")
     import ghostify
-    from .sources import default_input_size, load_model, parse
+
+    from .serialization import load_model
+    from .sources import default_input_size, parse
 
     with _status(f"Building {model}", as_json):
         source = load_model(model, weights, trust_source)
@@ -182,8 +184,9 @@ def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_s
 def report(model, input_size, as_json, trust_source) -> None:
     """Count FLOPs and params of MODEL (before and after, for a ghostify file)."""
     import ghostify
-    from .io import build_source
-    from .sources import default_input_size, load_model, parse
+
+    from .serialization import build_source, load_model
+    from .sources import default_input_size, parse
 
     spec = parse(model)
     with _status(f"Counting {model}", as_json):
@@ -225,7 +228,8 @@ def models() -> None:
 def export(model, fmt, input_size, dynamic_batch, trust_source, force, output) -> None:
     """Export MODEL (usually a ghostify file) in its deploy form: BNs folded, ready to run without ghostify."""
     from .exporting import export as export_model
-    from .sources import default_input_size, load_model, parse
+    from .serialization import load_model
+    from .sources import default_input_size, parse
 
     with _status(f"Exporting {model} as {fmt}"):
         loaded = load_model(model, trust_source=trust_source).eval()
@@ -259,9 +263,10 @@ def bench(model, ghost_file, batches, runtime, threads, repeats, s, d, input_siz
     """Latency of MODEL vs its Ghost version (GHOST_FILE, MODEL itself if it is a ghostify file, or converted
     here with --s/--d), both in deploy form, interleaved; median of the repeats."""
     import ghostify
-    from .io import build_source
+
     from .latency import bench as run_bench
-    from .sources import default_input_size, load_model, parse
+    from .serialization import build_source, load_model
+    from .sources import default_input_size, parse
 
     with _status(f"Building {model}", as_json):
         original = load_model(model, trust_source=trust_source)

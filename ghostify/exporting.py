@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .deployment import deploy
-from .io import atomic_write
+from .serialization import atomic_write
 
 FORMATS = ("onnx", "torchscript", "pt2")
 ONNX_OPSET = 17

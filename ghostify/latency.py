@@ -22,7 +22,6 @@ from torch import nn
 from .deployment import RUNTIMES
 
 
-
 @dataclass
 class BenchRow:
     """Median latency of one batch size in one runtime, in milliseconds per batch."""

@@ -10,8 +10,8 @@ from __future__ import annotations
 import copy
 import fnmatch
 import warnings
-from functools import partial
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -193,9 +193,12 @@ def _warn_unmatched(opts: Dict[str, Any], names: List[str]) -> None:
 
 
 def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    """Put ``module`` at the dotted attribute ``path`` of ``model``."""
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
+    """Put ``module`` at the dotted attribute ``path`` of ``model`` (``nn.Module.set_submodule``, torch >= 2.5)."""
+    if hasattr(model, "set_submodule"):
+        model.set_submodule(path, module)
+    else:  # torch 2.2 - 2.4
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent), child, module)
 
 
 def apply_plan(model: nn.Module, plan: Iterable[Mapping[str, Any]]) -> List[Tuple[str, nn.Conv2d, GhostModule]]:
@@ -329,6 +332,11 @@ def convert(
     result = ConversionResult(analysis.method, replaced, skipped, [_shape(x) for x in inputs], init,
                               source=getattr(model, "ghostify_source", None))
     swapped = apply_plan(converted, result.plan())
-    initialise(init, swapped, result, converted, model, batches, inputs)
+    done = initialise(init, swapped, {row.name: row for row in replaced}, converted, model, batches, inputs)
+    for row in replaced:
+        fitted = done.layers.get(row.name)
+        if fitted is not None:
+            row.error, row.gather, row.gather_reason = fitted.error, fitted.gather, fitted.gather_reason
+    result.notes.update(done.notes)
     converted.ghostify_result = result
     return converted

@@ -1,5 +1,6 @@
-"""MODEL strings -> ``nn.Module``: torchvision names, ghostify's zoo, ``timm:NAME``, ``module:factory``,
-``path/to/file.py:factory`` and files written by ``ghostify.save``.
+"""MODEL strings -> ``nn.Module``: torchvision names, ghostify's zoo, ``timm:NAME``, ``module:factory`` and
+``path/to/file.py:factory`` (``parse`` also recognises files written by ``ghostify.save``, which
+``serialization.load_model`` loads).
 
 A built model carries its spec as ``model.ghostify_source`` (plain data), so a converted copy can be saved
 and rebuilt later without pickling code.
@@ -11,7 +12,7 @@ import difflib
 import importlib
 import importlib.util
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -138,21 +139,3 @@ def default_input_size(spec: Spec) -> Tuple[int, int, int]:
     if spec.get("kind") == "zoo":
         return _zoo_input_size(spec["name"])
     return (3, 224, 224)
-
-
-def load_model(text: str, weights: Optional[str] = None, trust_source: bool = False) -> nn.Module:
-    """Build the model a MODEL string names (a ghostify file loads as its converted model).
-
-    ``trust_source`` goes to ``ghostify.load``: a ghostify file converted from code (``module:factory``,
-    ``file.py:factory``) is rebuilt by running that code only when it is True. A MODEL string itself naming
-    code is the caller's choice and is built as asked.
-    """
-    spec = parse(text)
-    if spec["kind"] == "ghostify_file":
-        from .io import load
-
-        return load(spec["path"], trust_source=trust_source)
-    model = build(spec)
-    if weights is not None:
-        load_weights(model, weights)
-    return model

@@ -33,7 +33,8 @@ torch.save(y, out)
 
 @pytest.fixture(scope="module")
 def ghost():
-    model = ghostify.convert(build({"kind": "torchvision", "name": "resnet18"}), s=2, d=3, example_inputs=torch.randn(1, *SIZE)).eval()
+    model = ghostify.convert(build({"kind": "torchvision", "name": "resnet18"}), s=2, d=3,
+                             example_inputs=torch.randn(1, *SIZE)).eval()
     for module in model.modules():  # non-trivial statistics so a wrong fold shows
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.uniform_(-1, 1)

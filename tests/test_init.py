@@ -128,7 +128,7 @@ def digits_model():
                           nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(32, 10))
     optimiser = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for step in range(120):
+    for _ in range(120):
         index = torch.randint(len(y), (64,))
         loss = F.cross_entropy(model(x[index]), y[index])
         optimiser.zero_grad()

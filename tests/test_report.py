@@ -36,7 +36,7 @@ def test_counts_agree_with_torch_flop_counter(name, size):
 def test_counts_do_not_touch_training_flag_or_bn_stats():
     model = torchvision.models.resnet18().train()
     stats = model.bn1.running_mean.clone()
-    Counts(model, (torch.randn(2, 3, 32, 32),)).flops
+    assert Counts(model, (torch.randn(2, 3, 32, 32),)).flops > 0
     assert model.training and torch.equal(stats, model.bn1.running_mean)
 
 

@@ -10,7 +10,8 @@ choice), else by an ``out_index`` gather; and both record each layer's reconstru
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -23,12 +24,27 @@ from .datafree import copy_layer, filter_problem
 from .fit import Choice, choose
 from .measure import layer_errors
 
-if TYPE_CHECKING:
-    from ..rewrite import ConversionResult, Replaced
-
 METHODS = ("random", "copy", "calibrate")
 
-__all__ = ["METHODS", "check_init", "check_calibration", "initialise", "layer_errors"]
+__all__ = ["METHODS", "Fitted", "Initialised", "check_init", "check_calibration", "initialise", "layer_errors"]
+
+
+@dataclass
+class Fitted:
+    """What initialisation measured for one layer: its reconstruction error and whether (and why) its output
+    keeps a gather back to the original channel order."""
+
+    error: Optional[float] = None
+    gather: bool = False
+    gather_reason: Optional[str] = None
+
+
+@dataclass
+class Initialised:
+    """What ``initialise`` did: per-layer ``Fitted`` records and notes for the conversion result."""
+
+    layers: Dict[str, Fitted] = field(default_factory=dict)
+    notes: Dict[str, str] = field(default_factory=dict)
 
 
 def check_init(init: str) -> str:
@@ -38,7 +54,7 @@ def check_init(init: str) -> str:
     return init
 
 
-def _blocked_by_ratio(group: Group, rows: Dict[str, "Replaced"]) -> None:
+def _blocked_by_ratio(group: Group, rows: Mapping[str, Any]) -> None:
     ratios = sorted({rows[name].s for name in group.members})
     if group.blocked is None and len(ratios) > 1:
         group.blocked = f"writes into a tensor with layers of other s ({', '.join(map(str, ratios))})"
@@ -47,12 +63,12 @@ def _blocked_by_ratio(group: Group, rows: Dict[str, "Replaced"]) -> None:
 def initialise(
     init: str,
     swapped: List[Tuple[str, nn.Conv2d, GhostModule]],
-    result: "ConversionResult",
+    layers: Mapping[str, Any],
     model: Optional[nn.Module] = None,
     original: Optional[nn.Module] = None,
     batches: Optional[Sequence[torch.Tensor]] = None,
     example_inputs: Sequence[torch.Tensor] = (),
-) -> None:
+) -> Initialised:
     """Set the weights of each ``(name, conv, ghost)`` in ``swapped`` (modules of ``model``) by method ``init``.
 
     Layers that write into one tensor (``channels.couple``) get one shared channel choice, so that the whole
@@ -60,18 +76,20 @@ def initialise(
     original order keeps gathers, and the reason is recorded per layer.
 
     Args:
-        result: gets each layer's reconstruction error and whether (and why) it keeps a gather.
+        layers: each swapped layer's plan by name (a ``rewrite.Replaced``: ``s``, ``norm``, ``calls``).
         model: the converted model; ``original``: the model it was converted from (only read).
         batches: calibration inputs, for ``"calibrate"`` (see ``check_calibration``).
         example_inputs: inputs the analysis and the ``copy`` errors run on.
+
+    Returns:
+        Each layer's measured error and gather, and notes on how they were measured (or why nothing was done).
     """
     check_init(init)
     if init == "random" or not swapped:
-        return
+        return Initialised()
     if any(conv.weight.is_meta for _, conv, _ in swapped):
-        result.notes["init"] = f"init={init!r} skipped: the weights are on the meta device"
-        return
-    rows = {row.name: row for row in result.replaced}
+        return Initialised(notes={"init": f"init={init!r} skipped: the weights are on the meta device"})
+    rows = layers
     coupling = couple(model, [name for name, _, _ in swapped], example_inputs)
     for group in coupling.groups:
         _blocked_by_ratio(group, rows)
@@ -89,7 +107,7 @@ def initialise(
                 copy_layer(*items[name], bns[name], problem, choice)
                 choices[name] = choice
     if init == "calibrate":
-        once = {row.name for row in result.replaced if row.calls == 1}  # shared layers keep the copy fit
+        once = {name for name, row in rows.items() if row.calls == 1}  # shared layers keep the copy fit
         shared = {name: group.members for group in coupling.groups if group.blocked is None
                   and len(group.members) > 1 for name in group.members}
         choices.update(calibrate(model, original, [item for item in swapped if item[0] in once], bns, means,
@@ -102,8 +120,8 @@ def initialise(
                           measured)
     coupling.apply({name: choice.order for name, choice in choices.items()},
                    {name: ghost for name, _, ghost in swapped})
-    for name, _, ghost in swapped:
-        rows[name].gather = ghost.out_index is not None
-        rows[name].gather_reason = coupling.group_of(name).blocked if rows[name].gather else None
-        rows[name].error = errors[measured_at[name]]
-    result.notes["error_inputs"] = "first calibration batch" if init == "calibrate" else "example inputs"
+    fitted = {name: Fitted(errors[measured_at[name]], ghost.out_index is not None,
+                           coupling.group_of(name).blocked if ghost.out_index is not None else None)
+              for name, _, ghost in swapped}
+    return Initialised(fitted, {"error_inputs": "first calibration batch" if init == "calibrate"
+                                else "example inputs"})

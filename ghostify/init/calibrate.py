@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..module import GhostModule
+from ..trace import evaluating
 from .datafree import bn_gain, bn_scale, write
 from .fit import Choice, Pairing, choose, restrict, solve
-from ..trace import evaluating
 
 ROWS = 16384
 PAIR_ROWS = 2048

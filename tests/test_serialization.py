@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import ghostify
-from ghostify.sources import build, load_model
+from ghostify.serialization import load_model
+from ghostify.sources import build
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -37,7 +38,8 @@ def test_saved_file_is_plain_data(tmp_path, converted):
     path = tmp_path / "ghost.pt"
     ghostify.save(converted, path)
     payload = torch.load(path, weights_only=True)
-    assert payload["format"] == "ghostify" and payload["result"]["source"] == {"kind": "torchvision", "name": "resnet18"}
+    assert payload["format"] == "ghostify"
+    assert payload["result"]["source"] == {"kind": "torchvision", "name": "resnet18"}
 
 
 def test_round_trip_in_fresh_process_is_bit_identical(tmp_path, converted):

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .rewrite import ConversionResult, Replaced, Skipped, apply_plan
+from .sources import build, load_weights, parse
 
 FORMAT = "ghostify"
 VERSION = 1
@@ -104,8 +105,6 @@ def build_source(source: Any, path: str, trust_source: bool = False) -> nn.Modul
         ValueError: the spec names code and ``trust_source`` is False, or it is not a spec ghostify builds
             (None: the model was converted from a Python object).
     """
-    from .sources import build
-
     if source is None:
         raise ValueError(f"{path} was converted from a Python object, not a MODEL name; rebuild it with "
                          "ghostify.load(path, model=<the original architecture>)")
@@ -155,3 +154,19 @@ def load(path: str, model: Optional[nn.Module] = None, *, trust_source: bool = F
         raise ValueError(f"the weights in {path} do not fit the rebuilt {type(rebuilt).__name__}: {detail}") from None
     rebuilt.ghostify_result = result
     return rebuilt
+
+
+def load_model(text: str, weights: Optional[str] = None, trust_source: bool = False) -> nn.Module:
+    """Build the model a MODEL string names; a ghostify file loads as its converted model.
+
+    ``trust_source`` goes to ``load``: a ghostify file converted from code (``module:factory``,
+    ``file.py:factory``) is rebuilt by running that code only when it is True. A MODEL string itself naming
+    code is the caller's choice and is built as asked.
+    """
+    spec = parse(text)
+    if spec["kind"] == "ghostify_file":
+        return load(spec["path"], trust_source=trust_source)
+    model = build(spec)
+    if weights is not None:
+        load_weights(model, weights)
+    return model
