@@ -116,6 +116,29 @@ def test_deploy_untraceable_model_falls_back_to_sequentials():
     assert_same_outputs(ghost, deployed)
 
 
+class GhostThenNorm(nn.Module):
+    """A Ghost module whose cheap operation ends in a ReLU (so the BN after it cannot fold), then a foldable
+    Ghost + BN pair; ``traceable=False`` adds data-dependent control flow."""
+
+    def __init__(self, traceable: bool):
+        super().__init__()
+        self.traceable = traceable
+        self.body = nn.Sequential(ghostify.GhostModule(3, 8, 3, padding=1, activation_layer=nn.ReLU), nn.BatchNorm2d(8),
+                                  ghostify.GhostModule(8, 16, 3, padding=1, s=3), nn.BatchNorm2d(16))
+
+    def forward(self, x):
+        return self.body(x) if self.traceable or x.sum() > -1e9 else x
+
+
+@pytest.mark.parametrize("traceable", [True, False])
+def test_deploy_folds_the_same_pairs_traced_or_not(traceable):
+    model = with_random_statistics(GhostThenNorm(traceable))
+    deployed = ghostify.deploy(model)
+    assert deployed.ghostify_deploy.method == ("fx" if traceable else "sequential")
+    assert [entry.split(" -> ")[1] for entry in deployed.ghostify_deploy.folded] == ["body.2"]
+    assert_same_outputs(model, deployed)
+
+
 def test_deploy_returns_new_model_and_refuses_training_mode():
     ghost = ghostify.convert(torchvision.models.resnet18(), example_inputs=SMALL[:1])
     with pytest.raises(RuntimeError, match="eval"):
