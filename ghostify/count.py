@@ -8,8 +8,7 @@ element-wise additions and activations.
 from __future__ import annotations
 
 import warnings
-from functools import cached_property
-from typing import Dict, Tuple
+from typing import Any, Callable, Dict, Hashable, Tuple
 
 import torch
 from torch import nn
@@ -20,8 +19,10 @@ from .trace import evaluating
 class Counts:
     """FLOPs and parameters of ``model`` on ``inputs``, by module and in total.
 
-    The model is traced once, in eval mode and without gradients, the first time a FLOP figure is asked
-    for; its training flag is restored afterwards, so counting never changes it (no BN statistic updates).
+    The model is traced in eval mode and without gradients the first time a FLOP figure is asked for; its
+    training flag is restored afterwards, so counting never changes it (no BN statistic updates). Figures
+    are cached until the model's structure changes (a module replaced, a layer resized): each query
+    compares a cheap fingerprint of the module tree, so a count is never stale.
 
     Example:
         >>> counts = Counts(torchvision.models.resnet18(), (torch.randn(1, 3, 224, 224),))
@@ -32,10 +33,26 @@ class Counts:
     def __init__(self, model: nn.Module, inputs: Tuple[torch.Tensor, ...]) -> None:
         self.model = model
         self.inputs = inputs
+        self._cache: Dict[str, Any] = {}
+        self._cached_for: Hashable = None
 
-    @cached_property
-    def _analysis(self):
-        """fvcore's analysis, run once; per-module and per-operator totals come from the same trace."""
+    def _fingerprint(self) -> Hashable:
+        """The module tree: names, types and parameter/buffer shapes (what the counts depend on)."""
+        return tuple((name, type(module), tuple((key, tuple(t.shape)) for key, t in
+                                                [*module._parameters.items(), *module._buffers.items()]
+                                                if t is not None))
+                     for name, module in self.model.named_modules(remove_duplicate=False))
+
+    def _cached(self, key: str, compute: Callable[[], Any]) -> Any:
+        fingerprint = self._fingerprint()
+        if fingerprint != self._cached_for:
+            self._cache, self._cached_for = {}, fingerprint
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
+    def _analyse(self):
+        """fvcore's analysis; per-module and per-operator totals come from the same trace."""
         with evaluating(self.model), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from fvcore.nn import FlopCountAnalysis
@@ -45,15 +62,15 @@ class Counts:
             analysis.by_module()
             return analysis
 
-    @cached_property
+    @property
     def flops_by_module(self) -> Dict[str, int]:
         """Multiply-adds per qualified module name ('' is the whole model), summed over calls."""
-        return dict(self._analysis.by_module())
+        return self._cached("by_module", lambda: dict(self._cached("analysis", self._analyse).by_module()))
 
-    @cached_property
+    @property
     def flops_by_operator(self) -> Dict[str, int]:
         """Multiply-adds per operator kind ('conv', 'linear', 'batch_norm', ...)."""
-        return dict(self._analysis.by_operator())
+        return self._cached("by_operator", lambda: dict(self._cached("analysis", self._analyse).by_operator()))
 
     @property
     def conv_linear_flops(self) -> int:
@@ -62,12 +79,12 @@ class Counts:
         return int(sum(v for k, v in self.flops_by_operator.items()
                        if k in ("conv", "linear", "matmul", "addmm", "bmm", "einsum")))
 
-    @cached_property
+    @property
     def params_by_module(self) -> Dict[str, int]:
         """Parameter count per qualified module name ('' is the whole model); shared tensors count once."""
         from fvcore.nn import parameter_count
 
-        return dict(parameter_count(self.model))
+        return self._cached("params", lambda: dict(parameter_count(self.model)))
 
     @property
     def flops(self) -> int:

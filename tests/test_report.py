@@ -40,6 +40,16 @@ def test_counts_do_not_touch_training_flag_or_bn_stats():
     assert model.training and torch.equal(stats, model.bn1.running_mean)
 
 
+def test_counts_follow_changes_to_the_model():
+    model = torchvision.models.resnet18()
+    x = torch.randn(1, 3, 32, 32)
+    counts = Counts(model, (x,))
+    before_flops, before_params = counts.conv_linear_flops, counts.params
+    model.layer1[0].conv2 = ghostify.GhostModule.from_conv(model.layer1[0].conv2, s=2)
+    assert counts.conv_linear_flops == _torch_conv_and_linear_macs(model, x) < before_flops
+    assert counts.params == sum(p.numel() for p in model.parameters()) < before_params
+
+
 @pytest.mark.parametrize("s, flops_paper, params_arithmetic", [(2, 2.2e9, 13.9e6), (4, 1.2e9, 8.1e6)])
 def test_paper_table6_resnet50(s, flops_paper, params_arithmetic):
     """Ghost-ResNet-50 FLOPs within 5% of paper Table 6; params against the reference code's arithmetic."""
