@@ -40,19 +40,34 @@ class ModelParam(click.ParamType):
         return value
 
 
+_LIBRARY_NOISE = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+
+
+def _echo_warnings(caught) -> None:
+    """Print each distinct warning once, on one line, with how often it came; deprecation notices are
+    about libraries' APIs, not the user's model, and are left out."""
+    counts = {}
+    for warning in caught:
+        if not issubclass(warning.category, _LIBRARY_NOISE):
+            key = (warning.category.__name__, str(warning.message).strip().splitlines()[0] if str(warning.message)
+                   else "")
+            counts[key] = counts.get(key, 0) + 1
+    for (category, message), count in counts.items():
+        kind = "" if category == "UserWarning" else f" ({category})"
+        click.echo(f"warning{kind}: {message}" + (f" [{count} times]" if count > 1 else ""), err=True)
+
+
 class GhostifyGroup(click.Group):
     """A command group that reports library errors as one line instead of a traceback."""
 
     def invoke(self, ctx: click.Context):
         try:
             with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", UserWarning)
+                warnings.simplefilter("always")
                 try:
                     return super().invoke(ctx)
                 finally:
-                    for warning in caught:
-                        if issubclass(warning.category, UserWarning):
-                            click.echo(f"warning: {warning.message}", err=True)
+                    _echo_warnings(caught)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except KeyboardInterrupt:

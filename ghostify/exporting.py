@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Sequence, Tuple
 
@@ -21,6 +22,23 @@ from .serialization import atomic_write
 
 FORMATS = ("onnx", "torchscript", "pt2")
 ONNX_OPSET = 17
+
+
+@contextmanager
+def _quiet_exporters():
+    """Silence what torch's exporters say about themselves, never what they say about the model.
+
+    Hidden: deprecation notices of the exporters, torch.export's weight-grouping note when saving, and tracer
+    warnings raised inside ghostify's deploy forms (static channel-count checks). Shown: everything else,
+    above all a ``TracerWarning`` from the model's own code, which means a data-dependent branch or value was
+    frozen into the file.
+    """
+    with warnings.catch_warnings():
+        for category in (DeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=category)
+        warnings.filterwarnings("ignore", message="No complete tensor found in the group")
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"ghostify\.")
+        yield
 
 
 @dataclass
@@ -62,25 +80,22 @@ def write_onnx(model: nn.Module, path: str, example: torch.Tensor, dynamic_batch
     """``torch.onnx.export`` (TorchScript-based exporter: it runs offline and keeps Conv/Concat as they are)."""
     require_onnx()
     axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _quiet_exporters():
         torch.onnx.export(model, (example,), path, dynamo=False, opset_version=ONNX_OPSET,
                           input_names=["input"], output_names=["output"], dynamic_axes=axes)
 
 
 def _write_torchscript(model: nn.Module, path: str, example: torch.Tensor) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _quiet_exporters():
         traced = torch.jit.trace(model, (example,), check_trace=False)
     traced.save(path)
 
 
 def _write_pt2(model: nn.Module, path: str, example: torch.Tensor, dynamic_batch: bool) -> None:
     shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
-    program = torch.export.export(model, (example,), dynamic_shapes=shapes)
     buffer = io.BytesIO()  # torch.export.save wants a .pt2 name; atomic_write hands us a temp name
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _quiet_exporters():
+        program = torch.export.export(model, (example,), dynamic_shapes=shapes)
         torch.export.save(program, buffer)
     with open(path, "wb") as handle:
         handle.write(buffer.getvalue())
@@ -90,11 +105,8 @@ def _run_file(path: str, fmt: str, x: torch.Tensor) -> torch.Tensor:
     if fmt == "onnx":
         session = onnx_session(path)
         return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
-    if fmt == "torchscript":
-        return torch.jit.load(path)(x)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.export.load(path).module()(x)
+    with _quiet_exporters():
+        return torch.jit.load(path)(x) if fmt == "torchscript" else torch.export.load(path).module()(x)
 
 
 def export(model: nn.Module, path: str, format: str = "onnx", *, input_size: Sequence[int] = (3, 224, 224),

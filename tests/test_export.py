@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -76,6 +77,42 @@ def test_cli_export_prints_diff(ghost, tmp_path):
     result = CliRunner().invoke(main, ["export", str(saved), "--format", "onnx", "-o", str(out)])
     assert result.exit_code == 0, result.stderr
     assert "max abs diff vs PyTorch" in result.stdout and out.exists()
+
+
+class FrozenBranch(torch.nn.Module):
+    """A model whose forward branches on a tensor's value: a trace freezes the branch taken."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y if y.mean() > -1e9 else -y
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_shows_tracer_warnings_about_the_model_only(ghost, fmt, tmp_path):
+    with pytest.warns(torch.jit.TracerWarning) as caught:  # the model's own frozen branch is shown
+        ghostify.export(FrozenBranch().eval(), tmp_path / "frozen", fmt, input_size=SIZE)
+    assert all("test_export" in w.filename for w in caught if w.category is torch.jit.TracerWarning)
+    with warnings.catch_warnings(record=True) as caught:  # a converted torchvision model: nothing to say
+        warnings.simplefilter("always")
+        ghostify.export(ghost, tmp_path / "ghost", fmt, input_size=SIZE)
+    assert [str(w.message) for w in caught] == []
+
+
+def test_cli_prints_each_warning_once_with_its_kind(tmp_path):
+    factory = tmp_path / "frozen.py"
+    factory.write_text("import torch\n\nclass Net(torch.nn.Module):\n    def __init__(self):\n"
+                       "        super().__init__()\n        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)\n"
+                       "    def forward(self, x):\n        y = self.conv(x)\n"
+                       "        return y if y.mean() > -1e9 else -y\n\ndef build():\n    return Net()\n")
+    result = CliRunner().invoke(main, ["export", f"{factory}:build", "--format", "torchscript", "-o",
+                                       str(tmp_path / "n.ts"), "--input-size", *map(str, SIZE)])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("warning")]
+    assert len(lines) == 1 and lines[0].startswith("warning (TracerWarning): Converting a tensor to a Python"), lines
 
 
 def test_cli_bench_json(tmp_path):
