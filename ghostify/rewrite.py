@@ -285,7 +285,8 @@ def convert(
         init: how the Ghost modules' weights start: ``"copy"`` (from the original filters, no data),
             ``"calibrate"`` (fitted to the original layers' outputs on ``calibration_data``) or ``"random"``.
         calibration_data: for ``"calibrate"``: an ``(N, C, H, W)`` tensor, or an iterable of batches or of
-            (inputs, targets) pairs; by default ``example_inputs`` is its first input.
+            (inputs, targets) pairs; by default ``example_inputs`` is its first input. A model with several
+            inputs takes batches as tuples whose first entries are its inputs (as in ``example_inputs``).
         calibration_samples: how many calibration inputs to use at most.
         absorb_norm: take the batch norm that alone reads a conv into its Ghost module (the GhostNet form:
             the cheap operation reads normalised maps), so that deploy folds it into the two convs exactly;
@@ -305,9 +306,13 @@ def convert(
     init = check_init(init)
     batches = None
     if init == "calibrate":
-        shape = None if example_inputs is None else tuple(_example_inputs(example_inputs)[0].shape[1:])
-        batches = check_calibration(calibration_data, calibration_samples, shape)
-        example_inputs = batches[0][:1] if example_inputs is None else example_inputs
+        given = None if example_inputs is None else _example_inputs(example_inputs)
+        if given is not None and not all(isinstance(x, torch.Tensor) for x in given):
+            raise ValueError("init='calibrate' needs tensor inputs; this model's example inputs include lists "
+                             "(use init='copy')")
+        shapes = None if given is None else [tuple(x.shape[1:]) for x in given]
+        batches = check_calibration(calibration_data, calibration_samples, shapes, len(given or (None,)))
+        example_inputs = tuple(x[:1] for x in batches[0]) if example_inputs is None else example_inputs
     elif calibration_data is not None:
         raise ValueError(f"calibration_data is only used by init='calibrate', got init={init!r}")
     _validate(s, check_ratio, "s")

@@ -40,7 +40,7 @@ def test_cli_calibrate_from_tensor_file_reports_errors(tmp_path):
 
 def test_image_folder_is_resized_and_normalised(tmp_path):
     batches = load_calibration(_images(tmp_path / "imgs", 5), (3, 16, 16), samples=3)
-    x = torch.cat(batches)
+    x = torch.cat([inputs for inputs, in batches])
     assert x.shape == (3, 3, 16, 16) and x.dtype == torch.float32
     assert x.min() < 0 < x.max()  # ImageNet mean and std applied
 

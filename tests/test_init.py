@@ -203,6 +203,40 @@ def test_bad_calibration_data_is_refused_before_any_work(data, error, message):
         ghostify.convert(Untouchable(), init="calibrate", calibration_data=data, example_inputs=torch.randn(1, 3, 8, 8))
 
 
+class TwoEyes(nn.Module):
+    """Two inputs, each through its own conv stack, joined by a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.left, self.right = (nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                               nn.Conv2d(16, 24, 3, padding=1, bias=False), nn.BatchNorm2d(24),
+                                               nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()) for _ in range(2))
+        self.head = nn.Linear(48, 10)
+
+    def forward(self, a, b):
+        return self.head(torch.cat([self.left(a), self.right(b)], 1))
+
+
+def test_calibrate_a_model_with_two_inputs(digits_model):
+    _, x = digits_model
+    torch.manual_seed(0)
+    model = TwoEyes()
+    with torch.no_grad():  # settle the batch norms on the data
+        model.train()(x[:256], x[:256].flip(3))
+    model.eval()
+    pairs = [(x[:128], x[:128].flip(3), None), (x[128:256], x[128:256].flip(3), None)]  # (inputs..., target)
+    errors = {}
+    for init in ("copy", "calibrate"):
+        extra = {"calibration_data": pairs} if init == "calibrate" else {}
+        ghost = ghostify.convert(model, s=4, include="*.3", init=init, example_inputs=(x[:64], x[:64].flip(3)),
+                                 **extra)
+        errors[init] = {row.name: row.error for row in ghost.ghostify_result.replaced}
+    assert sorted(errors["calibrate"]) == ["left.3", "right.3"]
+    assert all(errors["calibrate"][name] < 0.5 * errors["copy"][name] for name in errors["copy"]), errors
+    with pytest.raises(TypeError, match="takes 2 inputs"):  # one tensor for two inputs: refused before any work
+        ghostify.convert(model, init="calibrate", calibration_data=x, example_inputs=(x[:1], x[:1]))
+
+
 def test_calibration_data_without_calibrate_is_refused():
     with pytest.raises(ValueError, match="only used by init='calibrate'"):
         ghostify.convert(Untouchable(), calibration_data=torch.randn(2, 3, 8, 8))

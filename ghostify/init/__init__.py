@@ -66,7 +66,7 @@ def initialise(
     layers: Mapping[str, Any],
     model: Optional[nn.Module] = None,
     original: Optional[nn.Module] = None,
-    batches: Optional[Sequence[torch.Tensor]] = None,
+    batches: Optional[Sequence[Tuple[torch.Tensor, ...]]] = None,
     example_inputs: Sequence[torch.Tensor] = (),
 ) -> Initialised:
     """Set the weights of each ``(name, conv, ghost)`` in ``swapped`` (modules of ``model``) by method ``init``.
@@ -112,7 +112,7 @@ def initialise(
                   and len(group.members) > 1 for name in group.members}
         choices.update(calibrate(model, original, [item for item in swapped if item[0] in once], bns, means,
                                  batches, shared))
-    measured = [(batches[0],)] if init == "calibrate" else [tuple(example_inputs)]
+    measured = [tuple(batches[0])] if init == "calibrate" else [tuple(example_inputs)]
     paths = {id(module): path for path, module in model.named_modules()}
     measured_at = {name: paths[id(coupling.bn[name])] if coupling.bn[name] is not None else name
                    for name, _, _ in swapped}  # after the batch norm, also when the Ghost module took it in

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..module import GhostModule
 from ..trace import evaluating
+from .data import Batch
 from .datafree import bn_gain, bn_scale, write
 from .fit import Choice, Pairing, choose, restrict, solve
 
@@ -29,7 +30,7 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once the layer of interest has been reached."""
 
 
-def _capture(model: nn.Module, module: nn.Module, batches: Sequence[torch.Tensor], output: bool) -> torch.Tensor:
+def _capture(model: nn.Module, module: nn.Module, batches: Sequence[Batch], output: bool) -> torch.Tensor:
     """``module``'s input (or output) over all ``batches``, running ``model`` only as far as ``module``."""
     grabbed: List[torch.Tensor] = []
 
@@ -40,9 +41,9 @@ def _capture(model: nn.Module, module: nn.Module, batches: Sequence[torch.Tensor
     handle = module.register_forward_hook(hook) if output else module.register_forward_pre_hook(hook)
     try:
         with evaluating(model):
-            for x in batches:
+            for inputs in batches:
                 try:
-                    model(x)
+                    model(*inputs)
                 except _Stop:
                     pass
     finally:
@@ -171,7 +172,7 @@ def _progress():
 
 
 def shared_choice(original: nn.Module, layers: Sequence[Tuple[str, GhostModule, Optional[nn.BatchNorm2d]]],
-                  batches: Sequence[torch.Tensor], seed: int = 0) -> Choice:
+                  batches: Sequence[Batch], seed: int = 0) -> Choice:
     """One channel choice for layers that write into the same tensor, from all their original outputs."""
     generator = torch.Generator().manual_seed(seed)
     pairings = []
@@ -183,7 +184,7 @@ def shared_choice(original: nn.Module, layers: Sequence[Tuple[str, GhostModule, 
 
 def calibrate(model: nn.Module, original: nn.Module, swapped: List[Tuple[str, nn.Conv2d, GhostModule]],
               bns: Dict[str, Optional[nn.BatchNorm2d]], means: Dict[str, torch.Tensor],
-              batches: Sequence[torch.Tensor], groups: Dict[str, List[str]]) -> Dict[str, Choice]:
+              batches: Sequence[Batch], groups: Dict[str, List[str]]) -> Dict[str, Choice]:
     """Refit each swapped layer of ``model`` in turn (``fit_layer``); returns each layer's channel choice.
 
     Args:

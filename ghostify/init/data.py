@@ -3,33 +3,48 @@
 from __future__ import annotations
 
 import os
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
+
+Batch = Tuple[torch.Tensor, ...]  # one calibration batch: the model's positional inputs
 
 BATCH = 64
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def _inputs_of(item: Any) -> torch.Tensor:
-    x = item[0] if isinstance(item, (tuple, list)) and item else item
-    if not isinstance(x, torch.Tensor):
+def _inputs_of(item: Any, arity: int) -> Batch:
+    if arity == 1 and isinstance(item, torch.Tensor):
+        return (item,)
+    if isinstance(item, (tuple, list)) and len(item) >= arity and all(isinstance(x, torch.Tensor)
+                                                                      for x in item[:arity]):
+        return tuple(item[:arity])
+    if arity == 1:
+        bad = item[0] if isinstance(item, (tuple, list)) and item else item
         raise TypeError("calibration_data must be a tensor or an iterable of tensors or (inputs, targets) pairs; "
-                        f"got an item of type {type(x).__name__}")
-    return x
+                        f"got an item of type {type(bad).__name__}")
+    raise TypeError(f"the model takes {arity} inputs: each calibration batch must be a tuple whose first {arity} "
+                    f"entries are tensors (its inputs; anything after them, such as targets, is ignored), "
+                    f"got {type(item).__name__}")
 
 
-def check_calibration(data: Any, samples: int = 256, shape: Optional[Sequence[int]] = None) -> List[torch.Tensor]:
+def check_calibration(data: Any, samples: int = 256, shapes: Optional[Sequence[Sequence[int]]] = None,
+                      arity: int = 1) -> List[Batch]:
     """The first ``samples`` calibration inputs, validated, in batches of up to 64.
 
     Args:
-        data: an ``(N, ...)`` tensor, or an iterable of such batches or of (inputs, targets) pairs.
+        data: an ``(N, ...)`` tensor, or an iterable of such batches or of (inputs, targets) pairs; for a
+            model with several inputs, an iterable of tuples whose first ``arity`` entries are its inputs.
         samples: how many inputs to use.
-        shape: the per-sample shape the model was analysed with, e.g. ``(3, 32, 32)``.
+        shapes: the per-sample shape of each input the model was analysed with, e.g. ``[(3, 32, 32)]``.
+        arity: how many positional inputs the model takes.
+
+    Returns:
+        Batches, each a tuple of the model's ``arity`` inputs.
 
     Raises:
-        TypeError: ``data`` is not a tensor or an iterable of them.
+        TypeError: ``data`` is not a tensor or an iterable of them (or of tuples of them).
         ValueError: no inputs, non-floating-point inputs, or inputs of another shape.
     """
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
@@ -40,26 +55,35 @@ def check_calibration(data: Any, samples: int = 256, shape: Optional[Sequence[in
         data = [data]
     elif isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
         raise TypeError(f"calibration_data must be a tensor or an iterable of batches, got {type(data).__name__}")
-    taken: List[torch.Tensor] = []
+    taken: List[Batch] = []
     count = 0
     for item in data:
-        x = _inputs_of(item)
-        if not x.is_floating_point():
-            raise ValueError("calibration inputs must be floating point (normalised as the model expects), "
-                             f"got {x.dtype}")
-        expected = tuple(shape) if shape is not None else (tuple(taken[0].shape[1:]) if taken else None)
-        if x.dim() < 2 or (expected is not None and tuple(x.shape[1:]) != expected):
-            wanted = ", ".join(map(str, expected or ["..."]))
-            raise ValueError(f"calibration inputs must be batches of shape (N, {wanted}), got {tuple(x.shape)}; "
-                             "pass example_inputs (CLI: --input-size) of the same size")
-        if len(x):
-            taken.append(x[: samples - count].detach())
-            count += len(taken[-1])
+        batch = _inputs_of(item, arity)
+        for index, x in enumerate(batch):
+            _check_input(x, shapes[index] if shapes is not None else
+                         (tuple(taken[0][index].shape[1:]) if taken else None), len(batch[0]))
+        if len(batch[0]):
+            taken.append(tuple(x[: samples - count].detach() for x in batch))
+            count += len(taken[-1][0])
         if count >= samples:
             break
     if not count:
         raise ValueError("calibration_data is empty: it holds no inputs")
-    return list(torch.cat(taken).split(BATCH))
+    return list(zip(*[torch.cat(column).split(BATCH) for column in zip(*taken)]))
+
+
+def _check_input(x: torch.Tensor, expected: Optional[Sequence[int]], batch: int) -> None:
+    if not x.is_floating_point():
+        raise ValueError("calibration inputs must be floating point (normalised as the model expects), "
+                         f"got {x.dtype}")
+    expected = None if expected is None else tuple(expected)
+    if x.dim() < 2 or (expected is not None and tuple(x.shape[1:]) != expected):
+        wanted = ", ".join(map(str, expected or ["..."]))
+        raise ValueError(f"calibration inputs must be batches of shape (N, {wanted}), got {tuple(x.shape)}; "
+                         "pass example_inputs (CLI: --input-size) of the same size")
+    if len(x) != batch:
+        raise ValueError(f"the inputs of one calibration batch must have the same batch size, got {len(x)} "
+                         f"and {batch}")
 
 
 def _read_image(path: str, shape: Sequence[int]) -> torch.Tensor:
@@ -75,7 +99,7 @@ def _read_image(path: str, shape: Sequence[int]) -> torch.Tensor:
     return x
 
 
-def load_calibration(path: str, shape: Sequence[int], samples: int = 256) -> List[torch.Tensor]:
+def load_calibration(path: str, shape: Sequence[int], samples: int = 256) -> List[Batch]:
     """Calibration batches from a ``.pt`` file (a tensor, or (inputs, targets)) or a folder of images.
 
     Images (searched recursively, sorted by path) are resized to ``shape`` = (C, H, W) and, for 3 channels,
@@ -87,7 +111,7 @@ def load_calibration(path: str, shape: Sequence[int], samples: int = 256) -> Lis
                        if name.lower().endswith(IMAGE_SUFFIXES))[:samples]
         if not files:
             raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
-        return check_calibration(torch.stack([_read_image(f, shape) for f in files]), samples, shape)
+        return check_calibration(torch.stack([_read_image(f, shape) for f in files]), samples, [shape])
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such calibration file or folder: {path}")
     try:
@@ -96,4 +120,4 @@ def load_calibration(path: str, shape: Sequence[int], samples: int = 256) -> Lis
         raise ValueError(f"{path} is not a readable tensor file: {type(error).__name__}") from None
     if isinstance(data, tuple) and data:
         data = data[0]
-    return check_calibration(data, samples, shape)
+    return check_calibration(data, samples, [shape])
