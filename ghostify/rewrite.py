@@ -281,7 +281,9 @@ def convert(
         include: glob patterns; only matching convs are converted.
         exclude: glob patterns; matching convs are left alone.
         include_stem: also convert the conv that sees the raw input.
-        example_inputs: inputs for the analysis pass (default one 1x3x224x224 tensor).
+        example_inputs: inputs for the analysis pass (default one 1x3x224x224 tensor): a tensor, or a tuple
+            of the model's positional arguments (a model that takes a list of images, as torchvision's
+            detection models do, gets ``([image],)``).
         init: how the Ghost modules' weights start: ``"copy"`` (from the original filters, no data),
             ``"calibrate"`` (fitted to the original layers' outputs on ``calibration_data``) or ``"random"``.
         calibration_data: for ``"calibrate"``: an ``(N, C, H, W)`` tensor, or an iterable of batches or of
@@ -325,7 +327,14 @@ def convert(
     if not any(isinstance(module, nn.Conv2d) for module in model.modules()):
         raise ValueError(f"{type(model).__name__} has no nn.Conv2d layer to convert")
     converted = copy.deepcopy(model)
-    analysis = analyse(converted, inputs)
+    try:
+        analysis = analyse(converted, inputs)
+    except ValueError as error:
+        if not isinstance(example_inputs, list):
+            raise
+        raise ValueError(f"{error}. A list of example inputs is unpacked as positional arguments, "
+                         "model(*example_inputs); for a model called with a list, as torchvision's detection "
+                         "models are (model([image])), wrap it: example_inputs=([image],)") from None
     opts["ghosts"] = [name for name, module in converted.named_modules() if isinstance(module, GhostModule)]
     _warn_unmatched(opts, [n for site in analysis.sites for n in [site.name] + site.aliases])
 

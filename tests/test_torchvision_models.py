@@ -79,3 +79,10 @@ def test_detection_model_uses_hook_fallback():
     with torch.no_grad():
         out, ref = ghost(x), model(x)
     assert type(ghost) is type(model) and out[0].keys() == ref[0].keys()
+
+
+def test_detection_model_called_with_a_bare_list_says_how_to_pass_it():
+    model = torchvision.models.get_model("fasterrcnn_mobilenet_v3_large_320_fpn", weights=None,
+                                         weights_backbone=None, num_classes=3).eval()
+    with pytest.raises(ValueError, match=r"wrap it: example_inputs=\(\[image\],\)"):
+        ghostify.convert(model, example_inputs=[torch.rand(3, 160, 160)])
