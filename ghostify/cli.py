@@ -15,7 +15,7 @@ from typing import Iterator, Optional, Tuple
 
 import click
 
-BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError)
+BAD_INPUT = (ValueError, TypeError, OSError, ImportError)  # OSError: missing, existing, unwritable files; full disk
 
 
 def _version() -> str:
@@ -58,7 +58,21 @@ def _echo_warnings(caught) -> None:
 
 
 class GhostifyGroup(click.Group):
-    """A command group that reports library errors as one line instead of a traceback."""
+    """A command group that reports library errors, and click's own usage errors, as one line."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as error:
+            command = error.ctx.command_path if error.ctx is not None else "ghostify"
+            click.echo(f"error: {error.format_message()} (see '{command} --help')", err=True)
+            sys.exit(2)
+        except click.ClickException as error:
+            click.echo(f"error: {error.format_message()}", err=True)
+            sys.exit(error.exit_code)
+        except click.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -100,6 +114,16 @@ def _inputs(input_size: Optional[Tuple[int, int, int]], default: Tuple[int, int,
     return (torch.randn(1, *(input_size or default)),)
 
 
+def _input_size_of(text: str, loaded) -> Tuple[int, ...]:
+    """The per-sample input size MODEL was converted at (a ghostify file), or its default."""
+    from .sources import default_input_size, parse
+
+    result = getattr(loaded, "ghostify_result", None)
+    if result is not None and result.input_shapes and result.input_shapes[0]:
+        return tuple(result.input_shapes[0][1:])
+    return default_input_size(parse(text))
+
+
 def _print_report(report, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
@@ -119,6 +143,9 @@ JSON = click.option("--json", "as_json", is_flag=True, help="Print the report as
 TRUST_SOURCE = click.option("--trust-source", is_flag=True,
                             help="Allow rebuilding a ghostify file whose architecture comes from Python code "
                                  "(module:factory or file.py:factory); only for files you trust.")
+ARCH = click.option("--arch", metavar="MODEL", type=MODEL,
+                    help="The original architecture of a ghostify file (a MODEL string), for files converted from "
+                         "a Python object or from code; used instead of the file's own record.")
 
 
 @click.group(cls=GhostifyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -153,32 +180,35 @@ def main(debug: bool) -> None:
                    "linear: the norm stays after a linear Ghost module.")
 @JSON
 @TRUST_SOURCE
+@ARCH
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
 def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_size, weights, init, calib_data,
-            calib_samples, form, as_json, trust_source, force, output) -> None:
+            calib_samples, form, as_json, trust_source, arch, force, output) -> None:
     """Convert MODEL's Conv2d layers to Ghost modules, print the report, write OUT."""
-    import os
+    from .serialization import check_output
 
-    if os.path.exists(output) and not force:
-        raise FileExistsError(f"{output} exists; pass --force to overwrite it")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(output))):
-        raise FileNotFoundError(f"folder does not exist: {os.path.dirname(os.path.abspath(output))}")
+    check_output(output, overwrite=force)
     if init == "calibrate" and calib_data is None:
         raise ValueError("--init calibrate needs --calib-data PATH (an image folder or a .pt tensor file)")
+    if init != "calibrate" and calib_data is not None:
+        raise ValueError(f"--calib-data is only used by --init calibrate, got --init {init}")
     import ghostify
 
     from .serialization import load_model
-    from .sources import default_input_size, parse
 
     with _status(f"Building {model}", as_json):
-        source = load_model(model, weights, trust_source)
-    inputs = _inputs(input_size, default_input_size(parse(model)))
+        source = load_model(model, weights, trust_source, arch)
+    inputs = _inputs(input_size, _input_size_of(model, source))
     calibration = None
     if calib_data is not None:
         from .init.data import load_calibration
 
         calibration = load_calibration(calib_data, tuple(inputs[0].shape[1:]), calib_samples)
+        found = sum(len(batch[0]) for batch in calibration)
+        if found < calib_samples:
+            warnings.warn(f"{calib_data} holds {found} calibration inputs, fewer than --calib-samples "
+                          f"{calib_samples}; calibrating on {found}", UserWarning, stacklevel=1)
     with _status("Converting and counting", as_json or init == "calibrate"):  # calibrate shows its own progress
         ghost = ghostify.convert(source, s=s, d=d, primary_kernel=primary_kernel, include=include or None,
                                  exclude=exclude or None, include_stem=include_stem, example_inputs=inputs, init=init,
@@ -196,27 +226,34 @@ def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_s
 @INPUT_SIZE
 @JSON
 @TRUST_SOURCE
-def report(model, input_size, as_json, trust_source) -> None:
+@ARCH
+def report(model, input_size, as_json, trust_source, arch) -> None:
     """Count FLOPs and params of MODEL (before and after, for a ghostify file)."""
     import ghostify
 
-    from .serialization import build_source, load_model
-    from .sources import default_input_size, parse
+    from .serialization import load_model
 
-    spec = parse(model)
     with _status(f"Counting {model}", as_json):
-        loaded = load_model(model, trust_source=trust_source)
+        loaded = load_model(model, trust_source=trust_source, arch=arch)
+        inputs = _inputs(input_size, _input_size_of(model, loaded))
         result = getattr(loaded, "ghostify_result", None)
         if result is None:
-            inputs = _inputs(input_size, default_input_size(spec))
             summary = ghostify.report(loaded, None, inputs, name=model)
-        elif result.source is None:  # converted from a Python object: no original to rebuild
-            summary = ghostify.report(loaded, None, _inputs(input_size, result.input_shapes[0][1:]), name=model)
+        elif result.source is None and arch is None:  # converted from a Python object: no original to rebuild
+            summary = ghostify.report(loaded, None, inputs, name=model)
         else:
-            inputs = _inputs(input_size, tuple(result.input_shapes[0][1:]))
-            original = build_source(result.source, model, trust_source)
-            summary = ghostify.report(original, loaded, inputs, name=result.source.get("name", model))
+            original = _original_of(model, loaded, arch, trust_source)
+            summary = ghostify.report(original, loaded, inputs, name=arch or (result.source or {}).get("name", model))
     _print_report(summary, as_json)
+
+
+def _original_of(text: str, loaded, arch: Optional[str], trust_source: bool):
+    """The original model a ghostify file was converted from: ``--arch``, else the file's record."""
+    from .serialization import build_source, load_model
+
+    if arch is not None:
+        return load_model(arch)
+    return build_source(loaded.ghostify_result.source, text, trust_source)
 
 
 @main.command()
@@ -238,23 +275,22 @@ def models() -> None:
 @INPUT_SIZE
 @click.option("--dynamic-batch", is_flag=True, help="Let the batch size vary in the exported file.")
 @TRUST_SOURCE
+@ARCH
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the export.")
-def export(model, fmt, input_size, dynamic_batch, trust_source, force, output) -> None:
+def export(model, fmt, input_size, dynamic_batch, trust_source, arch, force, output) -> None:
     """Export MODEL (usually a ghostify file) in its deploy form: BNs folded, ready to run without ghostify."""
     from .exporting import export as export_model
-    from .serialization import load_model
-    from .sources import default_input_size, parse
+    from .serialization import check_output, load_model
 
+    check_output(output, overwrite=force)
     with _status(f"Exporting {model} as {fmt}"):
-        loaded = load_model(model, trust_source=trust_source).eval()
-        result = getattr(loaded, "ghostify_result", None)
-        if result and result.input_shapes[0]:
-            default = tuple(result.input_shapes[0][1:])
-        else:
-            default = default_input_size(parse(model))
-        done = export_model(loaded, output, fmt, input_size=input_size or default, dynamic_batch=dynamic_batch,
-                            overwrite=force)
+        loaded = load_model(model, trust_source=trust_source, arch=arch).eval()
+        if getattr(loaded, "ghostify_result", None) is None:
+            warnings.warn(f"{model} is not a ghostify file: exporting the original model, unconverted "
+                          "(convert it first: ghostify convert MODEL -o FILE)", UserWarning, stacklevel=1)
+        done = export_model(loaded, output, fmt, input_size=input_size or _input_size_of(model, loaded),
+                            dynamic_batch=dynamic_batch, overwrite=force)
     click.echo(f"wrote {done.path} ({fmt}, input {'x'.join(map(str, done.input_shape))}"
                f"{', dynamic batch' if dynamic_batch else ''}); max abs diff vs PyTorch: {done.max_abs_diff:.2e}")
 
@@ -274,23 +310,39 @@ def export(model, fmt, input_size, dynamic_batch, trust_source, force, output) -
 @INPUT_SIZE
 @JSON
 @TRUST_SOURCE
-def bench(model, ghost_file, batches, runtime, threads, repeats, s, d, input_size, as_json, trust_source) -> None:
+@ARCH
+def bench(model, ghost_file, batches, runtime, threads, repeats, s, d, input_size, as_json, trust_source, arch) -> None:
     """Latency of MODEL vs its Ghost version (GHOST_FILE, MODEL itself if it is a ghostify file, or converted
     here with --s/--d), both in deploy form, interleaved; median of the repeats."""
     import ghostify
 
     from .latency import bench as run_bench
-    from .serialization import build_source, load_model
-    from .sources import default_input_size, parse
+    from .serialization import load_model
 
     with _status(f"Building {model}", as_json):
-        original = load_model(model, trust_source=trust_source)
-        converted = load_model(ghost_file, trust_source=trust_source) if ghost_file else None
+        original = load_model(model, trust_source=trust_source, arch=arch if ghost_file is None else None)
+        converted = load_model(ghost_file, trust_source=trust_source, arch=arch) if ghost_file else None
         if converted is None and getattr(original, "ghostify_result", None) is not None:
-            converted, original = original, build_source(original.ghostify_result.source, model, trust_source)
-        size = tuple(input_size or default_input_size(parse(model)))
+            converted, original = original, _original_of(model, original, arch, trust_source)
+        elif converted is not None:
+            _check_same_source(model, ghost_file, converted)
+        size = tuple(input_size or _input_size_of(ghost_file or model, converted if converted is not None else
+                                                  original))
         if converted is None:
             converted = ghostify.convert(original, s=s, d=d, example_inputs=_inputs(size, size)[0])  # as `convert`
     result = run_bench(original.eval(), converted.eval(), batches=batches or (1, 16), runtime=runtime,
                        threads=threads, repeats=repeats, input_size=size, name=model, progress=not as_json)
     _print_report(result, as_json)
+
+
+def _check_same_source(model: str, ghost_file: str, converted) -> None:
+    """Refuse to compare a ghostify file with a MODEL it was not converted from."""
+    from .sources import parse
+
+    recorded, given = converted.ghostify_result.source, parse(model)
+    if recorded is None or given.get("kind") == "ghostify_file":
+        return
+    keys = ("kind", "name", "module", "factory")
+    if any(recorded.get(key) != given.get(key) for key in keys):
+        was = recorded.get("name") or f"{recorded.get('module', recorded.get('path'))}:{recorded.get('factory')}"
+        raise ValueError(f"{ghost_file} was converted from {was}, not {model}; bench the model it came from")

@@ -135,6 +135,12 @@ def export(model: nn.Module, path: str, format: str = "onnx", *, input_size: Seq
     deployed = deploy(model, runtime="onnxruntime" if format == "onnx" else "inductor", compile=False)
     example = torch.randn(2 if dynamic_batch else 1, *input_size)
     with torch.no_grad():
+        try:
+            deployed(example)
+        except Exception as error:  # noqa: BLE001 - the model rejects this input size: bad input
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"the model fails on an input of size {tuple(example.shape)}: {first}; "
+                             "pass an input size it accepts (CLI: --input-size C H W)") from None
         if format == "onnx":
             atomic_write(path, lambda temp: write_onnx(deployed, temp, example, dynamic_batch), overwrite)
         elif format == "torchscript":

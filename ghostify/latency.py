@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .deployment import RUNTIMES
+from .progress import progress as progress_display
 
 
 @dataclass
@@ -164,7 +165,8 @@ def bench(original: nn.Module, converted: nn.Module, *, batches: Sequence[int] =
     threads = threads or torch.get_num_threads()
     models = [deploy(m, runtime=runtime) for m in (original, converted)]
     result = BenchResult(name, flops_ratio(original, converted, input_size), threads, repeats)
-    with torch_threads(threads), tempfile.TemporaryDirectory() as folder, _progress(progress) as bar:
+    with torch_threads(threads), tempfile.TemporaryDirectory() as folder, \
+            progress_display("timing {description}", show=progress) as bar:
         task = bar.add_task(f"{name} ({runtime})", total=len(batches) * repeats) if bar else None
         step = (lambda: bar.advance(task)) if bar else None
         for batch in batches:
@@ -177,15 +179,3 @@ def bench(original: nn.Module, converted: nn.Module, *, batches: Sequence[int] =
             result.rows.append(BenchRow(runtime, batch, original_ms, converted_ms))
     return result
 
-
-@contextmanager
-def _progress(show: bool):
-    if not show:
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        yield bar

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .count import Counts
+from .module import GhostModule
 
 UNIT = "FLOPs are multiply-adds (1 multiply-add = 1 FLOP, as in the paper and fvcore)"
 
@@ -149,6 +150,13 @@ def _describe(row) -> Tuple[str, str]:
     return original, f"Ghost s={row.s} d={row.d} k={pk[0]}x{pk[1]}{gather}"
 
 
+def _is_ghost(model: nn.Module, name: str) -> bool:
+    try:
+        return isinstance(model.get_submodule(name), GhostModule)
+    except AttributeError:
+        return False
+
+
 def report(
     original: nn.Module,
     converted: Optional[nn.Module] = None,
@@ -182,6 +190,8 @@ def report(
         out.method = result.method
         out.skipped = [asdict(item) for item in result.skipped]
         for row in result.replaced:
+            if _is_ghost(original, row.name):  # converted before ``original``: not a change made here
+                continue
             was, now = _describe(row)
             taken = [row.name] + ([row.norm] if row.norm else [])  # the Ghost module took the norm in
             flops = (sum(before.module_flops(n) for n in taken), after.module_flops(row.name))

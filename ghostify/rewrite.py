@@ -345,7 +345,14 @@ def convert(
                 for name in analysis.functional]
     result = ConversionResult(analysis.method, replaced, skipped, [_shape(x) for x in inputs], init,
                               source=getattr(model, "ghostify_source", None))
+    if not replaced:
+        reasons = sorted({row.reason for row in skipped})
+        warnings.warn(f"no convolution was converted (the model is unchanged): {'; '.join(reasons[:3])}"
+                      f"{' ...' if len(reasons) > 3 else ''}", UserWarning, stacklevel=2)
     swapped = apply_plan(converted, result.plan())
+    earlier = getattr(model, "ghostify_result", None)
+    if isinstance(earlier, ConversionResult):  # converting a converted model: its plan must replay the earlier one
+        result.replaced = copy.deepcopy(earlier.replaced) + result.replaced
     done = initialise(init, swapped, {row.name: row for row in replaced}, converted, model, batches, inputs)
     for row in replaced:
         fitted = done.layers.get(row.name)

@@ -13,13 +13,14 @@ from __future__ import annotations
 import copy
 import os
 import secrets
+import shutil
 from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
 
 from .rewrite import ConversionResult, Replaced, Skipped, apply_plan
-from .sources import build, load_weights, parse
+from .sources import build, load_weights, parse, read_data
 
 FORMAT = "ghostify"
 VERSION = 1
@@ -39,22 +40,62 @@ def _new_file(folder: str, prefix: str) -> str:
             continue
 
 
-def atomic_write(path: str, write, overwrite: bool = True) -> None:
-    """Call ``write(temp_path)`` and rename the result onto ``path``; nothing is left behind on failure."""
+def check_output(path: str, overwrite: bool = True) -> str:
+    """Check, before any work, that ``path`` can be written: a regular file (or nothing) in a writable folder.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
+        FileNotFoundError: its folder does not exist.
+        PermissionError: its folder is not writable.
+        ValueError: ``path`` is a folder, a device or anything else that is not a regular file (an atomic
+            rename would replace it).
+    """
     path = os.fspath(path)
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise ValueError(f"{path} is not a regular file; refusing to replace it (write to a file path)")
     if not overwrite and os.path.exists(path):
         raise FileExistsError(f"{path} exists; pass --force (overwrite=True) to replace it")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"folder does not exist: {folder}")
-    temp = _new_file(folder, f".{os.path.basename(path)}.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write to folder {folder}: permission denied (read-only?)")
+    return path
+
+
+def atomic_write(path: str, write, overwrite: bool = True) -> None:
+    """Call ``write(temp_path)`` and rename the result onto ``path``; nothing is left behind on failure.
+
+    Raises:
+        OSError: the write failed (a full disk, a read-only file system), with a message that says so; and
+            the errors of ``check_output``.
+    """
+    path = check_output(path, overwrite)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        temp = _new_file(folder, f".{os.path.basename(path)}.")
+    except OSError as error:
+        raise OSError(f"cannot write {path}: {error.strerror or error}") from None
     try:
         write(temp)
         os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
+    except (OSError, RuntimeError) as error:
+        _remove(temp)
+        free = shutil.disk_usage(folder).free
+        if isinstance(error, OSError) and error.errno is not None:
+            raise OSError(f"cannot write {path}: {error.strerror}") from None
+        if free < 64 * 2**20 or "unexpected pos" in str(error) or "write" in str(error).lower():
+            raise OSError(f"cannot write {path}: the write failed with {free // 2**20} MiB free on its disk "
+                          "(full?)") from None
         raise
+    except BaseException:
+        _remove(temp)
+        raise
+
+
+def _remove(path: str) -> None:
+    if os.path.exists(path):
+        os.unlink(path)
 
 
 def save(model: nn.Module, path: str, *, overwrite: bool = True) -> None:
@@ -67,18 +108,24 @@ def save(model: nn.Module, path: str, *, overwrite: bool = True) -> None:
     result = getattr(model, "ghostify_result", None)
     if not isinstance(result, ConversionResult):
         raise TypeError(f"ghostify.save stores models made by ghostify.convert; got a plain {type(model).__name__}")
-    payload = {"format": FORMAT, "version": VERSION, "result": result.to_dict(), "state_dict": model.state_dict()}
+    data = result.to_dict()
+    data["source"] = _relocate(data["source"], os.path.dirname(os.path.abspath(path)), relative=True)
+    payload = {"format": FORMAT, "version": VERSION, "result": data, "state_dict": model.state_dict()}
     atomic_write(path, lambda temp: torch.save(payload, temp), overwrite=overwrite)
 
 
+def _relocate(source: Optional[Dict[str, Any]], folder: str, relative: bool) -> Optional[Dict[str, Any]]:
+    """A ``file.py:factory`` spec's path made relative to the saved file's folder (so the pair can move
+    together), or back to absolute on loading; other specs unchanged."""
+    if not isinstance(source, dict) or source.get("kind") != "file" or not isinstance(source.get("path"), str):
+        return source
+    path = source["path"]
+    path = os.path.relpath(path, folder) if relative else os.path.normpath(os.path.join(folder, path))
+    return {**source, "path": path}
+
+
 def _read(path: str) -> Dict[str, Any]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such file: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - corrupt, truncated or foreign: all bad input
-        raise ValueError(f"{path} is not a readable ghostify file (corrupt, truncated or foreign): "
-                         f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+    payload = read_data(path, "ghostify file")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a ghostify file (no ghostify header); was it written by ghostify.save?")
     if payload.get("version") != VERSION:
@@ -141,6 +188,7 @@ def load(path: str, model: Optional[nn.Module] = None, *, trust_source: bool = F
     payload = _read(os.fspath(path))
     try:
         result = _result_from_dict(payload["result"])
+        result.source = _relocate(result.source, os.path.dirname(os.path.abspath(path)), relative=False)
         state = payload["state_dict"]
     except (KeyError, TypeError) as error:
         raise ValueError(f"{path} is a damaged ghostify file: {error}") from None
@@ -156,16 +204,21 @@ def load(path: str, model: Optional[nn.Module] = None, *, trust_source: bool = F
     return rebuilt
 
 
-def load_model(text: str, weights: Optional[str] = None, trust_source: bool = False) -> nn.Module:
+def load_model(text: str, weights: Optional[str] = None, trust_source: bool = False,
+               arch: Optional[str] = None) -> nn.Module:
     """Build the model a MODEL string names; a ghostify file loads as its converted model.
 
     ``trust_source`` goes to ``load``: a ghostify file converted from code (``module:factory``,
-    ``file.py:factory``) is rebuilt by running that code only when it is True. A MODEL string itself naming
-    code is the caller's choice and is built as asked.
+    ``file.py:factory``) is rebuilt by running that code only when it is True. ``arch`` (a MODEL string)
+    names a ghostify file's original architecture instead of its record (needed for a file converted from a
+    Python object). A MODEL string itself naming code is the caller's choice and is built as asked.
     """
     spec = parse(text)
     if spec["kind"] == "ghostify_file":
-        return load(spec["path"], trust_source=trust_source)
+        original = build(parse(arch)) if arch is not None else None
+        return load(spec["path"], original, trust_source=trust_source)
+    if arch is not None:
+        raise ValueError(f"--arch names the architecture of a ghostify file, but {text!r} is not one")
     model = build(spec)
     if weights is not None:
         load_weights(model, weights)

@@ -103,7 +103,12 @@ def build(spec: Spec) -> nn.Module:
     elif kind == "file":
         loader = importlib.util.spec_from_file_location(f"ghostify_user_{abs(hash(spec['path']))}", spec["path"])
         module = importlib.util.module_from_spec(loader)
-        loader.loader.exec_module(module)
+        try:
+            loader.loader.exec_module(module)
+        except SyntaxError as error:
+            raise ValueError(f"{spec['path']} has a syntax error at line {error.lineno}: {error.msg}") from None
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no such Python file: {spec['path']}") from None
         model = _call_factory(getattr(module, spec["factory"], None), f"{spec['path']}:{spec['factory']}")
     else:
         raise ValueError(f"cannot build a model from source {spec!r}")
@@ -111,14 +116,31 @@ def build(spec: Spec) -> nn.Module:
     return model
 
 
+def read_data(path: str, what: str) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, never code.
+
+    Errors name the file and what is wrong with it; they never pass on torch's advice to retry with
+    ``weights_only=False``, which would run whatever code a hostile file names.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file holds pickled Python objects, or is corrupt, truncated or not a torch file.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such {what}: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable file is bad input
+        text = str(error)
+        if "can still be loaded" in text or "Unsupported global" in text:
+            raise ValueError(f"{path} holds pickled Python objects, not only tensors; ghostify reads a {what} as "
+                             "data and never runs code from a file (save tensors or a state_dict)") from None
+        raise ValueError(f"{path} is not a readable {what} (corrupt, truncated or not written by torch.save)") from None
+
+
 def load_weights(model: nn.Module, path: str) -> None:
     """Load a state_dict file (or a checkpoint dict with a 'state_dict' entry) into ``model``."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"weights file not found: {path}") from None
-    except Exception as error:  # noqa: BLE001 - any unreadable file is bad input
-        raise ValueError(f"cannot read weights from {path}: {error}") from None
+    state = read_data(path, "weights file")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -34,6 +34,8 @@ def test_cli_calibrate_from_tensor_file_reports_errors(tmp_path):
                     "--calib-samples", 8, "--json", "-o", out)
     assert result.exit_code == 0, result.stderr
     layers = json.loads(result.stdout)["layers"]
+    progress = [line for line in result.stderr.splitlines() if line.startswith("calibrating")]
+    assert f"[{len(layers)}/{len(layers)}, " in progress[-1], progress  # plain lines: stderr is not a terminal
     assert all(layer["reconstruction_error"] is not None for layer in layers)
     assert ghostify.load(out).ghostify_result.init == "calibrate"
 
@@ -48,7 +50,7 @@ def test_image_folder_is_resized_and_normalised(tmp_path):
 @pytest.mark.parametrize("args, text", [
     (["--init", "calibrate"], "needs --calib-data"),
     (["--init", "calibrate", "--calib-data", "missing.pt"], "no such calibration file"),
-    (["--calib-data", "{tensor}"], "only used by init='calibrate'"),
+    (["--calib-data", "{tensor}"], "only used by --init calibrate"),
     (["--init", "calibrate", "--calib-data", "{wrong}"], "shape (N, 3, 32, 32), got (4, 1, 32, 32)"),
     (["--init", "calibrate", "--calib-data", "{folder}"], "no images"),
 ])

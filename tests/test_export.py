@@ -112,7 +112,8 @@ def test_cli_prints_each_warning_once_with_its_kind(tmp_path):
                                        str(tmp_path / "n.ts"), "--input-size", *map(str, SIZE)])
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stderr.splitlines() if line.startswith("warning")]
-    assert len(lines) == 1 and lines[0].startswith("warning (TracerWarning): Converting a tensor to a Python"), lines
+    assert len(lines) == 2 and "is not a ghostify file: exporting the original model" in lines[0], lines
+    assert lines[1].startswith("warning (TracerWarning): Converting a tensor to a Python"), lines
 
 
 def test_cli_bench_json(tmp_path):

@@ -202,7 +202,7 @@ def test_failed_or_interrupted_write_leaves_nothing(tmp_path, converted, monkeyp
 
 
 @pytest.mark.parametrize("content, message", [
-    (None, "no such file"),
+    (None, "no such ghostify file"),
     (b"", "not a readable ghostify file"),
     (b"PK\x03\x04 truncated zip", "not a readable ghostify file"),
     ("foreign", "not a ghostify file"),

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..module import GhostModule
+from ..progress import progress
 from ..trace import evaluating
 from .data import Batch
 from .datafree import bn_gain, bn_scale, write
@@ -162,13 +163,11 @@ def fit_layer(conv: nn.Conv2d, ghost: GhostModule, bn: Optional[nn.BatchNorm2d],
 
 
 def _progress():
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-    console = Console(stderr=True)
-    return Progress(TextColumn("calibrating {task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("fit error {task.fields[loss]:.4f}"), TimeElapsedColumn(),
-                    console=console, transient=True, disable=not console.is_terminal)
+    return progress("calibrating {description}, fit error {loss:.4f}", TextColumn("calibrating {task.description}"),
+                    BarColumn(), MofNCompleteColumn(), TextColumn("fit error {task.fields[loss]:.4f}"),
+                    TimeElapsedColumn())
 
 
 def shared_choice(original: nn.Module, layers: Sequence[Tuple[str, GhostModule, Optional[nn.BatchNorm2d]]],
@@ -194,10 +193,10 @@ def calibrate(model: nn.Module, original: nn.Module, swapped: List[Tuple[str, nn
     """
     choices: Dict[str, Choice] = {}
     ghosts = {name: ghost for name, _, ghost in swapped}
-    with _progress() as progress:
-        task = progress.add_task("", total=len(swapped), loss=float("nan"))
+    with _progress() as bar:
+        task = bar.add_task("", total=len(swapped), loss=float("nan"))
         for step, (name, conv, ghost) in enumerate(swapped):
-            progress.update(task, description=f"layer {step + 1}/{len(swapped)} {name}")
+            bar.update(task, description=f"layer {step + 1}/{len(swapped)} {name}")
             if name in groups and name not in choices:
                 members = [(member, ghosts[member], bns[member]) for member in groups[name]]
                 choices.update(dict.fromkeys(groups[name], shared_choice(original, members, batches, seed=step)))
@@ -206,5 +205,5 @@ def calibrate(model: nn.Module, original: nn.Module, swapped: List[Tuple[str, nn
             choice, loss = fit_layer(conv, ghost, bns[name], means.get(name), x, y, seed=step,
                                      choice=choices.get(name))
             choices[name] = choice
-            progress.update(task, advance=1, loss=loss)
+            bar.update(task, advance=1, loss=loss)
     return choices

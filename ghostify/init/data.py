@@ -7,6 +7,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..sources import read_data
+
 Batch = Tuple[torch.Tensor, ...]  # one calibration batch: the model's positional inputs
 
 BATCH = 64
@@ -90,9 +92,12 @@ def _read_image(path: str, shape: Sequence[int]) -> torch.Tensor:
     from PIL import Image
 
     channels, height, width = shape
-    with Image.open(path) as image:
-        image = image.convert("RGB" if channels == 3 else "L").resize((width, height), Image.BILINEAR)
-        x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, -1)
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB" if channels == 3 else "L").resize((width, height), Image.BILINEAR)
+            x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, -1)
+    except (OSError, ValueError) as error:  # PIL: unidentified, truncated or corrupt image
+        raise ValueError(f"cannot read calibration image {path}: {error}") from None
     x = x.permute(2, 0, 1).float() / 255
     if channels == 3:
         x = (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -114,10 +119,7 @@ def load_calibration(path: str, shape: Sequence[int], samples: int = 256) -> Lis
         return check_calibration(torch.stack([_read_image(f, shape) for f in files]), samples, [shape])
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such calibration file or folder: {path}")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - unreadable file: bad input
-        raise ValueError(f"{path} is not a readable tensor file: {type(error).__name__}") from None
+    data = read_data(path, "calibration tensor file")
     if isinstance(data, tuple) and data:
         data = data[0]
     return check_calibration(data, samples, [shape])
