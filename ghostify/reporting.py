@@ -85,7 +85,12 @@ class Report:
         data.update(flops_ratio=self.flops_ratio, params_ratio=self.params_ratio, unit="multiply-adds")
         return data
 
-    def __rich__(self):
+    def __rich_console__(self, console, options):
+        yield self.renderable(options.max_width)
+
+    def renderable(self, width: int = 220):
+        """The report as rich tables fitted to ``width`` columns: per-layer columns that do not fit are left
+        out, least informative first (the JSON always has them all)."""
         from rich.console import Group
         from rich.table import Table
         from rich.text import Text
@@ -103,19 +108,17 @@ class Report:
             totals.add_row(label, *cells[: len(columns) - 1])
         parts: List[Any] = [Text(f"{self.model}, input {shapes}. {UNIT}.", style="bold"), totals]
         if self.layers:
-            layers = Table(title=f"{len(self.layers)} layers replaced ({self.method} analysis)")
-            errors = any(row.reconstruction_error is not None for row in self.layers)
-            for column in ("layer", "was", "now", "output", "FLOPs before", "FLOPs after", "params before",
-                           "params after", "ratio", "r_s (Eq. 4)") + (("rel. MSE",) if errors else ()):
+            cells = _layer_cells(self.layers)
+            shown = _fit_columns(cells, width)
+            hidden = len(cells) - len(shown)
+            layers = Table(title=f"{len(self.layers)} layers replaced ({self.method} analysis)",
+                           caption=f"{hidden} columns left out to fit {width} columns; --json has them all"
+                           if hidden else None)
+            for column in shown:
                 layers.add_column(column, justify="left" if column in ("layer", "was", "now") else "right",
-                                  no_wrap=column in ("layer", "was", "now", "output"))
-            for row in self.layers:
-                layers.add_row(row.name, row.original, row.replacement,
-                               "x".join(map(str, row.output_shape[1:])) if row.output_shape else "-",
-                               format_count(row.flops_before), format_count(row.flops_after),
-                               format_count(row.params_before), format_count(row.params_after),
-                               f"{row.ratio:.2f}x" if row.ratio else "-", f"{row.theoretical_ratio:.2f}x",
-                               *([_error(row.reconstruction_error)] if errors else []))
+                                  no_wrap=column != "layer", overflow="fold")
+            for index in range(len(self.layers)):
+                layers.add_row(*[cells[column][index] for column in shown])
             parts.append(layers)
         gathers = [row for row in self.layers if row.gather_reason]
         if gathers:
@@ -133,6 +136,46 @@ class Report:
                 skipped.add_row(item["name"], item["kind"], item["reason"])
             parts.append(skipped)
         return Group(*parts)
+
+
+# per-layer columns, most informative first: the order in which they are kept when the terminal is narrow
+_PRIORITY = ("layer", "ratio", "FLOPs after", "rel. MSE", "FLOPs before", "now", "params after", "was",
+             "params before", "output", "r_s (Eq. 4)")
+_ORDER = ("layer", "was", "now", "output", "FLOPs before", "FLOPs after", "params before", "params after", "ratio",
+          "r_s (Eq. 4)", "rel. MSE")
+
+
+def _layer_cells(rows: Sequence[LayerRow]) -> Dict[str, List[str]]:
+    """Each per-layer column's cells as text (``rel. MSE`` only when some layer has one)."""
+    cells = {
+        "layer": [row.name for row in rows],
+        "was": [row.original for row in rows],
+        "now": [row.replacement for row in rows],
+        "output": ["x".join(map(str, row.output_shape[1:])) if row.output_shape else "-" for row in rows],
+        "FLOPs before": [format_count(row.flops_before) for row in rows],
+        "FLOPs after": [format_count(row.flops_after) for row in rows],
+        "params before": [format_count(row.params_before) for row in rows],
+        "params after": [format_count(row.params_after) for row in rows],
+        "ratio": [f"{row.ratio:.2f}x" if row.ratio else "-" for row in rows],
+        "r_s (Eq. 4)": [f"{row.theoretical_ratio:.2f}x" for row in rows],
+    }
+    if any(row.reconstruction_error is not None for row in rows):
+        cells["rel. MSE"] = [_error(row.reconstruction_error) for row in rows]
+    return cells
+
+
+def _fit_columns(cells: Dict[str, List[str]], width: int) -> List[str]:
+    """The columns, in table order, that fit ``width`` when added by priority (the layer name always fits:
+    it folds onto more lines when it must)."""
+    def need(column: str) -> int:  # the widest cell, plus padding and a border
+        return max(len(text) for text in [column, *cells[column]]) + 3
+
+    kept, used = ["layer"], 1 + min(need("layer"), 24)
+    for column in _PRIORITY[1:]:
+        if column in cells and used + need(column) <= width:
+            kept.append(column)
+            used += need(column)
+    return [column for column in _ORDER if column in kept]
 
 
 def _error(value: Optional[float]) -> str:

@@ -1,6 +1,7 @@
 """Counting and the report: fvcore totals cross-checked against torch's own flop counter, paper Table 6."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -103,3 +104,20 @@ def test_layer_row_counts_the_norm_its_ghost_module_took_in():
     assert row.original.endswith("+ BN")
     assert row.flops_before == counts.module_flops("layer1.0.conv1") + counts.module_flops("layer1.0.bn1")
     assert row.params_before == 64 * 64 * 9 + 2 * 64
+
+
+@pytest.mark.parametrize("width", [80, 100])
+def test_layer_table_fits_a_narrow_terminal_without_losing_numbers(width):
+    model = torchvision.models.resnet50()
+    x = torch.randn(1, 3, 32, 32)
+    summary = ghostify.report(model, ghostify.convert(model, example_inputs=x), (x,), name="resnet50")
+    console = Console(width=width, record=True, file=open(os.devnull, "w"))
+    console.print(summary)
+    lines = console.export_text().splitlines()
+    assert max(len(line) for line in lines) <= width
+    assert not any("…" in line for line in lines)
+    table = "\n".join(lines)
+    for row in summary.layers:  # every layer with its measured ratio and FLOPs after, on one line
+        line = next(line for line in lines if f" {row.name} " in line)
+        assert f"{row.ratio:.2f}x" in line and format_count(row.flops_after) in line, line
+    assert "columns left out to fit" in table
