@@ -108,10 +108,28 @@ def _status(message: str, quiet: bool = False) -> Iterator[None]:
         yield
 
 
-def _inputs(input_size: Optional[Tuple[int, int, int]], default: Tuple[int, int, int]):
+def _inputs(input_size: Optional[Tuple[int, int, int]], default: Tuple[int, int, int], model):
+    """One random example input of the given (or default) size, in ``model``'s dtype and on its device."""
+    from .trace import random_inputs
+
+    return random_inputs(model, (1, *(input_size or default)))
+
+
+def _to_device(model, device: Optional[str]):
+    """``model`` moved to ``device`` (None: where it is), with a clear error for a device torch cannot use."""
+    if device is None:
+        return model
     import torch
 
-    return (torch.randn(1, *(input_size or default)),)
+    try:
+        target = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device must be a torch device such as cpu, cuda or cuda:1, got {device!r}") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: torch sees no CUDA device on this machine")
+    if target.type == "cuda" and target.index is not None and target.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return model.to(target)
 
 
 def _input_size_of(text: str, loaded) -> Tuple[int, ...]:
@@ -143,6 +161,9 @@ JSON = click.option("--json", "as_json", is_flag=True, help="Print the report as
 TRUST_SOURCE = click.option("--trust-source", is_flag=True,
                             help="Allow rebuilding a ghostify file whose architecture comes from Python code "
                                  "(module:factory or file.py:factory); only for files you trust.")
+DEVICE = click.option("--device", metavar="DEVICE",
+                      help="Run on this torch device (cpu, cuda, cuda:1); synthetic inputs, fits and counts follow "
+                           "the model's device and dtype. Default: where the model is (the CPU).")
 ARCH = click.option("--arch", metavar="MODEL", type=MODEL,
                     help="The original architecture of a ghostify file (a MODEL string), for files converted from "
                          "a Python object or from code; used instead of the file's own record.")
@@ -181,10 +202,11 @@ def main(debug: bool) -> None:
 @JSON
 @TRUST_SOURCE
 @ARCH
+@DEVICE
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
 def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_size, weights, init, calib_data,
-            calib_samples, form, as_json, trust_source, arch, force, output) -> None:
+            calib_samples, form, as_json, trust_source, arch, device, force, output) -> None:
     """Convert MODEL's Conv2d layers to Ghost modules, print the report, write OUT."""
     from .serialization import check_output
 
@@ -198,8 +220,8 @@ def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_s
     from .serialization import load_model
 
     with _status(f"Building {model}", as_json):
-        source = load_model(model, weights, trust_source, arch)
-    inputs = _inputs(input_size, _input_size_of(model, source))
+        source = _to_device(load_model(model, weights, trust_source, arch), device)
+    inputs = _inputs(input_size, _input_size_of(model, source), source)
     calibration = None
     if calib_data is not None:
         from .init.data import load_calibration
@@ -227,22 +249,23 @@ def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_s
 @JSON
 @TRUST_SOURCE
 @ARCH
-def report(model, input_size, as_json, trust_source, arch) -> None:
+@DEVICE
+def report(model, input_size, as_json, trust_source, arch, device) -> None:
     """Count FLOPs and params of MODEL (before and after, for a ghostify file)."""
     import ghostify
 
     from .serialization import load_model
 
     with _status(f"Counting {model}", as_json):
-        loaded = load_model(model, trust_source=trust_source, arch=arch)
-        inputs = _inputs(input_size, _input_size_of(model, loaded))
+        loaded = _to_device(load_model(model, trust_source=trust_source, arch=arch), device)
+        inputs = _inputs(input_size, _input_size_of(model, loaded), loaded)
         result = getattr(loaded, "ghostify_result", None)
         if result is None:
             summary = ghostify.report(loaded, None, inputs, name=model)
         elif result.source is None and arch is None:  # converted from a Python object: no original to rebuild
             summary = ghostify.report(loaded, None, inputs, name=model)
         else:
-            original = _original_of(model, loaded, arch, trust_source)
+            original = _to_device(_original_of(model, loaded, arch, trust_source), device)
             summary = ghostify.report(original, loaded, inputs, name=arch or (result.source or {}).get("name", model))
     _print_report(summary, as_json)
 
@@ -311,7 +334,9 @@ def export(model, fmt, input_size, dynamic_batch, trust_source, arch, force, out
 @JSON
 @TRUST_SOURCE
 @ARCH
-def bench(model, ghost_file, batches, runtime, threads, repeats, s, d, input_size, as_json, trust_source, arch) -> None:
+@DEVICE
+def bench(model, ghost_file, batches, runtime, threads, repeats, s, d, input_size, as_json, trust_source, arch,
+          device) -> None:
     """Latency of MODEL vs its Ghost version (GHOST_FILE, MODEL itself if it is a ghostify file, or converted
     here with --s/--d), both in deploy form, interleaved; median of the repeats."""
     import ghostify
@@ -328,8 +353,10 @@ def bench(model, ghost_file, batches, runtime, threads, repeats, s, d, input_siz
             _check_same_source(model, ghost_file, converted)
         size = tuple(input_size or _input_size_of(ghost_file or model, converted if converted is not None else
                                                   original))
+        original = _to_device(original, device)
+        converted = _to_device(converted, device) if converted is not None else None
         if converted is None:
-            converted = ghostify.convert(original, s=s, d=d, example_inputs=_inputs(size, size)[0])  # as `convert`
+            converted = ghostify.convert(original, s=s, d=d, example_inputs=_inputs(size, size, original))
     result = run_bench(original.eval(), converted.eval(), batches=batches or (1, 16), runtime=runtime,
                        threads=threads, repeats=repeats, input_size=size, name=model, progress=not as_json)
     _print_report(result, as_json)

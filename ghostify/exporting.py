@@ -19,6 +19,7 @@ from torch import nn
 
 from .deployment import deploy
 from .serialization import atomic_write
+from .trace import random_inputs
 
 FORMATS = ("onnx", "torchscript", "pt2")
 ONNX_OPSET = 17
@@ -104,7 +105,7 @@ def _write_pt2(model: nn.Module, path: str, example: torch.Tensor, dynamic_batch
 def _run_file(path: str, fmt: str, x: torch.Tensor) -> torch.Tensor:
     if fmt == "onnx":
         session = onnx_session(path)
-        return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+        return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.cpu().numpy()})[0])
     with _quiet_exporters():
         return torch.jit.load(path)(x) if fmt == "torchscript" else torch.export.load(path).module()(x)
 
@@ -132,8 +133,12 @@ def export(model: nn.Module, path: str, format: str = "onnx", *, input_size: Seq
         raise ValueError(f"input_size must be three positive ints C H W, got {tuple(input_size)!r}")
     if format == "onnx":
         require_onnx()
+        dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.float32)
+        if dtype not in (torch.float32, torch.float16):
+            raise ValueError(f"ONNX export of a {dtype} model: onnxruntime's CPU kernels run float32 and float16 "
+                             "convolutions only; export model.float() instead")
     deployed = deploy(model, runtime="onnxruntime" if format == "onnx" else "inductor", compile=False)
-    example = torch.randn(2 if dynamic_batch else 1, *input_size)
+    (example,) = random_inputs(deployed, (2 if dynamic_batch else 1, *input_size))
     with torch.no_grad():
         try:
             deployed(example)
@@ -149,6 +154,7 @@ def export(model: nn.Module, path: str, format: str = "onnx", *, input_size: Seq
             atomic_write(path, lambda temp: _write_pt2(deployed, temp, example, dynamic_batch), overwrite)
         diff = 0.0
         for batch in ((1, 3) if dynamic_batch else (1,)):
-            x = torch.randn(batch, *input_size)
-            diff = max(diff, float((_run_file(os.fspath(path), format, x) - deployed(x)).abs().max()))
+            (x,) = random_inputs(deployed, (batch, *input_size))
+            expected = deployed(x)
+            diff = max(diff, float((_run_file(os.fspath(path), format, x).to(expected) - expected).abs().max()))
     return ExportResult(os.fspath(path), format, tuple(example.shape), dynamic_batch, diff)

@@ -21,6 +21,7 @@ from torch import nn
 
 from .deployment import RUNTIMES
 from .progress import progress as progress_display
+from .trace import random_inputs
 
 
 @dataclass
@@ -104,7 +105,10 @@ def _torch_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
 
     def run():
         with torch.inference_mode():
-            return model(x)
+            out = model(x)
+        if x.is_cuda:  # CUDA runs asynchronously: time the work, not the launch
+            torch.cuda.synchronize(x.device)
+        return out
 
     return run
 
@@ -118,7 +122,7 @@ def _onnx_runners(models: Sequence[nn.Module], x: torch.Tensor, threads: int, fo
         with torch.no_grad():
             write_onnx(model, path, x, dynamic_batch=False)
         session = onnx_session(path, threads)
-        feed = {session.get_inputs()[0].name: x.numpy()}
+        feed = {session.get_inputs()[0].name: x.cpu().numpy()}
         runners.append(lambda session=session, feed=feed: session.run(None, feed))
     return runners
 
@@ -127,7 +131,7 @@ def flops_ratio(original: nn.Module, converted: nn.Module, input_size: Sequence[
     """Conv + linear multiply-adds of ``original`` over ``converted`` (the paper's convention)."""
     from .count import Counts
 
-    inputs = (torch.randn(1, *input_size),)
+    inputs = random_inputs(original, (1, *input_size))
     return Counts(original, inputs).conv_linear_flops / Counts(converted, inputs).conv_linear_flops
 
 
@@ -170,7 +174,7 @@ def bench(original: nn.Module, converted: nn.Module, *, batches: Sequence[int] =
         task = bar.add_task(f"{name} ({runtime})", total=len(batches) * repeats) if bar else None
         step = (lambda: bar.advance(task)) if bar else None
         for batch in batches:
-            x = torch.randn(batch, *input_size)
+            (x,) = random_inputs(original, (batch, *input_size))
             if runtime != "onnxruntime":
                 runners = [_torch_runner(m, x) for m in models]
             else:

@@ -14,6 +14,7 @@ from torch import nn
 
 from .count import Counts
 from .module import GhostModule
+from .trace import random_inputs
 
 UNIT = "FLOPs are multiply-adds (1 multiply-add = 1 FLOP, as in the paper and fvcore)"
 
@@ -219,7 +220,7 @@ def report(
         shapes = result.input_shapes if result is not None else [(1, 3, 224, 224)]
         if None in shapes:
             raise ValueError("the conversion ran on non-tensor inputs; pass example_inputs to report")
-        example_inputs = tuple(torch.randn(*shape) for shape in shapes)
+        example_inputs = random_inputs(original, *shapes)
     elif isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     before = Counts(original, tuple(example_inputs))

@@ -19,7 +19,7 @@ from torch import nn
 
 from .init import check_calibration, check_init, initialise
 from .module import GhostModule, _pair, check_cheap_kernel, check_ratio, primary_padding
-from .trace import ConvSite, _shape, analyse
+from .trace import ConvSite, _shape, analyse, placement, random_inputs
 
 PerLayer = Union[Any, Mapping[str, Any]]
 
@@ -82,14 +82,23 @@ def _is_tensors(value) -> bool:
     return isinstance(value, torch.Tensor)
 
 
-def _example_inputs(example_inputs) -> Tuple[Any, ...]:
-    """Positional arguments for the analysis pass: a tensor, or a tuple of tensors (or lists of tensors)."""
+def _follow(x, dtype: torch.dtype, device: torch.device):
+    """A floating-point input (or list of them) in the model's dtype and on its device; others as they are."""
+    if isinstance(x, (list, tuple)):
+        return type(x)(_follow(item, dtype, device) for item in x)
+    return x.to(device, dtype) if x.is_floating_point() else x.to(device)
+
+
+def _example_inputs(example_inputs, model: nn.Module) -> Tuple[Any, ...]:
+    """Positional arguments for the analysis pass: a tensor, or a tuple of tensors (or lists of tensors), with
+    floating-point ones cast to the model's dtype and device; by default one 1x3x224x224 image."""
     if example_inputs is None:
-        return (torch.randn(1, 3, 224, 224),)
+        return random_inputs(model, (1, 3, 224, 224))
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
+        example_inputs = (example_inputs,)
     if isinstance(example_inputs, (tuple, list)) and _is_tensors(example_inputs):
-        return tuple(example_inputs)
+        dtype, device = placement(model)
+        return tuple(_follow(x, dtype, device) for x in example_inputs)
     raise TypeError("example_inputs must be a tensor or a non-empty tuple of tensors (or of lists of tensors), "
                     f"got {type(example_inputs).__name__}")
 
@@ -308,12 +317,14 @@ def convert(
     init = check_init(init)
     batches = None
     if init == "calibrate":
-        given = None if example_inputs is None else _example_inputs(example_inputs)
+        given = None if example_inputs is None else _example_inputs(example_inputs, model)
         if given is not None and not all(isinstance(x, torch.Tensor) for x in given):
             raise ValueError("init='calibrate' needs tensor inputs; this model's example inputs include lists "
                              "(use init='copy')")
         shapes = None if given is None else [tuple(x.shape[1:]) for x in given]
-        batches = check_calibration(calibration_data, calibration_samples, shapes, len(given or (None,)))
+        dtype, device = placement(model)  # calibration inputs follow the model, as its example inputs do
+        batches = [tuple(x.to(device, dtype) for x in batch) for batch in
+                   check_calibration(calibration_data, calibration_samples, shapes, len(given or (None,)))]
         example_inputs = tuple(x[:1] for x in batches[0]) if example_inputs is None else example_inputs
     elif calibration_data is not None:
         raise ValueError(f"calibration_data is only used by init='calibrate', got init={init!r}")
@@ -322,7 +333,7 @@ def convert(
     _validate(primary_kernel, _check_kernel, "primary_kernel")
     opts = {"s": s, "d": d, "primary_kernel": primary_kernel, "include_stem": include_stem, "absorb_norm": absorb_norm,
             "include": _patterns(include, "include"), "exclude": _patterns(exclude, "exclude")}
-    inputs = _example_inputs(example_inputs)
+    inputs = _example_inputs(example_inputs, model)
 
     if not any(isinstance(module, nn.Conv2d) for module in model.modules()):
         raise ValueError(f"{type(model).__name__} has no nn.Conv2d layer to convert")

@@ -9,6 +9,7 @@ conv that runs.
 
 from __future__ import annotations
 
+import itertools
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -45,6 +46,21 @@ class Analysis:
     method: str
     sites: List[ConvSite]
     functional: List[str]
+
+
+def placement(model: nn.Module) -> Tuple[torch.dtype, torch.device]:
+    """The dtype and device synthetic inputs for ``model`` should have: those of its first floating-point
+    parameter or buffer (float32 on the CPU for a model without any)."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype, tensor.device
+    return torch.float32, torch.device("cpu")
+
+
+def random_inputs(model: nn.Module, *shapes: Sequence[int]) -> Tuple[torch.Tensor, ...]:
+    """Standard-normal inputs of ``shapes`` in ``model``'s dtype and on its device (``placement``)."""
+    dtype, device = placement(model)
+    return tuple(torch.randn(*shape, dtype=dtype, device=device) for shape in shapes)
 
 
 @contextmanager

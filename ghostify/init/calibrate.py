@@ -32,11 +32,12 @@ class _Stop(Exception):
 
 
 def _capture(model: nn.Module, module: nn.Module, batches: Sequence[Batch], output: bool) -> torch.Tensor:
-    """``module``'s input (or output) over all ``batches``, running ``model`` only as far as ``module``."""
+    """``module``'s input (or output) over all ``batches``, running ``model`` only as far as ``module``; in
+    float32 on the CPU, where the fits run whatever the model's dtype and device."""
     grabbed: List[torch.Tensor] = []
 
     def hook(mod, args, out=None):
-        grabbed.append(out if output else args[0])
+        grabbed.append((out if output else args[0]).float().cpu())
         raise _Stop
 
     handle = module.register_forward_hook(hook) if output else module.register_forward_pre_hook(hook)
@@ -156,9 +157,12 @@ def fit_layer(conv: nn.Conv2d, ghost: GhostModule, bn: Optional[nn.BatchNorm2d],
     primary_bias = torch.zeros(len(choice.intrinsic)) if conv.bias is not None and not inner else None
     write(ghost, choice, primary.to(ghost.primary_conv.weight.dtype), cheap, offsets, bn, primary_bias)
     with torch.no_grad():
-        out = ghost(x)
+        weight = ghost.primary_conv.weight
+        out = ghost(x.to(weight)).float().cpu()
         if inner:
-            y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+            stats = [None if t is None else t.detach().float().cpu()
+                     for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias)]
+            y = F.batch_norm(y, *stats, False, 0.0, bn.eps)
     return choice, ((out - y).square().sum() / y.square().sum().clamp_min(1e-30)).item()
 
 
