@@ -370,5 +370,7 @@ def convert(
         if fitted is not None:
             row.error, row.gather, row.gather_reason = fitted.error, fitted.gather, fitted.gather_reason
     result.notes.update(done.notes)
+    if "init" in done.notes:  # e.g. weights on the meta device: the modules keep their fresh initialisation
+        warnings.warn(done.notes["init"], UserWarning, stacklevel=2)
     converted.ghostify_result = result
     return converted

@@ -29,6 +29,7 @@ def _macs_and_shape(model, x):
     return counter.get_total_flops() // 2, out.shape
 
 
+@pytest.mark.filterwarnings("ignore:init='copy' skipped")  # on the meta device; tested below
 @pytest.mark.parametrize("name", NAMES)
 def test_every_torchvision_model_converts(name):
     model = _build_on_meta(name)
@@ -86,3 +87,11 @@ def test_detection_model_called_with_a_bare_list_says_how_to_pass_it():
                                          weights_backbone=None, num_classes=3).eval()
     with pytest.raises(ValueError, match=r"wrap it: example_inputs=\(\[image\],\)"):
         ghostify.convert(model, example_inputs=[torch.rand(3, 160, 160)])
+
+
+def test_meta_device_conversion_says_init_was_skipped():
+    model = _build_on_meta("resnet18")
+    with pytest.warns(UserWarning, match="init='copy' skipped: the weights are on the meta device"):
+        ghost = ghostify.convert(model, example_inputs=torch.empty(1, 3, 64, 64, device="meta"))
+    assert "meta device" in ghost.ghostify_result.notes["init"]
+    assert all(row.error is None for row in ghost.ghostify_result.replaced)
