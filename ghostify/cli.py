@@ -61,6 +61,7 @@ class GhostifyGroup(click.Group):
     """A command group that reports library errors, and click's own usage errors, as one line."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        args = _gather_sizes(sys.argv[1:] if args is None else args)
         try:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as error:
@@ -108,7 +109,7 @@ def _status(message: str, quiet: bool = False) -> Iterator[None]:
         yield
 
 
-def _inputs(input_size: Optional[Tuple[int, int, int]], default: Tuple[int, int, int], model):
+def _inputs(input_size: Optional[Tuple[int, ...]], default: Tuple[int, ...], model):
     """One random example input of the given (or default) size, in ``model``'s dtype and on its device."""
     from .trace import random_inputs
 
@@ -155,8 +156,38 @@ def _print_report(report, as_json: bool) -> None:
 
 
 MODEL = ModelParam()
-INPUT_SIZE = click.option("--input-size", nargs=3, type=click.IntRange(min=1), metavar="C H W",
-                          help="Example input size (default: the model's own, usually 3 224 224).")
+class SizeParam(click.ParamType):
+    """An input size: C and 1 to 3 spatial sizes (C L, C H W or C D H W), given as separate numbers."""
+
+    name = "C [D] H W"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        parts = str(value).split(",")
+        if not 2 <= len(parts) <= 4 or not all(part.isdigit() and int(part) > 0 for part in parts):
+            self.fail(f"needs 2 to 4 positive integers (C L, C H W or C D H W), got {' '.join(parts)!r}", param, ctx)
+        return tuple(int(part) for part in parts)
+
+
+def _gather_sizes(args):
+    """``--input-size 3 224 224`` as one token ``3,224,224`` (click options take a fixed number of values; an
+    input size takes 2 to 4: C L, C H W or C D H W)."""
+    out, rest = [], list(args)
+    while rest:
+        token = rest.pop(0)
+        out.append(token)
+        if token == "--input-size":
+            numbers = []
+            while rest and len(numbers) < 4 and rest[0].isdigit():
+                numbers.append(rest.pop(0))
+            out.append(",".join(numbers) if numbers else (rest.pop(0) if rest else ""))
+    return out
+
+
+INPUT_SIZE = click.option("--input-size", type=SizeParam(), metavar="C [D] H W",
+                          help="Example input size: C H W for images, C L for 1-D (audio) and C D H W for 3-D "
+                               "(video) models (default: the model's own, usually 3 224 224).")
 JSON = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout, nothing else.")
 TRUST_SOURCE = click.option("--trust-source", is_flag=True,
                             help="Allow rebuilding a ghostify file whose architecture comes from Python code "

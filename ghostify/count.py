@@ -37,11 +37,10 @@ class Counts:
         self._cached_for: Hashable = None
 
     def _fingerprint(self) -> Hashable:
-        """The module tree: names, types and parameter/buffer shapes (what the counts depend on)."""
-        return tuple((name, type(module), tuple((key, tuple(t.shape)) for key, t in
-                                                [*module._parameters.items(), *module._buffers.items()]
-                                                if t is not None))
-                     for name, module in self.model.named_modules(remove_duplicate=False))
+        """What the counts depend on, cheaply: which module objects make up the model, and each parameter's
+        shape (a replaced module is a new object; a resized layer has new shapes)."""
+        return (tuple(map(id, self.model.modules())),
+                tuple((id(p), p.shape) for p in self.model.parameters()))
 
     def _cached(self, key: str, compute: Callable[[], Any]) -> Any:
         fingerprint = self._fingerprint()

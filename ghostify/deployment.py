@@ -19,18 +19,18 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
 from .epilogue import assemble, fuse_epilogues
-from .module import GhostModule
+from .module import GhostModule, conv_dim
 from .rewrite import set_module
 from .trace import GhostLeafTracer, module_calls
 
-_FOLDABLE_NORM = nn.BatchNorm2d
+_FOLDABLE_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 RUNTIMES = ("torch", "onnxruntime", "inductor")
 
 
 def _fuse_sequential(block: nn.Sequential) -> nn.Sequential:
     """A copy of ``Sequential(conv[, bn][, act])`` with the BN folded into the conv."""
     layers = list(block)
-    if len(layers) >= 2 and type(layers[0]) is nn.Conv2d and isinstance(layers[1], _FOLDABLE_NORM):
+    if len(layers) >= 2 and conv_dim(layers[0]) is not None and isinstance(layers[1], _FOLDABLE_NORM):
         layers = [fuse_conv_bn_eval(layers[0], layers[1])] + layers[2:]
     return nn.Sequential(*[copy.deepcopy(layer) for layer in layers])
 
@@ -54,14 +54,15 @@ class DeployedGhost(nn.Module):
         self.primary, self.cheap = primary, cheap
         self.out_channels = out_channels
         self.folded_norm = scale is not None
-        self.register_buffer("scale", None if scale is None else scale.reshape(-1, 1, 1))
-        self.register_buffer("shift", None if shift is None else shift.reshape(-1, 1, 1))
+        per_channel = (-1, *[1] * (primary[0].weight.dim() - 2))
+        self.register_buffer("scale", None if scale is None else scale.reshape(per_channel))
+        self.register_buffer("shift", None if shift is None else shift.reshape(per_channel))
         self.register_buffer("out_index", None if out_index is None else out_index.clone())
         self.relu = False  # set by ``epilogue.fuse_epilogues``: a ReLU (after the shortcut, if any) is done here
         self.functional = False  # write the epilogue for torch.compile rather than with out= ops
 
     @classmethod
-    def deploy(cls, ghost: GhostModule, norm: Optional[nn.BatchNorm2d] = None) -> "DeployedGhost":
+    def deploy(cls, ghost: GhostModule, norm: Optional[nn.Module] = None) -> "DeployedGhost":
         """A new module equal to ``norm(ghost(x))`` (or ``ghost(x)``) in eval mode; inputs are not modified.
 
         Raises:
@@ -96,7 +97,7 @@ class DeployedGhost(nn.Module):
         conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, maps[0][m:], maps[1][m:], norm.eps,
                                                       maps[2][m:], maps[3][m:])
         # intrinsic maps: the same fold applied to a 1x1 identity "conv" gives the per-channel affine
-        ones = torch.ones(m, 1, 1, 1, dtype=conv.weight.dtype, device=conv.weight.device)
+        ones = torch.ones(m, 1, *[1] * ghost.dim, dtype=conv.weight.dtype, device=conv.weight.device)
         scale, shift = fuse_conv_bn_weights(ones, None, maps[0][:m], maps[1][:m], norm.eps, maps[2][:m], maps[3][:m])
         return cls(primary, cheap, n, scale.detach(), shift.detach(), index)
 
@@ -136,7 +137,7 @@ def _fold(producer: nn.Module, norm: nn.Module, fold_ghosts: bool) -> Optional[n
     in, or None when the pair does not fold; the one rule both deploy paths use."""
     if not isinstance(norm, _FOLDABLE_NORM) or norm.running_mean is None:
         return None
-    if type(producer) is nn.Conv2d and producer.out_channels == norm.num_features:
+    if conv_dim(producer) is not None and producer.out_channels == norm.num_features:
         return fuse_conv_bn_eval(producer, norm)
     if isinstance(producer, GhostModule) and fold_ghosts:
         try:
@@ -200,6 +201,16 @@ def _drop_identities(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def _channels_last(model: nn.Module) -> None:
+    """Store 4-D (2-D conv) weights channels-last and 5-D (3-D conv) weights channels-last-3d, in place;
+    ``Module.to(memory_format=...)`` refuses a model that has both kinds, or any 5-D weight."""
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.dim() in formats:
+                tensor.data = tensor.data.contiguous(memory_format=formats[tensor.dim()])
+
+
 def deploy(model: nn.Module, *, runtime: str = "torch", compile: bool = True) -> nn.Module:
     """Return an inference-only copy of ``model`` with BNs folded and Ghost modules in their fast form.
 
@@ -257,7 +268,7 @@ def deploy(model: nn.Module, *, runtime: str = "torch", compile: bool = True) ->
         if isinstance(module, DeployedGhost):
             module.functional = runtime == "inductor"
     if runtime != "onnxruntime":
-        deployed = deployed.to(memory_format=torch.channels_last)
+        _channels_last(deployed)
         result.memory_format = "channels_last"
     deployed.eval()
     if runtime == "inductor" and compile:

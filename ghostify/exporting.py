@@ -118,7 +118,7 @@ def export(model: nn.Module, path: str, format: str = "onnx", *, input_size: Seq
         model: a converted (or any) model in eval mode; it is not modified.
         path: the file to write (atomically).
         format: ``"onnx"``, ``"torchscript"`` or ``"pt2"``.
-        input_size: C, H, W of the example input.
+        input_size: C, H, W of the example input (C, L for a 1-D model; C, D, H, W for a 3-D one).
         dynamic_batch: let the batch size vary in the exported file (checked with batch 1 and 3).
         overwrite: replace ``path`` if it exists.
 
@@ -129,8 +129,9 @@ def export(model: nn.Module, path: str, format: str = "onnx", *, input_size: Seq
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
-    if len(input_size) != 3 or min(input_size) < 1:
-        raise ValueError(f"input_size must be three positive ints C H W, got {tuple(input_size)!r}")
+    if not 2 <= len(input_size) <= 4 or min(input_size) < 1:
+        raise ValueError("input_size must be positive ints C H W (C L for 1-D, C D H W for 3-D models), "
+                         f"got {tuple(input_size)!r}")
     if format == "onnx":
         require_onnx()
         dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.float32)

@@ -101,7 +101,8 @@ def interleaved(runners: Sequence[Callable[[], Any]], repeats: int, warmup: int 
 
 
 def _torch_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
-    x = x.contiguous(memory_format=torch.channels_last)
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
 
     def run():
         with torch.inference_mode():

@@ -1,7 +1,8 @@
-"""The Ghost module (paper section 3.1, Eq. 2-3, Fig. 2b): a drop-in for one ``nn.Conv2d``.
+"""The Ghost module (paper section 3.1, Eq. 2-3, Fig. 2b): a drop-in for one ``nn.Conv1d/2d/3d``.
 
-A primary convolution makes ``m = ceil(n / s)`` intrinsic maps; a depthwise ``d x d`` convolution makes
-``s - 1`` cheap "ghost" maps from each; the module outputs the first ``n`` maps of [intrinsic, ghosts].
+A primary convolution makes ``m = ceil(n / s)`` intrinsic maps; a depthwise ``d x d`` convolution (``d`` in
+1-D, ``d x d x d`` in 3-D) makes ``s - 1`` cheap "ghost" maps from each; the module outputs the first ``n``
+maps of [intrinsic, ghosts].
 """
 
 from __future__ import annotations
@@ -12,15 +13,27 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 from torch import nn
 
-_Pair = Union[int, Tuple[int, int]]
+_Size = Union[int, Tuple[int, ...]]
+CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 
-def _pair(value: _Pair, name: str) -> Tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        return (int(value[0]), int(value[1]))
-    raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+def conv_dim(conv: nn.Module) -> Optional[int]:
+    """1, 2 or 3 for an ``nn.Conv1d/2d/3d``, or a subclass that only changes how it is built (as torchvision's
+    video ``Conv3DSimple``); None for anything else, including subclasses with their own ``forward``."""
+    for dim, kind in CONVS.items():
+        if isinstance(conv, kind):
+            plain = type(conv).forward is kind.forward and type(conv)._conv_forward is kind._conv_forward
+            return dim if plain else None
+    return None
+
+
+def _tuple(value: _Size, name: str, dim: int = 2) -> Tuple[int, ...]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,) * dim
+    if isinstance(value, (tuple, list)) and len(value) == dim and all(isinstance(v, int) for v in value):
+        return tuple(int(v) for v in value)
+    raise TypeError(f"{name} must be an int or a tuple of {dim} ints, got {value!r}")
 
 
 def check_ratio(s: int) -> int:
@@ -38,11 +51,11 @@ def check_cheap_kernel(d: int) -> int:
 
 
 def primary_padding(
-    kernel_size: _Pair,
-    padding: Union[str, _Pair],
-    dilation: _Pair,
-    primary_kernel: _Pair,
-) -> Union[str, Tuple[int, int]]:
+    kernel_size: Tuple[int, ...],
+    padding: Union[str, _Size],
+    dilation: _Size,
+    primary_kernel: _Size,
+) -> Union[str, Tuple[int, ...]]:
     """Padding that gives a ``primary_kernel`` conv the output size of the original conv, for every input size.
 
     Output size is ``floor((H + 2p - dil * (k - 1) - 1) / stride) + 1``, so the primary conv keeps it exactly
@@ -53,9 +66,10 @@ def primary_padding(
     """
     if padding == "same":
         return "same"
-    kernel, dil = _pair(kernel_size, "kernel_size"), _pair(dilation, "dilation")
-    pk = _pair(primary_kernel, "primary_kernel")
-    pad = (0, 0) if padding == "valid" else _pair(padding, "padding")
+    dim = len(kernel_size)
+    kernel, dil = _tuple(kernel_size, "kernel_size", dim), _tuple(dilation, "dilation", dim)
+    pk = _tuple(primary_kernel, "primary_kernel", dim)
+    pad = (0,) * dim if padding == "valid" else _tuple(padding, "padding", dim)
     result = []
     for k, p, dl, kp in zip(kernel, pad, dil, pk):
         twice = 2 * p - dl * (k - kp)
@@ -66,7 +80,7 @@ def primary_padding(
                 f"{tuple(kernel)} minus twice the padding, or the original kernel size"
             )
         result.append(twice // 2)
-    return (result[0], result[1])
+    return tuple(result)
 
 
 class GhostModule(nn.Module):
@@ -74,20 +88,22 @@ class GhostModule(nn.Module):
 
     By default the module is linear (no norm or activation inside), the closest stand-in for the conv it
     replaces. ``inner_bn=True`` and an ``activation_layer`` give the GhostNet form (norm + activation after
-    both the primary conv and the cheap operation).
+    both the primary conv and the cheap operation). ``dim`` 1 or 3 makes the same module from ``Conv1d`` or
+    ``Conv3d`` (a cheap kernel of ``d`` or ``d x d x d``), for audio and video networks.
 
     Args:
         in_channels: input channels ``c``.
         out_channels: output channels ``n``.
         kernel_size: kernel of the conv being replaced; also the default primary kernel.
         stride, padding, dilation, bias, padding_mode: as in ``nn.Conv2d``; the primary conv uses them so the
-            output height and width equal the original conv's.
+            output's spatial size equals the original conv's.
         s: ghost ratio; ``m = ceil(n / s)`` intrinsic maps, ``s - 1`` ghosts each.
         d: kernel of the depthwise cheap operation (odd).
         primary_kernel: kernel of the primary conv (default ``kernel_size``); padding is adjusted to match.
         inner_bn: put ``norm_layer`` after the primary conv and the cheap operation.
-        norm_layer: the norm to use when ``inner_bn`` is set.
+        norm_layer: the norm to use when ``inner_bn`` is set (default: batch norm of the module's ``dim``).
         activation_layer: activation after the primary conv and the cheap operation (none by default).
+        dim: spatial dimensions, 1, 2 (default) or 3.
 
     Example:
         >>> ghost = GhostModule(64, 128, 3, padding=1, s=2, d=3)
@@ -99,27 +115,32 @@ class GhostModule(nn.Module):
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: _Pair,
-        stride: _Pair = 1,
-        padding: Union[str, _Pair] = 0,
-        dilation: _Pair = 1,
+        kernel_size: _Size,
+        stride: _Size = 1,
+        padding: Union[str, _Size] = 0,
+        dilation: _Size = 1,
         bias: bool = False,
         padding_mode: str = "zeros",
         s: int = 2,
         d: int = 3,
-        primary_kernel: Optional[_Pair] = None,
+        primary_kernel: Optional[_Size] = None,
         inner_bn: bool = False,
-        norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
+        norm_layer: Optional[Callable[..., nn.Module]] = None,
         activation_layer: Optional[Callable[..., nn.Module]] = None,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
+        dim: int = 2,
     ) -> None:
         super().__init__()
         self.s, self.d = check_ratio(s), check_cheap_kernel(d)
+        if dim not in CONVS:
+            raise ValueError(f"dim must be 1, 2 or 3, got {dim!r}")
         if out_channels < s:
             raise ValueError(f"out_channels ({out_channels}) must be >= s ({s}): every intrinsic map needs a ghost")
-        kernel_size = _pair(kernel_size, "kernel_size")
-        primary_kernel = kernel_size if primary_kernel is None else _pair(primary_kernel, "primary_kernel")
+        self.dim = dim
+        conv, norm_layer = CONVS[dim], norm_layer or NORMS[dim]
+        kernel_size = _tuple(kernel_size, "kernel_size", dim)
+        primary_kernel = kernel_size if primary_kernel is None else _tuple(primary_kernel, "primary_kernel", dim)
         self.out_channels = out_channels
         self.intrinsic_channels = math.ceil(out_channels / s)
         self.ghost_channels = self.intrinsic_channels * (s - 1)
@@ -127,13 +148,13 @@ class GhostModule(nn.Module):
         m = self.intrinsic_channels
 
         primary = [
-            nn.Conv2d(
+            conv(
                 in_channels, m, primary_kernel, stride=stride,
                 padding=primary_padding(kernel_size, padding, dilation, primary_kernel),
                 dilation=dilation, bias=bias and not inner_bn, padding_mode=padding_mode, **factory,
             )
         ]
-        cheap = [nn.Conv2d(m, self.ghost_channels, d, padding=d // 2, groups=m, bias=bias and not inner_bn, **factory)]
+        cheap = [conv(m, self.ghost_channels, d, padding=d // 2, groups=m, bias=bias and not inner_bn, **factory)]
         for layers, channels in ((primary, m), (cheap, self.ghost_channels)):
             if inner_bn:
                 layers.append(norm_layer(channels, **factory))
@@ -144,12 +165,12 @@ class GhostModule(nn.Module):
         self.register_buffer("out_index", None)
 
     @property
-    def primary_conv(self) -> nn.Conv2d:
+    def primary_conv(self) -> nn.modules.conv._ConvNd:
         """The ordinary convolution that makes the intrinsic maps."""
         return self.primary[0]
 
     @property
-    def cheap_conv(self) -> nn.Conv2d:
+    def cheap_conv(self) -> nn.modules.conv._ConvNd:
         """The depthwise convolution that makes the ghost maps."""
         return self.cheap[0]
 
@@ -187,10 +208,10 @@ class GhostModule(nn.Module):
     @classmethod
     def from_conv(
         cls,
-        conv: nn.Conv2d,
+        conv: nn.modules.conv._ConvNd,
         s: int = 2,
         d: int = 3,
-        primary_kernel: Optional[_Pair] = None,
+        primary_kernel: Optional[_Size] = None,
         **kwargs,
     ) -> "GhostModule":
         """Build a Ghost module with the geometry, bias, padding mode, dtype and device of ``conv``.
@@ -198,21 +219,24 @@ class GhostModule(nn.Module):
         The new module's weights are freshly initialised; ``ghostify.init`` fills them from ``conv``.
 
         Raises:
-            TypeError: ``conv`` is not a plain ``nn.Conv2d``.
+            TypeError: ``conv`` is not a plain ``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Conv3d``.
             ValueError: ``conv`` is grouped, has fewer output channels than ``s``, or ``primary_kernel``
                 cannot keep its output size.
         """
-        if type(conv) is not nn.Conv2d:
-            raise TypeError(f"GhostModule.from_conv needs an nn.Conv2d, got {type(conv).__name__}")
+        dim = conv_dim(conv)
+        if dim is None:
+            raise TypeError(f"GhostModule.from_conv needs an nn.Conv1d, nn.Conv2d or nn.Conv3d, "
+                            f"got {type(conv).__name__}")
         if conv.groups != 1:
             raise ValueError(f"cannot replace a grouped conv (groups={conv.groups}); only dense convs have ghosts")
         return cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
             dilation=conv.dilation, bias=conv.bias is not None, padding_mode=conv.padding_mode,
             s=s, d=d, primary_kernel=primary_kernel,
-            device=conv.weight.device, dtype=conv.weight.dtype, **kwargs,
+            device=conv.weight.device, dtype=conv.weight.dtype, dim=dim, **kwargs,
         )
 
     def extra_repr(self) -> str:
         gather = ", gather" if self.out_index is not None else ""
-        return f"out_channels={self.out_channels}, s={self.s}, d={self.d}{gather}"
+        dim = f", dim={self.dim}" if self.dim != 2 else ""
+        return f"out_channels={self.out_channels}, s={self.s}, d={self.d}{dim}{gather}"

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -33,9 +34,10 @@ def _ratio(before: Optional[float], after: Optional[float]) -> Optional[float]:
     return before / after if before and after else None
 
 
-def theoretical_ratio(c: int, k: Tuple[int, int], s: int, d: int, primary_kernel: Tuple[int, int]) -> float:
-    """Paper Eq. 4: speed-up of a Ghost module over the conv, c*k*k / (c*k'*k'/s + (s-1)*d*d/s)."""
-    return c * k[0] * k[1] / (c * primary_kernel[0] * primary_kernel[1] / s + (s - 1) * d * d / s)
+def theoretical_ratio(c: int, k: Tuple[int, ...], s: int, d: int, primary_kernel: Tuple[int, ...]) -> float:
+    """Paper Eq. 4: speed-up of a Ghost module over the conv, c*k*k / (c*k'*k'/s + (s-1)*d*d/s) in 2-D (and
+    the same with one kernel size per spatial dimension in 1-D and 3-D)."""
+    return c * math.prod(k) / (c * math.prod(primary_kernel) / s + (s - 1) * d ** len(k) / s)
 
 
 @dataclass
@@ -185,13 +187,13 @@ def _error(value: Optional[float]) -> str:
 
 def _describe(row) -> Tuple[str, str]:
     k, pk, stride = row.kernel_size, row.primary_kernel, row.stride
-    original = f"Conv2d {row.in_channels}->{row.out_channels} {k[0]}x{k[1]}"
-    if tuple(stride) != (1, 1):
-        original += f" stride {stride[0]}" if stride[0] == stride[1] else f" stride {stride[0]}x{stride[1]}"
+    original = f"Conv{len(k)}d {row.in_channels}->{row.out_channels} {'x'.join(map(str, k))}"
+    if any(step != 1 for step in stride):
+        original += f" stride {stride[0]}" if len(set(stride)) == 1 else f" stride {'x'.join(map(str, stride))}"
     if row.norm:
         original += " + BN"
     gather = " +gather" if row.gather else ""
-    return original, f"Ghost s={row.s} d={row.d} k={pk[0]}x{pk[1]}{gather}"
+    return original, f"Ghost s={row.s} d={row.d} k={'x'.join(map(str, pk))}{gather}"
 
 
 def _is_ghost(model: nn.Module, name: str) -> bool:

@@ -1,4 +1,4 @@
-"""``convert``: replace a model's Conv2d layers with Ghost modules, keeping its classes and attribute paths.
+"""``convert``: replace a model's Conv1d/2d/3d layers with Ghost modules, keeping its classes and attribute paths.
 
 The pipeline is trace (``ghostify.trace``) -> choose (policy below) -> swap (``apply_plan``) -> initialise
 (``ghostify.init``). Every conv is either replaced or listed as skipped with its reason; the input model is
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .init import check_calibration, check_init, initialise
-from .module import GhostModule, _pair, check_cheap_kernel, check_ratio, primary_padding
+from .module import NORMS, GhostModule, _tuple, check_cheap_kernel, check_ratio, conv_dim, primary_padding
 from .trace import ConvSite, _shape, analyse, placement, random_inputs
 
 PerLayer = Union[Any, Mapping[str, Any]]
@@ -31,11 +31,11 @@ class Replaced:
     name: str
     s: int
     d: int
-    primary_kernel: Tuple[int, int]
+    primary_kernel: Tuple[int, ...]
     in_channels: int
     out_channels: int
-    kernel_size: Tuple[int, int]
-    stride: Tuple[int, int]
+    kernel_size: Tuple[int, ...]
+    stride: Tuple[int, ...]
     input_shape: Optional[Tuple[int, ...]] = None
     output_shape: Optional[Tuple[int, ...]] = None
     aliases: List[str] = field(default_factory=list)
@@ -124,8 +124,11 @@ def _resolve(value: PerLayer, names: Sequence[str], default: Any) -> Any:
     return default if pattern is None else value[pattern]
 
 
-def _check_kernel(value: Any) -> Tuple[int, int]:
-    kernel = _pair(value, "primary_kernel")
+def _check_kernel(value: Any, dim: Optional[int] = None) -> Tuple[int, ...]:
+    """A primary kernel: an int, or a tuple with one entry per spatial dimension (any length 1-3 when ``dim``
+    is not known yet)."""
+    length = dim or (len(value) if isinstance(value, (tuple, list)) and 1 <= len(value) <= 3 else 2)
+    kernel = _tuple(value, "primary_kernel", length)
     if min(kernel) < 1:
         raise ValueError(f"primary_kernel must be positive, got {value!r}")
     return kernel
@@ -145,10 +148,8 @@ def _skip_reason(site: ConvSite, names: List[str], opts: Dict[str, Any]) -> Opti
     module = site.module
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         return "transposed conv"
-    if not isinstance(module, nn.Conv2d):
-        return f"{type(module).__name__} is not 2-D"
-    if type(module) is not nn.Conv2d:
-        return f"{type(module).__name__} subclasses Conv2d with its own behaviour"
+    if conv_dim(module) is None:
+        return f"{type(module).__name__} subclasses a conv with its own behaviour"
     if module.groups != 1:
         kind = "depthwise" if module.groups == module.in_channels else "grouped"
         return f"{kind} conv (groups={module.groups}) is already cheap"
@@ -173,7 +174,12 @@ def _choose(site: ConvSite, opts: Dict[str, Any]) -> Union[Replaced, Skipped]:
         conv = site.module
         s = check_ratio(_resolve(opts["s"], names, 2))
         d = check_cheap_kernel(_resolve(opts["d"], names, 3))
-        kernel = _check_kernel(_resolve(opts["primary_kernel"], names, conv.kernel_size))
+        kernel = _resolve(opts["primary_kernel"], names, conv.kernel_size)
+        try:
+            kernel = _check_kernel(kernel, len(conv.kernel_size))
+        except TypeError:
+            raise TypeError(f"primary_kernel {kernel!r} does not fit {site.name!r}, a {len(conv.kernel_size)}-D "
+                            "conv; give an int, or a per-layer mapping") from None
         if conv.out_channels < s:
             reason = f"{conv.out_channels} output channels, fewer than s={s}"
         else:
@@ -210,8 +216,8 @@ def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
         setattr(model.get_submodule(parent), child, module)
 
 
-def apply_plan(model: nn.Module, plan: Iterable[Mapping[str, Any]]) -> List[Tuple[str, nn.Conv2d, GhostModule]]:
-    """Swap each planned Conv2d of ``model`` (in place) for a fresh ``GhostModule`` at all its paths.
+def apply_plan(model: nn.Module, plan: Iterable[Mapping[str, Any]]) -> List[Tuple[str, nn.Module, GhostModule]]:
+    """Swap each planned conv of ``model`` (in place) for a fresh ``GhostModule`` at all its paths.
 
     A planned ``norm`` (the batch norm that alone reads the conv) is taken into the Ghost module, which then
     normalises its intrinsic maps before the cheap operation reads them (the GhostNet form, which folds
@@ -221,7 +227,7 @@ def apply_plan(model: nn.Module, plan: Iterable[Mapping[str, Any]]) -> List[Tupl
         (name, original conv, new Ghost module) for every swapped layer.
 
     Raises:
-        ValueError: a planned name is missing from ``model`` or is not an ``nn.Conv2d``.
+        ValueError: a planned name is missing from ``model`` or is not a plain conv.
     """
     aliases: Dict[int, List[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
@@ -233,11 +239,12 @@ def apply_plan(model: nn.Module, plan: Iterable[Mapping[str, Any]]) -> List[Tupl
             conv = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"the model has no layer {name!r}; is it the architecture that was converted?") from None
-        if type(conv) is not nn.Conv2d:
-            raise ValueError(f"layer {name!r} is a {type(conv).__name__}, not the Conv2d that was converted")
-        norm = _planned_norm(model, entry.get("norm"), name)
+        dim = conv_dim(conv)
+        if dim is None:
+            raise ValueError(f"layer {name!r} is a {type(conv).__name__}, not the conv that was converted")
+        norm = _planned_norm(model, entry.get("norm"), name, dim)
         inner = {} if norm is None else {"inner_bn": True, "norm_layer": partial(
-            nn.BatchNorm2d, eps=norm.eps, momentum=norm.momentum)}
+            NORMS[dim], eps=norm.eps, momentum=norm.momentum)}
         ghost = GhostModule.from_conv(conv, s=entry["s"], d=entry["d"], primary_kernel=tuple(entry["primary_kernel"]),
                                       **inner)
         ghost.train(conv.training)
@@ -251,14 +258,14 @@ def apply_plan(model: nn.Module, plan: Iterable[Mapping[str, Any]]) -> List[Tupl
     return swapped
 
 
-def _planned_norm(model: nn.Module, path: Optional[str], name: str) -> Optional[nn.BatchNorm2d]:
+def _planned_norm(model: nn.Module, path: Optional[str], name: str, dim: int) -> Optional[nn.Module]:
     if path is None:
         return None
     try:
         norm = model.get_submodule(path)
     except AttributeError:
         norm = None
-    if type(norm) is not nn.BatchNorm2d:
+    if type(norm) is not NORMS[dim]:
         raise ValueError(f"layer {name!r} takes in the batch norm {path!r}, but the model has "
                          f"{type(norm).__name__ if norm is not None else 'nothing'} there; "
                          "is it the architecture that was converted?")
@@ -280,7 +287,7 @@ def convert(
     calibration_samples: int = 256,
     absorb_norm: bool = True,
 ) -> nn.Module:
-    """Return a copy of ``model`` with its dense Conv2d layers replaced by Ghost modules.
+    """Return a copy of ``model`` with its dense convolutions (Conv1d, Conv2d, Conv3d) replaced by Ghost modules.
 
     Args:
         model: any ``nn.Module``; it is deep-copied and never modified.
@@ -335,8 +342,9 @@ def convert(
             "include": _patterns(include, "include"), "exclude": _patterns(exclude, "exclude")}
     inputs = _example_inputs(example_inputs, model)
 
-    if not any(isinstance(module, nn.Conv2d) for module in model.modules()):
-        raise ValueError(f"{type(model).__name__} has no nn.Conv2d layer to convert")
+    if not any(isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for module in model.modules()):
+        raise ValueError(f"{type(model).__name__} has no convolution layer (nn.Conv1d, nn.Conv2d or nn.Conv3d) "
+                         "to convert")
     converted = copy.deepcopy(model)
     try:
         analysis = analyse(converted, inputs)
@@ -352,7 +360,7 @@ def convert(
     decisions = [_choose(site, opts) for site in analysis.sites]
     replaced = [r for r in decisions if isinstance(r, Replaced)]
     skipped = [r for r in decisions if isinstance(r, Skipped)]
-    skipped += [Skipped(name, "F.conv", "functional convolution call; only nn.Conv2d modules are replaced")
+    skipped += [Skipped(name, "F.conv", "functional convolution call; only conv modules are replaced")
                 for name in analysis.functional]
     result = ConversionResult(analysis.method, replaced, skipped, [_shape(x) for x in inputs], init,
                               source=getattr(model, "ghostify_source", None))

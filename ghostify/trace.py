@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .module import GhostModule
+from .module import NORMS, GhostModule, conv_dim
 
 _CONV_TYPES = (nn.modules.conv._ConvNd,)
 _FUNCTIONAL_CONVS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d,
@@ -77,10 +77,12 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
 
 
 class GhostLeafTracer(fx.Tracer):
-    """A symbolic tracer that keeps each ``GhostModule`` as one call, for passes that act on whole modules."""
+    """A symbolic tracer that keeps each ``GhostModule``, and each conv (also a subclass that only changes how
+    it is built, as torchvision's ``Conv3DSimple``), as one call, for passes that act on whole modules."""
 
     def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
-        return isinstance(module, GhostModule) or super().is_leaf_module(module, qualname)
+        return (isinstance(module, GhostModule) or conv_dim(module) is not None
+                or super().is_leaf_module(module, qualname))
 
 
 def conv_sites(model: nn.Module) -> Dict[int, ConvSite]:
@@ -155,13 +157,13 @@ def module_calls(graph: fx.Graph) -> Dict[str, int]:
 
 def sole_norm(node: fx.Node, modules: Dict[str, nn.Module], calls: Dict[str, int],
               channels: int) -> Optional[str]:
-    """The ``BatchNorm2d`` over ``channels`` (run once, with running statistics) that is the only reader of
+    """The batch norm over ``channels`` (run once, with running statistics) that is the only reader of
     ``node``'s output, or None."""
     if len(node.users) != 1:
         return None
     (user,) = node.users
     norm = modules.get(user.target) if user.op == "call_module" else None
-    if (type(norm) is nn.BatchNorm2d and calls[user.target] == 1 and norm.running_mean is not None
+    if (type(norm) in NORMS.values() and calls[user.target] == 1 and norm.running_mean is not None
             and norm.num_features == channels):
         return user.target
     return None
@@ -173,9 +175,9 @@ def _sole_norms(graph_module: fx.GraphModule) -> Dict[str, str]:
     found = {}
     for node in graph_module.graph.nodes:
         conv = modules.get(node.target) if node.op == "call_module" else None
-        if isinstance(conv, nn.Conv2d) and calls[node.target] == 1:
+        if conv_dim(conv) is not None and calls[node.target] == 1:
             norm = sole_norm(node, modules, calls, conv.out_channels)
-            if norm is not None:
+            if norm is not None and type(modules[norm]) is NORMS[conv_dim(conv)]:
                 found[node.target] = norm
     return found
 
@@ -193,7 +195,7 @@ def analyse(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Analysis:
     sites = conv_sites(model)
     with evaluating(model):
         try:
-            graph_module = fx.symbolic_trace(model)
+            graph_module = fx.GraphModule(model, GhostLeafTracer().trace(model))
         except Exception:  # noqa: BLE001 - untraceable Python: run the model itself
             graph_module = None
         order = _run_with_hooks(graph_module or model, sites, inputs)

@@ -12,41 +12,48 @@ from ghostify import GhostModule
 
 
 @st.composite
-def conv_and_input(draw):
-    """A random Conv2d (square or not) and an input size it accepts, plus Ghost settings."""
-    kernel = (draw(st.integers(1, 5)), draw(st.integers(1, 5)))
-    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
-    padding_kind = draw(st.sampled_from(["int", "pair", "same", "valid"]))
-    stride = (1, 1) if padding_kind == "same" else (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    padding = {"int": draw(st.integers(0, 3)), "pair": (draw(st.integers(0, 3)), draw(st.integers(0, 3))),
+def conv_and_input(draw, dim: int = 2):
+    """A random Conv1d/2d/3d (sizes may differ per dimension) and an input size it accepts, plus Ghost settings."""
+    sizes = st.integers(1, 5 if dim < 3 else 3)
+    kernel = tuple(draw(sizes) for _ in range(dim))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(dim))
+    padding_kind = draw(st.sampled_from(["int", "tuple", "same", "valid"]))
+    stride = (1,) * dim if padding_kind == "same" else tuple(draw(st.integers(1, 3)) for _ in range(dim))
+    padding = {"int": draw(st.integers(0, 3)), "tuple": tuple(draw(st.integers(0, 3)) for _ in range(dim)),
                "same": "same", "valid": "valid"}[padding_kind]
     s = draw(st.integers(2, 5))
-    out_channels = draw(st.integers(s, 24))
-    conv = nn.Conv2d(draw(st.integers(1, 8)), out_channels, kernel, stride=stride, padding=padding,
-                     dilation=dilation, bias=draw(st.booleans()),
-                     padding_mode=draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
-                     if padding_kind not in ("valid",) else "zeros")
+    out_channels = draw(st.integers(s, 24 if dim < 3 else 8))
+    convs = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+    conv = convs[dim](draw(st.integers(1, 8)), out_channels, kernel, stride=stride, padding=padding,
+                      dilation=dilation, bias=draw(st.booleans()),
+                      padding_mode=draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
+                      if padding_kind not in ("valid",) and dim < 3 else "zeros")
     span = [dl * (k - 1) + 1 for k, dl in zip(kernel, dilation)]
-    pads = (0, 0) if padding_kind in ("same", "valid") else conv.padding
+    pads = (0,) * dim if padding_kind in ("same", "valid") else conv.padding
     # reflect/replicate/circular padding needs the input larger than any padding (a 7x7 primary pads up to 6)
     least = 13 if conv.padding_mode != "zeros" else 1
-    height = draw(st.integers(max(span[0] - 2 * pads[0], least), 20))
-    width = draw(st.integers(max(span[1] - 2 * pads[1], least), 20))
-    primary = draw(st.one_of(st.none(), st.integers(1, 7), st.tuples(st.integers(1, 7), st.integers(1, 7))))
-    d = draw(st.sampled_from([1, 3, 5, 7]))
-    return conv, torch.randn(2, conv.in_channels, height, width), s, d, primary
+    size = [draw(st.integers(max(extent - 2 * pad, least), 20 if dim < 3 else 9)) for extent, pad in zip(span, pads)]
+    primary = draw(st.one_of(st.none(), st.integers(1, 7 if dim < 3 else 3),
+                             st.tuples(*[st.integers(1, 7 if dim < 3 else 3)] * dim)))
+    d = draw(st.sampled_from([1, 3, 5, 7] if dim < 3 else [1, 3]))
+    return conv, torch.randn(2, conv.in_channels, *size), s, d, primary
 
 
-@settings(max_examples=150, deadline=None)
-@given(conv_and_input())
-def test_from_conv_output_shape_equals_conv(case):
-    conv, x, s, d, primary = case
-    try:
-        ghost = GhostModule.from_conv(conv, s=s, d=d, primary_kernel=primary)
-    except ValueError as error:
-        assert primary is not None and "cannot keep the output size" in str(error)
-        return
-    assert ghost(x).shape == conv(x).shape
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_from_conv_output_shape_equals_conv(dim):
+    @settings(max_examples=150 if dim == 2 else 60, deadline=None)
+    @given(conv_and_input(dim))
+    def check(case):
+        conv, x, s, d, primary = case
+        try:
+            ghost = GhostModule.from_conv(conv, s=s, d=d, primary_kernel=primary)
+        except ValueError as error:
+            assert primary is not None and "cannot keep the output size" in str(error)
+            return
+        assert ghost.dim == dim and ghost.cheap_conv.kernel_size == (d,) * dim
+        assert ghost(x).shape == conv(x).shape
+
+    check()
 
 
 @pytest.mark.parametrize("n, s", [(64, 2), (63, 2), (10, 3), (7, 4), (5, 5)])
@@ -100,9 +107,16 @@ def test_bad_settings_raise_clear_errors(kwargs, message):
         GhostModule(8, 16, 3, **kwargs)
 
 
-def test_from_conv_rejects_non_conv2d_and_grouped():
-    with pytest.raises(TypeError, match="needs an nn.Conv2d, got Conv1d"):
-        GhostModule.from_conv(nn.Conv1d(3, 8, 3))
+class ScaledConv(nn.Conv2d):
+    """A conv subclass with its own forward: not a plain conv."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_from_conv_rejects_other_modules_and_grouped():
+    with pytest.raises(TypeError, match="needs an nn.Conv1d, nn.Conv2d or nn.Conv3d, got ScaledConv"):
+        GhostModule.from_conv(ScaledConv(3, 8, 3))
     with pytest.raises(TypeError, match="got ConvTranspose2d"):
         GhostModule.from_conv(nn.ConvTranspose2d(3, 8, 3))
     with pytest.raises(ValueError, match="grouped conv"):

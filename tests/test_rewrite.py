@@ -44,14 +44,14 @@ class Mixed(nn.Module):
 
 def test_rewrite_mixed_policy_reasons():
     ghost = ghostify.convert(Mixed(), example_inputs=torch.randn(1, 3, 8, 8))
-    assert _replaced(ghost) == ["dense"]
+    assert _replaced(ghost) == ["dense", "line"]  # a Conv1d inside a 2-D network converts too
+    assert ghost.line.dim == 1 and ghost.line.cheap_conv.kernel_size == (3,)
     reasons = _reasons(ghost)
     assert "stem" in reasons["stem"]
     assert "depthwise" in reasons["depthwise"]
     assert "grouped" in reasons["grouped"]
     assert "transposed" in reasons["up"]
     assert "fewer than s=2" in reasons["narrow"]
-    assert "not 2-D" in reasons["line"]
     assert "never runs" in reasons["unused"]
     assert any("functional" in reason for reason in reasons.values())
     assert ghost.ghostify_result.method == "fx"
@@ -173,8 +173,8 @@ def test_rewrite_bad_arguments_raise_clear_errors(kwargs, error, message):
         ghostify.convert(Shared(), **kwargs)
 
 
-def test_rewrite_rejects_models_without_conv2d():
-    with pytest.raises(ValueError, match="has no nn.Conv2d"):
+def test_rewrite_rejects_models_without_convolutions():
+    with pytest.raises(ValueError, match=r"has no convolution layer \(nn.Conv1d, nn.Conv2d or nn.Conv3d\)"):
         ghostify.convert(nn.Sequential(nn.Flatten(), nn.Linear(12, 2)), example_inputs=torch.randn(1, 3, 2, 2))
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         ghostify.convert("resnet18")

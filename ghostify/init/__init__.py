@@ -1,6 +1,6 @@
 """Initialisers: how a new Ghost module's weights start, given the conv it replaces.
 
-``"random"`` keeps the fresh initialisation that ``GhostModule.from_conv`` gives (PyTorch's Conv2d default).
+``"random"`` keeps the fresh initialisation that ``GhostModule.from_conv`` gives (PyTorch's conv default).
 ``"copy"`` (data-free) builds each module from the original filters (``datafree``); ``"calibrate"`` then
 refits every layer, in run order, to the original model's outputs on calibration inputs (``calibrate``).
 Both leave each module's outputs in the original channel order at no cost where ``channels`` finds the
@@ -62,7 +62,7 @@ def _blocked_by_ratio(group: Group, rows: Mapping[str, Any]) -> None:
 
 def initialise(
     init: str,
-    swapped: List[Tuple[str, nn.Conv2d, GhostModule]],
+    swapped: List[Tuple[str, nn.Module, GhostModule]],
     layers: Mapping[str, Any],
     model: Optional[nn.Module] = None,
     original: Optional[nn.Module] = None,

@@ -10,6 +10,7 @@ maps the new primary conv makes.
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -53,19 +54,32 @@ def _capture(model: nn.Module, module: nn.Module, batches: Sequence[Batch], outp
     return torch.cat(grabbed)
 
 
-def _design(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor, limit: int, generator: torch.Generator):
+def _unfold(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``(N, C * prod(kernel), positions)``: the input patches ``conv`` reads at each output position,
+    channel-major like ``conv.weight.flatten(1)``. ``F.unfold`` in 2-D; in 1-D and 3-D (which it does not
+    support) a depthwise conv whose one-hot filters each pick one tap."""
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    padded = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+    if x.dim() == 4:
+        return F.unfold(padded, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+    taps = math.prod(conv.kernel_size)
+    one_hot = torch.eye(taps, dtype=x.dtype, device=x.device).view(taps, 1, *conv.kernel_size)
+    pick = one_hot.repeat(x.shape[1], *[1] * (one_hot.dim() - 1))
+    convolve = F.conv1d if x.dim() == 3 else F.conv3d
+    return convolve(padded, pick, stride=conv.stride, dilation=conv.dilation, groups=x.shape[1]).flatten(2)
+
+
+def _design(conv: nn.Module, x: torch.Tensor, y: torch.Tensor, limit: int, generator: torch.Generator):
     """Rows of the least-squares problem ``conv``'s taps over ``x`` -> ``y``, for at most ``limit`` output pixels.
 
     Returns:
-        ``(rows, in_channels * kh * kw)`` patches of ``x`` as ``conv`` sees them, and ``(rows, y channels)``.
+        ``(rows, in_channels * prod(kernel))`` patches of ``x`` as ``conv`` sees them, and ``(rows, y channels)``.
     """
-    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-    pixels = y.shape[2] * y.shape[3]
+    pixels = math.prod(y.shape[2:])
     keep = min(1.0, limit / (len(y) * pixels))
     patches, targets = [], []
     for xs, ys in zip(x.split(16), y.split(16)):
-        cols = F.unfold(F.pad(xs, conv._reversed_padding_repeated_twice, mode=mode), conv.kernel_size,
-                        dilation=conv.dilation, stride=conv.stride).transpose(1, 2).flatten(0, 1)
+        cols = _unfold(conv, xs).transpose(1, 2).flatten(0, 1)
         rows = torch.rand(len(cols), generator=generator) < keep
         patches.append(cols[rows])
         targets.append(ys.flatten(2).transpose(1, 2).flatten(0, 1)[rows])
@@ -88,7 +102,7 @@ def _ridge(a: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
 
 def map_pairing(ghost: GhostModule, y: torch.Tensor, gain: torch.Tensor, generator: torch.Generator) -> Pairing:
     """The ghost problem on the original output maps ``y`` (centred), for ``fit.choose``."""
-    n, q = y.shape[1], ghost.d ** 2
+    n, q = y.shape[1], ghost.d ** ghost.dim
     patches, targets = _design(ghost.cheap_conv, y, y, PAIR_ROWS, generator)
     shifted = patches.view(len(patches), n, q)
     shifted, targets = shifted - shifted.mean(0), targets - targets.mean(0)
@@ -96,8 +110,8 @@ def map_pairing(ghost: GhostModule, y: torch.Tensor, gain: torch.Tensor, generat
                    targets.square().sum(0), gain)
 
 
-def _fit_primary(conv: nn.Conv2d, ghost: GhostModule, choice: Choice, x, y, offset: bool, generator):
-    """Primary filters ``(m, c, kh, kw)`` and intrinsic offsets ``(m,)``, ridge-fitted towards the original filters."""
+def _fit_primary(conv: nn.Module, ghost: GhostModule, choice: Choice, x, y, offset: bool, generator):
+    """Primary filters ``(m, c, *kernel)`` and intrinsic offsets ``(m,)``, ridge-fitted towards the original filters."""
     prior = restrict(conv.weight.detach().float(), ghost.primary_conv.kernel_size, conv.dilation, conv.stride,
                      ghost.d)[choice.intrinsic].flatten(1).T
     bias = conv.bias.detach().float()[choice.intrinsic] if conv.bias is not None else prior.new_zeros(prior.shape[1])
@@ -110,8 +124,8 @@ def _fit_primary(conv: nn.Conv2d, ghost: GhostModule, choice: Choice, x, y, offs
 
 
 def _fit_cheap(ghost: GhostModule, choice: Choice, z: torch.Tensor, y: torch.Tensor, offset: bool, generator):
-    """Cheap kernels ``(kept, d, d)`` and ghost offsets ``(kept,)`` fitted on the new intrinsic maps ``z``."""
-    q = ghost.d ** 2
+    """Cheap kernels ``(kept, d, ..., d)`` and ghost offsets ``(kept,)`` fitted on the new intrinsic maps ``z``."""
+    q = ghost.d ** ghost.dim
     patches, targets = _design(ghost.cheap_conv, z, y, ROWS, generator)
     shifted = patches.view(len(patches), z.shape[1], q)
     if offset:
@@ -120,10 +134,10 @@ def _fit_cheap(ghost: GhostModule, choice: Choice, z: torch.Tensor, y: torch.Ten
     cross = torch.einsum("rou,ro->ou", source, targets[:, choice.ghost])
     gram = torch.einsum("riu,riv->iuv", shifted, shifted)[choice.owner]
     h = solve(cross, gram)
-    return h[:, :q].view(-1, ghost.d, ghost.d), (h[:, q] if offset else torch.zeros(len(h), dtype=h.dtype))
+    return h[:, :q].view(-1, *[ghost.d] * ghost.dim), (h[:, q] if offset else torch.zeros(len(h), dtype=h.dtype))
 
 
-def fit_layer(conv: nn.Conv2d, ghost: GhostModule, bn: Optional[nn.BatchNorm2d], mean: Optional[torch.Tensor],
+def fit_layer(conv: nn.Module, ghost: GhostModule, bn: Optional[nn.Module], mean: Optional[torch.Tensor],
               x: torch.Tensor, y: torch.Tensor, seed: int = 0, choice: Optional[Choice] = None) -> Tuple[Choice, float]:
     """Refit ``ghost`` so that, on input ``x``, it outputs ``conv``'s original outputs ``y``.
 
@@ -141,14 +155,15 @@ def fit_layer(conv: nn.Conv2d, ghost: GhostModule, bn: Optional[nn.BatchNorm2d],
         choice = choose([map_pairing(ghost, y, bn_gain(bn, conv.out_channels), generator)], ghost.s)
     primary, intrinsic_offset = _fit_primary(conv, ghost, choice, x, y, offset, generator)
     inner = ghost.inner_norms is not None
+    per_channel = (1, -1, *[1] * ghost.dim)
     with torch.no_grad():
         z = ghost.primary_conv._conv_forward(x, primary.to(x.dtype), None)
         if inner:  # the cheap op reads the normalised intrinsic maps
-            a, beta = (t[choice.intrinsic].to(z).view(1, -1, 1, 1) for t in bn_scale(bn))
-            mean = bn.running_mean[choice.intrinsic.to(z.device)].to(z).view(1, -1, 1, 1)
-            z = a * (z + intrinsic_offset.to(z).view(1, -1, 1, 1) - mean) + beta
+            a, beta = (t[choice.intrinsic].to(z).view(per_channel) for t in bn_scale(bn))
+            mean = bn.running_mean[choice.intrinsic.to(z.device)].to(z).view(per_channel)
+            z = a * (z + intrinsic_offset.to(z).view(per_channel) - mean) + beta
         elif ghost.primary_conv.bias is not None:  # else the offset goes to the batch norm, after the cheap op
-            z = z + intrinsic_offset.to(z.dtype).view(1, -1, 1, 1)
+            z = z + intrinsic_offset.to(z.dtype).view(per_channel)
     cheap, ghost_offset = _fit_cheap(ghost, choice, z, y, offset, generator)
     offsets = torch.zeros(conv.out_channels, dtype=torch.float64)
     offsets[choice.intrinsic], offsets[choice.ghost] = intrinsic_offset, ghost_offset
@@ -174,7 +189,7 @@ def _progress():
                     TimeElapsedColumn())
 
 
-def shared_choice(original: nn.Module, layers: Sequence[Tuple[str, GhostModule, Optional[nn.BatchNorm2d]]],
+def shared_choice(original: nn.Module, layers: Sequence[Tuple[str, GhostModule, Optional[nn.Module]]],
                   batches: Sequence[Batch], seed: int = 0) -> Choice:
     """One channel choice for layers that write into the same tensor, from all their original outputs."""
     generator = torch.Generator().manual_seed(seed)
@@ -185,8 +200,8 @@ def shared_choice(original: nn.Module, layers: Sequence[Tuple[str, GhostModule, 
     return choose(pairings, layers[0][1].s)
 
 
-def calibrate(model: nn.Module, original: nn.Module, swapped: List[Tuple[str, nn.Conv2d, GhostModule]],
-              bns: Dict[str, Optional[nn.BatchNorm2d]], means: Dict[str, torch.Tensor],
+def calibrate(model: nn.Module, original: nn.Module, swapped: List[Tuple[str, nn.Module, GhostModule]],
+              bns: Dict[str, Optional[nn.Module]], means: Dict[str, torch.Tensor],
               batches: Sequence[Batch], groups: Dict[str, List[str]]) -> Dict[str, Choice]:
     """Refit each swapped layer of ``model`` in turn (``fit_layer``); returns each layer's channel choice.
 

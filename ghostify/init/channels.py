@@ -14,6 +14,7 @@ and the reason is recorded.
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -23,15 +24,19 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..module import GhostModule
+from ..module import GhostModule, conv_dim
 from ..trace import GhostLeafTracer, evaluating, module_calls, sole_norm
 
 _PER_CHANNEL = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.ELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid,
-                nn.Tanh, nn.Hardtanh, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout2d, nn.MaxPool2d, nn.AvgPool2d,
-                nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample)
+                nn.Tanh, nn.Hardtanh, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+                nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample)
 _PER_CHANNEL_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.hardtanh, F.leaky_relu, F.silu, F.gelu, F.elu, F.hardswish,
-                          F.hardsigmoid, F.mish, torch.sigmoid, F.sigmoid, torch.tanh, F.dropout, F.max_pool2d,
-                          F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate}
+                          F.hardsigmoid, F.mish, torch.sigmoid, F.sigmoid, torch.tanh, F.dropout, F.max_pool1d,
+                          F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
+                          F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+                          F.adaptive_max_pool3d, F.interpolate}
 _PER_CHANNEL_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous", "clone"}
 _ELEMENTWISE = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
                 operator.truediv, torch.add, torch.sub, torch.mul, torch.div}
@@ -57,7 +62,7 @@ class Space:
         self.size = size
         self.parent: "Space" = self
         self.members: List[str] = []
-        self.writers: List[nn.Conv2d] = []
+        self.writers: List[nn.Module] = []  # plain convs writing into this space
         self.blocked = blocked
 
     def root(self) -> "Space":
@@ -129,7 +134,7 @@ class Coupling:
     """
 
     groups: List[Group]
-    bn: Dict[str, Optional[nn.BatchNorm2d]]
+    bn: Dict[str, Optional[nn.Module]]
     uses: List[Tuple[str, nn.Module, Layout]] = field(default_factory=list)
     roots: Dict[str, Space] = field(default_factory=dict)
 
@@ -172,7 +177,7 @@ def _permute_input(role: str, module: nn.Module, index: torch.Tensor) -> None:
     conv.weight.copy_(conv.weight[:, index.to(conv.weight.device)])
 
 
-def _permute_output(conv: nn.Conv2d, order: torch.Tensor) -> None:
+def _permute_output(conv: nn.Module, order: torch.Tensor) -> None:
     for tensor in (conv.weight, conv.bias):
         if tensor is not None:
             tensor.copy_(tensor[order.to(tensor.device)])
@@ -237,7 +242,8 @@ class _Walker:
         layout, once = self.first(node), self.calls[node.target] == 1
         if layout is None:
             return None
-        if isinstance(module, GhostModule) or (type(module) is nn.Conv2d and module.groups == 1):
+        dim = conv_dim(module)
+        if isinstance(module, GhostModule) or (dim is not None and module.groups == 1):
             if not once:
                 return None
             self.uses.append(("reader", module, layout))
@@ -252,8 +258,8 @@ class _Walker:
             else:
                 space.writers.append(module)
             return out
-        depthwise = type(module) is nn.Conv2d and module.groups == module.in_channels == module.out_channels
-        if isinstance(module, nn.Conv2d) and module.groups > 1 and not depthwise:
+        depthwise = dim is not None and module.groups == module.in_channels == module.out_channels
+        if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and not depthwise:
             layout.block(f"read by grouped conv {node.target} (groups={module.groups}), which mixes channels "
                          "within fixed groups")
             return None
@@ -287,13 +293,13 @@ class _Walker:
         return None
 
     def reshaped(self, node: fx.Node, layout: Layout) -> Optional[Layout]:
-        """A flatten of ``(N, C, H, W)`` to ``(N, C*H*W)`` keeps channels in runs of ``H*W``; a no-op reshape
-        keeps the layout; anything else mixes channels."""
+        """A flatten of ``(N, C, *spatial)`` to ``(N, C*prod(spatial))`` keeps channels in runs of
+        ``prod(spatial)``; a no-op reshape keeps the layout; anything else mixes channels."""
         before, after = _shape(node.all_input_nodes[0]), _shape(node)
         if tuple(before) == tuple(after):
             return layout
-        if len(before) == 4 and len(after) == 2 and after[1] == before[1] * before[2] * before[3]:
-            return Layout(layout.spaces, layout.repeat * before[2] * before[3])
+        if len(before) >= 3 and len(after) == 2 and after[1] == math.prod(before[1:]):
+            return Layout(layout.spaces, layout.repeat * math.prod(before[2:]))
         return None
 
     def elementwise(self, node: fx.Node) -> Optional[Layout]:

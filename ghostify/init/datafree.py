@@ -20,7 +20,7 @@ from .fit import Choice, Pairing, filter_pairing, solve
 VARIANCE_FLOOR = 1e-4
 
 
-def bn_gain(bn: Optional[nn.BatchNorm2d], n: int) -> torch.Tensor:
+def bn_gain(bn: Optional[nn.Module], n: int) -> torch.Tensor:
     """Squared gain of each channel through the following batch norm (1 without one)."""
     if bn is None or bn.running_var is None:
         return torch.ones(n)
@@ -28,7 +28,7 @@ def bn_gain(bn: Optional[nn.BatchNorm2d], n: int) -> torch.Tensor:
     return (gamma.square() / (bn.running_var.float() + bn.eps)).cpu()
 
 
-def bn_scale(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
+def bn_scale(bn: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(a, beta)`` with ``bn(u) = a * (u - running_mean) + beta`` per channel, in float64 on the CPU."""
     a = 1 / (bn.running_var.double().cpu() + bn.eps).sqrt()
     if bn.weight is None:
@@ -36,7 +36,7 @@ def bn_scale(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
     return a * bn.weight.detach().double().cpu(), bn.bias.detach().double().cpu()
 
 
-def _write_inner_norms(ghost: GhostModule, choice: Choice, offsets: torch.Tensor, bn: nn.BatchNorm2d) -> None:
+def _write_inner_norms(ghost: GhostModule, choice: Choice, offsets: torch.Tensor, bn: nn.Module) -> None:
     """Each inner norm takes ``bn``'s statistics of the channels it makes, its running mean shifted so that the
     module's pre-norm values plus ``offsets`` stand for the original pre-norm values."""
     for inner, channels in zip(ghost.inner_norms, (choice.intrinsic, choice.ghost)):
@@ -51,12 +51,12 @@ def _write_inner_norms(ghost: GhostModule, choice: Choice, offsets: torch.Tensor
 
 
 def write(ghost: GhostModule, choice: Choice, primary: torch.Tensor, cheap: torch.Tensor,
-          offsets: torch.Tensor, bn: Optional[nn.BatchNorm2d], primary_bias: Optional[torch.Tensor] = None) -> None:
+          offsets: torch.Tensor, bn: Optional[nn.Module], primary_bias: Optional[torch.Tensor] = None) -> None:
     """Set ``ghost``'s weights and its gather to original channel order.
 
     Args:
         primary: ``(m, c, kh, kw)`` primary filters, in module order.
-        cheap: ``(n - m, d, d)`` cheap kernels of the kept ghost slots (on the normalised intrinsic maps when
+        cheap: ``(n - m, d, ..., d)`` cheap kernels of the kept ghost slots (on the normalised intrinsic maps when
             the module has inner norms).
         offsets: ``(n,)`` per original channel, what to add to the module's pre-norm output to match the
             original conv's; goes to the primary/cheap bias when the module has one, to its inner norms when
@@ -83,13 +83,13 @@ def write(ghost: GhostModule, choice: Choice, primary: torch.Tensor, cheap: torc
     ghost.set_out_index(choice.out_index())
 
 
-def filter_problem(conv: nn.Conv2d, ghost: GhostModule, bn: Optional[nn.BatchNorm2d]) -> Tuple[Pairing, torch.Tensor]:
+def filter_problem(conv: nn.Module, ghost: GhostModule, bn: Optional[nn.Module]) -> Tuple[Pairing, torch.Tensor]:
     """The data-free ghost problem of ``conv`` (``fit.filter_pairing``) and its primary filters."""
     return filter_pairing(conv.weight.detach().cpu(), ghost.primary_conv.kernel_size, conv.dilation, conv.stride,
                           ghost.d, bn_gain(bn, conv.out_channels))
 
 
-def copy_layer(conv: nn.Conv2d, ghost: GhostModule, bn: Optional[nn.BatchNorm2d],
+def copy_layer(conv: nn.Module, ghost: GhostModule, bn: Optional[nn.Module],
                problem: Tuple[Pairing, torch.Tensor], choice: Choice) -> None:
     """Initialise ``ghost`` from ``conv``'s filters with the given channel ``choice`` (``fit.choose``)."""
     weight = conv.weight.detach()
@@ -109,7 +109,8 @@ def copy_layer(conv: nn.Conv2d, ghost: GhostModule, bn: Optional[nn.BatchNorm2d]
         offsets[choice.ghost] = reference[choice.ghost] - torch.where(alive, h.sum(1) * beta[source] / a[source], 0)
         h = torch.where(alive[:, None], h / a[source][:, None], 0)
     bias = conv.bias.detach()[choice.intrinsic.to(weight.device)] if conv.bias is not None else None
-    write(ghost, choice, primary[choice.intrinsic].to(weight.device), pairing.kernels(h, ghost.d), offsets, bn, bias)
+    write(ghost, choice, primary[choice.intrinsic].to(weight.device), pairing.kernels(h, ghost.d, ghost.dim), offsets,
+          bn, bias)
 
 
 def _match_variance(h: torch.Tensor, gram: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:

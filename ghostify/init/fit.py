@@ -11,6 +11,7 @@ a conv with a larger filter), ``calibrate`` on feature maps. A ``Pairing`` holds
 from __future__ import annotations
 
 import heapq
+import itertools
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -39,13 +40,14 @@ class Pairing:
     weight: torch.Tensor
     taps: Optional[torch.Tensor] = None
 
-    def kernels(self, coefficients: torch.Tensor, d: int) -> torch.Tensor:
-        """``(k, d, d)`` cheap kernels from ``(k, q)`` least-squares coefficients (0 on taps left out)."""
+    def kernels(self, coefficients: torch.Tensor, d: int, dim: int = 2) -> torch.Tensor:
+        """``(k, d, ..., d)`` cheap kernels (``dim`` spatial sizes) from ``(k, q)`` least-squares coefficients
+        (0 on taps left out)."""
         if self.taps is None:
-            return coefficients.view(-1, d, d)
-        full = coefficients.new_zeros(len(coefficients), d * d)
+            return coefficients.view(-1, *[d] * dim)
+        full = coefficients.new_zeros(len(coefficients), d ** dim)
         full[:, self.taps] = coefficients
-        return full.view(-1, d, d)
+        return full.view(-1, *[d] * dim)
 
 
 @dataclass
@@ -241,68 +243,80 @@ def shift_pairs(k: int, pk: int, dilation: int, stride: int, d: int) -> Tuple[Li
     return to_original, to_self
 
 
-def _taps(weight: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
-    return weight[:, :, rows, cols].flatten(1)
+def _window(weight: torch.Tensor, taps: Sequence[slice]) -> torch.Tensor:
+    """The filters' taps in one window (a slice per spatial dimension), as ``(n, c * taps)``."""
+    return weight[(slice(None), slice(None), *taps)].flatten(1)
 
 
 def _geometry(weight: torch.Tensor, primary_kernel, dilation, stride, d: int):
-    kh, kw = weight.shape[2:]
-    return [shift_pairs(k, pk, dl, st, d) for k, pk, dl, st in zip((kh, kw), primary_kernel, dilation, stride)]
+    """``shift_pairs`` for each spatial dimension of ``weight``."""
+    return [shift_pairs(k, pk, dl, st, d) for k, pk, dl, st in
+            zip(weight.shape[2:], primary_kernel, dilation, stride)]
+
+
+def _overlap(per_dim: Sequence[Taps]) -> Optional[Tuple[Tuple[slice, ...], Tuple[slice, ...]]]:
+    """The taps that coincide in every dimension, as (first window, second window), or None."""
+    if not all(per_dim):
+        return None
+    return tuple(pair[0] for pair in per_dim), tuple(pair[1] for pair in per_dim)
 
 
 def restrict(weight: torch.Tensor, primary_kernel, dilation, stride, d: int) -> torch.Tensor:
     """Each filter restricted to the primary conv's taps: the closest ``primary_kernel`` filter."""
-    (to_orig_y, _), (to_orig_x, _) = _geometry(weight, primary_kernel, dilation, stride, d)
+    geometry = _geometry(weight, primary_kernel, dilation, stride, d)
     primary = weight.new_zeros(*weight.shape[:2], *primary_kernel)
-    if to_orig_y[d // 2] and to_orig_x[d // 2]:
-        (py, oy), (px, ox) = to_orig_y[d // 2], to_orig_x[d // 2]
-        primary[:, :, py, px] = weight[:, :, oy, ox]
+    centre = _overlap([to_original[d // 2] for to_original, _ in geometry])
+    if centre is not None:
+        primary[(slice(None), slice(None), *centre[0])] = weight[(slice(None), slice(None), *centre[1])]
     return primary
 
 
 def filter_pairing(weight: torch.Tensor, primary_kernel, dilation, stride, d: int, gain: torch.Tensor):
     """The data-free problem on filters (white inputs): candidate ``i``'s primary filter, shifted by each cheap tap.
 
+    Works in any number of spatial dimensions: a cheap tap is one offset per dimension.
+
     Args:
-        weight: the original conv's ``(n, c, kh, kw)`` filters.
+        weight: the original conv's ``(n, c, *kernel)`` filters.
         gain: ``(n,)`` weight of each channel's error.
 
     Returns:
-        The ``Pairing`` and the primary filters ``(n, c, pkh, pkw)`` (``restrict``).
+        The ``Pairing`` and the primary filters ``(n, c, *primary_kernel)`` (``restrict``).
     """
-    (to_orig_y, self_y), (to_orig_x, self_x) = _geometry(weight, primary_kernel, dilation, stride, d)
+    geometry = _geometry(weight, primary_kernel, dilation, stride, d)
+    to_original = [g[0] for g in geometry]
+    to_self = [g[1] for g in geometry]
     w = weight.float()
     primary = restrict(w, primary_kernel, dilation, stride, d)
-    shifts = _linked([(uy, ux) for uy in range(d) for ux in range(d)], to_orig_y, to_orig_x, self_y, self_x)
+    shifts = _linked(list(itertools.product(range(d), repeat=len(geometry))), to_original, to_self)
     cross = w.new_zeros(len(w), len(w), len(shifts))
-    for j, (uy, ux) in enumerate(shifts):
-        if to_orig_y[uy] and to_orig_x[ux]:
-            (py, oy), (px, ox) = to_orig_y[uy], to_orig_x[ux]
-            cross[:, :, j] = _taps(primary, py, px) @ _taps(w, oy, ox).T
-    auto = {}
-    for dy, pairs_y in self_y.items():
-        for dx, pairs_x in self_x.items():
-            if (-dy, -dx) in auto:  # the same products: the taps of -delta are those of delta, swapped
-                auto[dy, dx] = auto[-dy, -dx]
-            elif pairs_y and pairs_x:
-                (ay, by), (ax, bx) = pairs_y, pairs_x
-                auto[dy, dx] = (primary[:, :, ay, ax] * primary[:, :, by, bx]).flatten(1).sum(1)
+    for j, shift in enumerate(shifts):
+        windows = _overlap([per_dim[u] for per_dim, u in zip(to_original, shift)])
+        if windows is not None:
+            cross[:, :, j] = _window(primary, windows[0]) @ _window(w, windows[1]).T
+    auto: Dict[Tuple[int, ...], torch.Tensor] = {}
+    for delta in itertools.product(range(1 - d, d), repeat=len(geometry)):
+        windows = _overlap([per_dim[u] for per_dim, u in zip(to_self, delta)])
+        if tuple(-u for u in delta) in auto:  # the same products: the taps of -delta are those of delta, swapped
+            auto[delta] = auto[tuple(-u for u in delta)]
+        elif windows is not None:
+            auto[delta] = (_window(primary, windows[0]) * _window(primary, windows[1])).sum(1)
     zero = w.new_zeros(len(w))
-    gram = torch.stack([torch.stack([auto.get((uy - vy, ux - vx), zero) for vy, vx in shifts], 1)
-                        for uy, ux in shifts], 1)
+    gram = torch.stack([torch.stack([auto.get(tuple(a - b for a, b in zip(u, v)), zero) for v in shifts], 1)
+                        for u in shifts], 1)
     energy = w.flatten(1).square().sum(1)
-    taps = torch.tensor([uy * d + ux for uy, ux in shifts])
+    taps = torch.tensor([int(np.ravel_multi_index(shift, (d,) * len(shift))) for shift in shifts])
     return Pairing(cross, gram, energy, gain.float(), taps), primary.to(weight.dtype)
 
 
-def _linked(shifts: List[Tuple[int, int]], to_orig_y, to_orig_x, self_y, self_x) -> List[Tuple[int, int]]:
+def _linked(shifts: List[Tuple[int, ...]], to_original, to_self) -> List[Tuple[int, ...]]:
     """The cheap taps that can matter: those overlapping the original filter, and (transitively) those
     overlapping one of them. The others are orthogonal to everything kept, so their least-squares weight
     is 0; dropping them makes 1x1 convs (only the centre tap matters) ``d*d`` times cheaper to pair."""
-    kept = [(uy, ux) for uy, ux in shifts if to_orig_y[uy] and to_orig_x[ux]]
+    kept = [u for u in shifts if all(per_dim[a] for per_dim, a in zip(to_original, u))]
     grown = True
     while grown:
-        more = [(uy, ux) for uy, ux in shifts if (uy, ux) not in kept and
-                any(self_y[uy - vy] and self_x[ux - vx] for vy, vx in kept)]
+        more = [u for u in shifts if u not in kept and
+                any(all(per_dim[a - b] for per_dim, a, b in zip(to_self, u, v)) for v in kept)]
         kept, grown = kept + more, bool(more)
     return sorted(kept)

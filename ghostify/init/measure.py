@@ -51,7 +51,7 @@ def layer_errors(original: nn.Module, converted: nn.Module, pairs: Dict[str, str
         total[0] += (out.double() - target.double()).square().sum().item()
         target = target.double()
         if target[:, 0].numel() > 1:  # one value per channel (a single 1x1 map) has no variance to compare with
-            target = target - target.mean((0, 2, 3), keepdim=True)
+            target = target - target.mean([0, *range(2, target.dim())], keepdim=True)
         total[1] += target.square().sum().item()
         total[2] += 1
 
