@@ -143,3 +143,12 @@ def test_layers_read_by_grouped_convs_keep_gathers_with_the_reason():
     reasons = {row.name: row.gather_reason for row in ghost.ghostify_result.replaced}
     assert "grouped conv trunk_output.block1.block1-0.f.b.0 (groups=" in reasons["trunk_output.block1.block1-0.f.a.0"]
     assert reasons["trunk_output.block1.block1-0.proj.0"] is None  # the stream's writers and readers are not grouped
+
+
+def test_training_mode_model_is_grouped_as_it_runs_in_eval():
+    """Inception-v3 in training mode has an auxiliary branch that does not run in eval mode (and fails at
+    224x224); the channel analysis traces the eval graph, so every layer still shares a gather-free order."""
+    model = torchvision.models.inception_v3(init_weights=False)
+    assert model.training
+    ghost = ghostify.convert(model, example_inputs=torch.randn(1, 3, 224, 224))
+    assert not [row.name for row in ghost.ghostify_result.replaced if row.gather]

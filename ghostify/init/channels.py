@@ -348,8 +348,8 @@ def couple(model: nn.Module, names: Sequence[str], example_inputs: Sequence[torc
     model that does not trace gets one gathered group per layer.
     """
     try:
-        gm = fx.GraphModule(model, GhostLeafTracer().trace(model))
-        with evaluating(gm):
+        with evaluating(model):  # traced in eval mode, as it runs (training-only branches are left out)
+            gm = fx.GraphModule(model, GhostLeafTracer().trace(model))
             ShapeProp(gm).propagate(*example_inputs)
     except Exception:  # noqa: BLE001 - untraceable Python: every layer keeps its gather
         return Coupling.isolated(names, "the model does not trace with torch.fx")
