@@ -235,15 +235,18 @@ def report(
     if result is not None:
         out.method = result.method
         out.skipped = [asdict(item) for item in result.skipped]
+        # each per-module table read once (every query checks that the model has not changed since counting)
+        flops_before, flops_after = before.flops_by_module, after.flops_by_module
+        params_before, params_after = before.params_by_module, after.params_by_module
         for row in result.replaced:
             if _is_ghost(original, row.name):  # converted before ``original``: not a change made here
                 continue
             was, now = _describe(row)
             taken = [row.name] + ([row.norm] if row.norm else [])  # the Ghost module took the norm in
-            flops = (sum(before.module_flops(n) for n in taken), after.module_flops(row.name))
+            flops = (sum(flops_before.get(n, 0) for n in taken), flops_after.get(row.name, 0))
             out.layers.append(LayerRow(
                 row.name, was, now, row.output_shape, *flops,
-                sum(before.module_params(n) for n in taken), after.module_params(row.name), _ratio(*flops),
+                sum(params_before.get(n, 0) for n in taken), params_after.get(row.name, 0), _ratio(*flops),
                 theoretical_ratio(row.in_channels, row.kernel_size, row.s, row.d, row.primary_kernel),
                 row.error, row.gather_reason,
             ))
