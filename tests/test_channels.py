@@ -152,3 +152,27 @@ def test_training_mode_model_is_grouped_as_it_runs_in_eval():
     assert model.training
     ghost = ghostify.convert(model, example_inputs=torch.randn(1, 3, 224, 224))
     assert not [row.name for row in ghost.ghostify_result.replaced if row.gather]
+
+
+class SpatialMean(nn.Module):
+    """conv -> BN -> ReLU -> conv -> BN -> mean over time -> linear: the mean keeps channels in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv1d(2, 16, 5, padding=2), nn.BatchNorm1d(16), nn.ReLU(),
+                                  nn.Conv1d(16, 32, 3, padding=1), nn.BatchNorm1d(32), nn.ReLU())
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc(self.body(x).mean(-1))
+
+
+def test_spatial_mean_before_a_linear_is_absorbed():
+    model = SpatialMean().eval()
+    x = torch.randn(4, 2, 50)
+    ghost = ghostify.convert(model, example_inputs=x).eval()
+    assert [(row.name, row.gather) for row in ghost.ghostify_result.replaced] == [("body.3", False)]
+    assert not torch.equal(ghost.fc.weight, model.fc.weight)  # the order went into the classifier
+    reference = _gathered(model, example_inputs=x).eval()  # the same fit, kept in order by a gather
+    with torch.no_grad():
+        torch.testing.assert_close(ghost(x), reference(x), rtol=1e-4, atol=1e-5)

@@ -41,6 +41,8 @@ _PER_CHANNEL_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_",
 _ELEMENTWISE = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
                 operator.truediv, torch.add, torch.sub, torch.mul, torch.div}
 _ELEMENTWISE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
+_REDUCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
+_REDUCTION_METHODS = {"mean", "sum", "amax", "amin"}
 _RESHAPES = {torch.flatten, torch.reshape}
 _RESHAPE_METHODS = {"flatten", "view", "reshape"}
 _HARMLESS_METHODS = {"size", "dim"}
@@ -290,7 +292,21 @@ class _Walker:
             return layout
         if (method and target in _RESHAPE_METHODS) or (not method and target in _RESHAPES):
             return self.reshaped(node, layout)
+        if (method and target in _REDUCTION_METHODS) or (not method and target in _REDUCTIONS):
+            return self.reduced(node, layout)
         return None
+
+    def reduced(self, node: fx.Node, layout: Layout) -> Optional[Layout]:
+        """A mean / sum / max over spatial dimensions only (``x.mean((2, 3))``, ``x.mean(-1)``) keeps each
+        channel in place; a reduction over the batch or the channels, or of everything, does not."""
+        before, after = _shape(node.all_input_nodes[0]), _shape(node)
+        dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        if dims is None or layout.repeat != 1 or len(after) < 2 or tuple(after[:2]) != tuple(before[:2]):
+            return None
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        if not dims or not all(isinstance(d, int) for d in dims):
+            return None
+        return layout if all(d % len(before) >= 2 for d in dims) else None
 
     def reshaped(self, node: fx.Node, layout: Layout) -> Optional[Layout]:
         """A flatten of ``(N, C, *spatial)`` to ``(N, C*prod(spatial))`` keeps channels in runs of
