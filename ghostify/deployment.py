@@ -19,11 +19,11 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
 from .epilogue import assemble, fuse_epilogues
-from .module import GhostModule, conv_dim
+from .module import NORMS, GhostModule, conv_dim
 from .rewrite import set_module
 from .trace import GhostLeafTracer, module_calls
 
-_FOLDABLE_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_FOLDABLE_NORM = tuple(NORMS.values())
 RUNTIMES = ("torch", "onnxruntime", "inductor")
 
 

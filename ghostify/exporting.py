@@ -19,7 +19,7 @@ from torch import nn
 
 from .deployment import deploy
 from .serialization import atomic_write
-from .trace import random_inputs
+from .trace import placement, random_inputs
 
 FORMATS = ("onnx", "torchscript", "pt2")
 ONNX_OPSET = 17
@@ -134,7 +134,7 @@ def export(model: nn.Module, path: str, format: str = "onnx", *, input_size: Seq
                          f"got {tuple(input_size)!r}")
     if format == "onnx":
         require_onnx()
-        dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.float32)
+        dtype, _ = placement(model)
         if dtype not in (torch.float32, torch.float16):
             raise ValueError(f"ONNX export of a {dtype} model: onnxruntime's CPU kernels run float32 and float16 "
                              "convolutions only; export model.float() instead")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .init import check_calibration, check_init, initialise
-from .module import NORMS, GhostModule, _tuple, check_cheap_kernel, check_ratio, conv_dim, primary_padding
+from .module import CONVS, NORMS, GhostModule, _tuple, check_cheap_kernel, check_ratio, conv_dim, primary_padding
 from .trace import ConvSite, _shape, analyse, placement, random_inputs
 
 PerLayer = Union[Any, Mapping[str, Any]]
@@ -323,16 +323,16 @@ def convert(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     init = check_init(init)
     batches = None
+    inputs = None if example_inputs is None else _example_inputs(example_inputs, model)
     if init == "calibrate":
-        given = None if example_inputs is None else _example_inputs(example_inputs, model)
-        if given is not None and not all(isinstance(x, torch.Tensor) for x in given):
+        if inputs is not None and not all(isinstance(x, torch.Tensor) for x in inputs):
             raise ValueError("init='calibrate' needs tensor inputs; this model's example inputs include lists "
                              "(use init='copy')")
-        shapes = None if given is None else [tuple(x.shape[1:]) for x in given]
+        shapes = None if inputs is None else [tuple(x.shape[1:]) for x in inputs]
         dtype, device = placement(model)  # calibration inputs follow the model, as its example inputs do
-        batches = [tuple(x.to(device, dtype) for x in batch) for batch in
-                   check_calibration(calibration_data, calibration_samples, shapes, len(given or (None,)))]
-        example_inputs = tuple(x[:1] for x in batches[0]) if example_inputs is None else example_inputs
+        batches = [_follow(batch, dtype, device) for batch in
+                   check_calibration(calibration_data, calibration_samples, shapes, len(inputs or (None,)))]
+        inputs = tuple(x[:1] for x in batches[0]) if inputs is None else inputs
     elif calibration_data is not None:
         raise ValueError(f"calibration_data is only used by init='calibrate', got init={init!r}")
     _validate(s, check_ratio, "s")
@@ -340,9 +340,9 @@ def convert(
     _validate(primary_kernel, _check_kernel, "primary_kernel")
     opts = {"s": s, "d": d, "primary_kernel": primary_kernel, "include_stem": include_stem, "absorb_norm": absorb_norm,
             "include": _patterns(include, "include"), "exclude": _patterns(exclude, "exclude")}
-    inputs = _example_inputs(example_inputs, model)
+    inputs = _example_inputs(None, model) if inputs is None else inputs
 
-    if not any(isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for module in model.modules()):
+    if not any(isinstance(module, tuple(CONVS.values())) for module in model.modules()):
         raise ValueError(f"{type(model).__name__} has no convolution layer (nn.Conv1d, nn.Conv2d or nn.Conv3d) "
                          "to convert")
     converted = copy.deepcopy(model)

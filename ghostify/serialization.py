@@ -79,15 +79,15 @@ def atomic_write(path: str, write, overwrite: bool = True) -> None:
     try:
         write(temp)
         os.replace(temp, path)
-    except (OSError, RuntimeError) as error:
+    except OSError as error:
         _remove(temp)
-        free = shutil.disk_usage(folder).free
-        if isinstance(error, OSError) and error.errno is not None:
-            raise OSError(f"cannot write {path}: {error.strerror}") from None
-        if free < 64 * 2**20 or "unexpected pos" in str(error) or "write" in str(error).lower():
-            raise OSError(f"cannot write {path}: the write failed with {free // 2**20} MiB free on its disk "
-                          "(full?)") from None
-        raise
+        raise OSError(f"cannot write {path}: {error.strerror or error}") from None
+    except RuntimeError as error:  # torch.save's zip writer reports a short write (a full disk) this way
+        _remove(temp)
+        if "unexpected pos" not in str(error) and "PytorchStreamWriter" not in str(error):
+            raise
+        free = shutil.disk_usage(folder).free // 2**20
+        raise OSError(f"cannot write {path}: the write failed with {free} MiB free on its disk (full?)") from None
     except BaseException:
         _remove(temp)
         raise

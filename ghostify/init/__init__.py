@@ -54,8 +54,8 @@ def check_init(init: str) -> str:
     return init
 
 
-def _blocked_by_ratio(group: Group, rows: Mapping[str, Any]) -> None:
-    ratios = sorted({rows[name].s for name in group.members})
+def _blocked_by_ratio(group: Group, layers: Mapping[str, Any]) -> None:
+    ratios = sorted({layers[name].s for name in group.members})
     if group.blocked is None and len(ratios) > 1:
         group.blocked = f"writes into a tensor with layers of other s ({', '.join(map(str, ratios))})"
 
@@ -89,25 +89,24 @@ def initialise(
         return Initialised()
     if any(conv.weight.is_meta for _, conv, _ in swapped):
         return Initialised(notes={"init": f"init={init!r} skipped: the weights are on the meta device"})
-    rows = layers
     coupling = couple(model, [name for name, _, _ in swapped], example_inputs)
     for group in coupling.groups:
-        _blocked_by_ratio(group, rows)
+        _blocked_by_ratio(group, layers)
     # the batch norm after each layer: the converted model's, or the original's when the Ghost module took it in
     means = {name: bn.running_mean.clone() for name, bn in coupling.bn.items() if bn is not None}
-    bns = {name: original.get_submodule(rows[name].norm) if rows[name].norm else bn
+    bns = {name: original.get_submodule(layers[name].norm) if layers[name].norm else bn
            for name, bn in coupling.bn.items()}
     items = {name: (conv, ghost) for name, conv, ghost in swapped}
     choices: Dict[str, Choice] = {}
     for group in coupling.groups:
         for names in [group.members] if group.blocked is None else [[name] for name in group.members]:
             problems = [filter_problem(*items[name], bns[name]) for name in names]
-            choice = choose([pairing for pairing, _ in problems], rows[names[0]].s)
+            choice = choose([pairing for pairing, _ in problems], layers[names[0]].s)
             for name, problem in zip(names, problems):
                 copy_layer(*items[name], bns[name], problem, choice)
                 choices[name] = choice
     if init == "calibrate":
-        once = {name for name, row in rows.items() if row.calls == 1}  # shared layers keep the copy fit
+        once = {name for name, row in layers.items() if row.calls == 1}  # shared layers keep the copy fit
         shared = {name: group.members for group in coupling.groups if group.blocked is None
                   and len(group.members) > 1 for name in group.members}
         choices.update(calibrate(model, original, [item for item in swapped if item[0] in once], bns, means,
@@ -116,7 +115,7 @@ def initialise(
     paths = {id(module): path for path, module in model.named_modules()}
     measured_at = {name: paths[id(coupling.bn[name])] if coupling.bn[name] is not None else name
                    for name, _, _ in swapped}  # after the batch norm, also when the Ghost module took it in
-    errors = layer_errors(original, model, {ours: rows[name].norm or ours for name, ours in measured_at.items()},
+    errors = layer_errors(original, model, {ours: layers[name].norm or ours for name, ours in measured_at.items()},
                           measured)
     coupling.apply({name: choice.order for name, choice in choices.items()},
                    {name: ghost for name, _, ghost in swapped})
