@@ -91,11 +91,11 @@ def solve(cross: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
 def explained(pairing: Pairing) -> torch.Tensor:
     """``(n, n)``: the fraction of target ``t``'s energy the best ghost from candidate ``i`` reproduces."""
     chol = torch.linalg.cholesky(_regularised(pairing.gram.double()))
-    # inverse of the small q x q factors, then one batched product: a batched triangular solve with n
-    # right-hand sides ran up to 250x slower on 2 busy cores (OpenMP contention)
-    white = torch.linalg.inv(chol) @ pairing.cross.double().transpose(1, 2)
+    # inverse of the small q x q factors (in float64), then one batched float32 product: a batched triangular
+    # solve with n right-hand sides ran up to 250x slower on 2 busy cores (OpenMP contention)
+    white = torch.linalg.inv(chol).float() @ pairing.cross.float().transpose(1, 2)
     fit = white.square().sum(1)
-    return (fit / pairing.energy.double().clamp_min(torch.finfo(torch.float64).tiny)).clamp(0, 1).float()
+    return (fit / pairing.energy.float().clamp_min(torch.finfo(torch.float32).tiny)).clamp(0, 1)
 
 
 def capacities(n: int, s: int) -> List[int]:
@@ -189,21 +189,23 @@ def _swap(gain: torch.Tensor, intrinsic: torch.Tensor, slot_ghost: torch.Tensor,
     return len(groups) > 0
 
 
-def choose(pairings: Sequence[Pairing], s: int, rounds: int = 10) -> Choice:
+def choose(pairings: Sequence[Pairing], s: int, rounds: int = 1) -> Choice:
     """Pick ``ceil(n / s)`` intrinsic channels and assign every other channel to one, by fit.
 
     An intrinsic channel is reproduced exactly; a ghost ``t`` of ``i`` loses ``weight * energy * (1 -
     explained)``. Several pairings (layers that write into one tensor and so must share a channel order)
     are scored by their summed gains. Intrinsic channels are chosen greedily (``_select``), the first chosen
-    taking the positions with the most ghost slots; then, for a few rounds, an optimal assignment of the other
-    channels to the slots (``_assign``) alternates with swapping a ghost into its group's intrinsic place
-    (``_swap``).
+    taking the positions with the most ghost slots; then an optimal assignment of the other channels to the
+    slots (``_assign``) alternates with swapping a ghost into its group's intrinsic place (``_swap``) for
+    ``rounds`` rounds. One round gives most of what more give (on ResNet-18 trained on digits and a random
+    ResNet-50, up to 10 rounds added under 0.1% of the layers' energy on average) with about 40% fewer
+    assignments.
     """
     value = sum((p.weight * p.energy).float() for p in pairings)
     gain = sum(explained(p).fill_diagonal_(0) * (p.weight * p.energy).float()[None, :] for p in pairings)
     fraction = gain / value.clamp_min(torch.finfo(value.dtype).tiny)[None, :]
     caps = capacities(len(value), s)
-    intrinsic = torch.tensor(_select(fraction.double().numpy(), value.double().numpy(), len(caps), s))
+    intrinsic = torch.tensor(_select(fraction.numpy(), value.numpy(), len(caps), s))
     owner = torch.repeat_interleave(torch.arange(len(caps)), torch.tensor(caps))
     slot_ghost = _assign(gain, intrinsic, owner)
     tol = 1e-6 * gain.max().clamp_min(1e-30).item()
@@ -244,8 +246,9 @@ def shift_pairs(k: int, pk: int, dilation: int, stride: int, d: int) -> Tuple[Li
 
 
 def _window(weight: torch.Tensor, taps: Sequence[slice]) -> torch.Tensor:
-    """The filters' taps in one window (a slice per spatial dimension), as ``(n, c * taps)``."""
-    return weight[(slice(None), slice(None), *taps)].flatten(1)
+    """Channels-last filters ``(n, *kernel, c)`` in one window (a slice per spatial dimension), as ``(n, taps * c)``
+    (copying runs of whole channels is faster than gathering single taps of channel-major filters)."""
+    return weight[(slice(None), *taps)].flatten(1)
 
 
 def _geometry(weight: torch.Tensor, primary_kernel, dilation, stride, d: int):
@@ -288,19 +291,20 @@ def filter_pairing(weight: torch.Tensor, primary_kernel, dilation, stride, d: in
     to_self = [g[1] for g in geometry]
     w = weight.float()
     primary = restrict(w, primary_kernel, dilation, stride, d)
+    w_last, primary_last = w.movedim(1, -1).contiguous(), primary.movedim(1, -1).contiguous()
     shifts = _linked(list(itertools.product(range(d), repeat=len(geometry))), to_original, to_self)
     cross = w.new_zeros(len(w), len(w), len(shifts))
     for j, shift in enumerate(shifts):
         windows = _overlap([per_dim[u] for per_dim, u in zip(to_original, shift)])
         if windows is not None:
-            cross[:, :, j] = _window(primary, windows[0]) @ _window(w, windows[1]).T
+            cross[:, :, j] = _window(primary_last, windows[0]) @ _window(w_last, windows[1]).T
     auto: Dict[Tuple[int, ...], torch.Tensor] = {}
     for delta in itertools.product(range(1 - d, d), repeat=len(geometry)):
         windows = _overlap([per_dim[u] for per_dim, u in zip(to_self, delta)])
         if tuple(-u for u in delta) in auto:  # the same products: the taps of -delta are those of delta, swapped
             auto[delta] = auto[tuple(-u for u in delta)]
         elif windows is not None:
-            auto[delta] = (_window(primary, windows[0]) * _window(primary, windows[1])).sum(1)
+            auto[delta] = (_window(primary_last, windows[0]) * _window(primary_last, windows[1])).sum(1)
     zero = w.new_zeros(len(w))
     gram = torch.stack([torch.stack([auto.get(tuple(a - b for a, b in zip(u, v)), zero) for v in shifts], 1)
                         for u in shifts], 1)
