@@ -25,6 +25,7 @@ from .fit import Choice, choose
 from .measure import layer_errors
 
 METHODS = ("random", "copy", "calibrate")
+ERROR_SAMPLES = 16  # calibration inputs the reported per-layer errors are measured on
 
 __all__ = ["METHODS", "Fitted", "Initialised", "check_init", "check_calibration", "initialise", "layer_errors"]
 
@@ -110,8 +111,8 @@ def initialise(
         shared = {name: group.members for group in coupling.groups if group.blocked is None
                   and len(group.members) > 1 for name in group.members}
         choices.update(calibrate(model, original, [item for item in swapped if item[0] in once], bns, means,
-                                 batches, shared))
-    measured = [tuple(batches[0])] if init == "calibrate" else [tuple(example_inputs)]
+                                 batches, shared, {name: ghost for name, _, ghost in swapped}))
+    measured = [tuple(x[:ERROR_SAMPLES] for x in batches[0])] if init == "calibrate" else [tuple(example_inputs)]
     paths = {id(module): path for path, module in model.named_modules()}
     measured_at = {name: paths[id(coupling.bn[name])] if coupling.bn[name] is not None else name
                    for name, _, _ in swapped}  # after the batch norm, also when the Ghost module took it in
@@ -122,5 +123,5 @@ def initialise(
     fitted = {name: Fitted(errors[measured_at[name]], ghost.out_index is not None,
                            coupling.group_of(name).blocked if ghost.out_index is not None else None)
               for name, _, ghost in swapped}
-    return Initialised(fitted, {"error_inputs": "first calibration batch" if init == "calibrate"
+    return Initialised(fitted, {"error_inputs": f"first {ERROR_SAMPLES} calibration inputs" if init == "calibrate"
                                 else "example inputs"})

@@ -1,7 +1,8 @@
 """``calibrate``: refit every converted layer, in run order, to the original model's outputs on real inputs.
 
 Layer by layer, the converted model's input to the layer (so earlier layers' errors are seen and corrected)
-and the original layer's output are collected, each with a forward pass stopped at that layer. Then, all
+and the original layer's output are collected (``activations``: all batches carried through both models
+together, one forward pass each, for a traceable model). Then, all
 least squares: the intrinsic/ghost choice is redone on the original output maps; the primary filters are
 fitted to the intrinsic channels (ridge towards the original filters, which keeps them sensible when there
 are fewer output pixels than filter weights); the cheap kernels to the ghost channels, on the intrinsic
@@ -20,6 +21,7 @@ from torch import nn
 from ..module import GhostModule
 from ..progress import progress
 from ..trace import evaluating
+from .activations import activations
 from .data import Batch
 from .datafree import bn_gain, bn_scale, write
 from .fit import Choice, Pairing, choose, restrict, solve
@@ -27,63 +29,49 @@ from .fit import Choice, Pairing, choose, restrict, solve
 ROWS = 16384
 PAIR_ROWS = 2048
 PRIOR = 1e-2
+SPREAD = 4
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the layer of interest has been reached."""
-
-
-def _capture(model: nn.Module, module: nn.Module, batches: Sequence[Batch], output: bool) -> torch.Tensor:
-    """``module``'s input (or output) over all ``batches``, running ``model`` only as far as ``module``; in
-    float32 on the CPU, where the fits run whatever the model's dtype and device."""
-    grabbed: List[torch.Tensor] = []
-
-    def hook(mod, args, out=None):
-        grabbed.append((out if output else args[0]).float().cpu())
-        raise _Stop
-
-    handle = module.register_forward_hook(hook) if output else module.register_forward_pre_hook(hook)
-    try:
-        with evaluating(model):
-            for inputs in batches:
-                try:
-                    model(*inputs)
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
-    return torch.cat(grabbed)
+def _pick(count: int, pixels: int, limit: int, generator: torch.Generator) -> torch.Tensor:
+    """Which of ``count`` images a layer's fits read: all of them, or a random subset with ``SPREAD`` times more
+    output ``pixels`` than the ``limit`` rows drawn from them (early, large layers need a few images only)."""
+    keep = min(count, -(-SPREAD * limit // pixels))
+    return torch.randperm(count, generator=generator)[:keep].sort().values
 
 
-def _unfold(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``(N, C * prod(kernel), positions)``: the input patches ``conv`` reads at each output position,
-    channel-major like ``conv.weight.flatten(1)``. ``F.unfold`` in 2-D; in 1-D and 3-D (which it does not
-    support) a depthwise conv whose one-hot filters each pick one tap."""
+def _take(values: Sequence[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+    """Images ``index`` (counted over all batches) of per-batch values, as one float32 CPU tensor: the fits
+    run there whatever the model's dtype and device."""
+    parts, start = [], 0
+    for value in values:
+        inside = index[(index >= start) & (index < start + len(value))] - start
+        parts.append(value[inside.to(value.device)].float().cpu())
+        start += len(value)
+    return torch.cat(parts)
+
+
+def _patches(conv: nn.Module, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``(R, C * prod(kernel))``: the input patches ``conv`` reads at ``rows`` (``(R, 1 + dims)``: image index,
+    then output position), channel-major like ``conv.weight.flatten(1)``. Only the sampled patches are
+    gathered, in any number of spatial dimensions."""
     mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-    padded = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
-    if x.dim() == 4:
-        return F.unfold(padded, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
-    taps = math.prod(conv.kernel_size)
-    one_hot = torch.eye(taps, dtype=x.dtype, device=x.device).view(taps, 1, *conv.kernel_size)
-    pick = one_hot.repeat(x.shape[1], *[1] * (one_hot.dim() - 1))
-    convolve = F.conv1d if x.dim() == 3 else F.conv3d
-    return convolve(padded, pick, stride=conv.stride, dilation=conv.dilation, groups=x.shape[1]).flatten(2)
+    padded = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode).movedim(1, -1)
+    taps = torch.cartesian_prod(*[torch.arange(k) * step for k, step in zip(conv.kernel_size, conv.dilation)])
+    coords = (rows[:, None, 1:] * torch.tensor(conv.stride) + taps.view(1, -1, len(conv.kernel_size)))
+    picked = padded[(rows[:, :1].expand(-1, coords.shape[1]), *coords.unbind(-1))]  # (R, taps, C)
+    return picked.transpose(1, 2).flatten(1)
 
 
 def _design(conv: nn.Module, x: torch.Tensor, y: torch.Tensor, limit: int, generator: torch.Generator):
-    """Rows of the least-squares problem ``conv``'s taps over ``x`` -> ``y``, for at most ``limit`` output pixels.
+    """Rows of the least-squares problem ``conv``'s taps over ``x`` -> ``y``, for at most ``limit`` output pixels
+    drawn at random.
 
     Returns:
         ``(rows, in_channels * prod(kernel))`` patches of ``x`` as ``conv`` sees them, and ``(rows, y channels)``.
     """
-    pixels = math.prod(y.shape[2:])
-    keep = min(1.0, limit / (len(y) * pixels))
-    patches, targets = [], []
-    for xs, ys in zip(x.split(16), y.split(16)):
-        cols = _unfold(conv, xs).transpose(1, 2).flatten(0, 1)
-        rows = torch.rand(len(cols), generator=generator) < keep
-        patches.append(cols[rows])
-        targets.append(ys.flatten(2).transpose(1, 2).flatten(0, 1)[rows])
-    return torch.cat(patches).float(), torch.cat(targets).float()
+    total = len(y) * math.prod(y.shape[2:])
+    chosen = torch.randperm(total, generator=generator)[:limit].sort().values
+    rows = torch.stack(torch.unravel_index(chosen, (len(y), *y.shape[2:])), 1)
+    return _patches(conv, x, rows).float(), y.movedim(1, -1)[tuple(rows.T)].float()
 
 
 def _ones(a: torch.Tensor) -> torch.Tensor:
@@ -93,11 +81,13 @@ def _ones(a: torch.Tensor) -> torch.Tensor:
 def _ridge(a: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """``argmin ||a @ delta - residual||^2 + lam ||delta||^2``, lam relative to ``a``'s scale; primal or dual form."""
     rows, cols = a.shape
-    a, residual = a.double(), residual.double()
-    lam = PRIOR * a.square().sum() / cols
-    if rows >= cols:
-        return torch.linalg.solve(a.T @ a + lam * torch.eye(cols, dtype=a.dtype, device=a.device), a.T @ residual)
-    return a.T @ torch.linalg.solve(a @ a.T + lam * torch.eye(rows, dtype=a.dtype, device=a.device), residual)
+    a, residual = a.float(), residual.float()
+    lam = PRIOR * a.square().sum(dtype=torch.float64) / cols
+    if rows >= cols:  # products in float32 (4x faster than float64 on wide layers), the solve in float64
+        eye = torch.eye(cols, dtype=torch.float64, device=a.device)
+        return torch.linalg.solve((a.T @ a).double() + lam * eye, (a.T @ residual).double())
+    eye = torch.eye(rows, dtype=torch.float64, device=a.device)
+    return a.T.double() @ torch.linalg.solve((a @ a.T).double() + lam * eye, residual.double())
 
 
 def map_pairing(ghost: GhostModule, y: torch.Tensor, gain: torch.Tensor, generator: torch.Generator) -> Pairing:
@@ -189,38 +179,74 @@ def _progress():
                     TimeElapsedColumn())
 
 
-def shared_choice(original: nn.Module, layers: Sequence[Tuple[str, GhostModule, Optional[nn.Module]]],
-                  batches: Sequence[Batch], seed: int = 0) -> Choice:
+class _Targets:
+    """The original's outputs at the layers to fit, each a random image subset (``_pick``) with its index.
+
+    Read in run order as the original model's activations pass the layers; asking for a layer further on
+    (a group's shared choice needs all its members) keeps the samples of the layers passed on the way.
+    """
+
+    def __init__(self, original: nn.Module, names: Sequence[str], batches: Sequence[Batch]):
+        self.outputs = activations(original, batches)
+        modules = {original.get_submodule(name): name for name in names}
+        self.pending = [modules[module] for module in self.outputs.in_run_order(list(modules))]
+        self.modules = {name: module for module, name in modules.items()}
+        self.kept: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self.generator = torch.Generator().manual_seed(0)
+
+    def get(self, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The image index and the sampled original outputs of layer ``name``."""
+        while name not in self.kept:
+            passed = self.pending.pop(0)
+            y = self.outputs.output_of(self.modules[passed])
+            index = _pick(sum(map(len, y)), math.prod(y[0].shape[2:]), ROWS, self.generator)
+            self.kept[passed] = index, _take(y, index)
+        return self.kept[name]
+
+    def drop(self, names: Sequence[str]) -> None:
+        for name in names:
+            self.kept.pop(name, None)
+
+
+def shared_choice(targets: _Targets, layers: Sequence[Tuple[str, GhostModule, Optional[nn.Module]]],
+                  seed: int) -> Choice:
     """One channel choice for layers that write into the same tensor, from all their original outputs."""
     generator = torch.Generator().manual_seed(seed)
-    pairings = []
-    for name, ghost, bn in layers:
-        y = _capture(original, original.get_submodule(name), batches, output=True)
-        pairings.append(map_pairing(ghost, y, bn_gain(bn, ghost.out_channels), generator))
+    pairings = [map_pairing(ghost, targets.get(name)[1], bn_gain(bn, ghost.out_channels), generator)
+                for name, ghost, bn in layers]
     return choose(pairings, layers[0][1].s)
 
 
 def calibrate(model: nn.Module, original: nn.Module, swapped: List[Tuple[str, nn.Module, GhostModule]],
               bns: Dict[str, Optional[nn.Module]], means: Dict[str, torch.Tensor],
-              batches: Sequence[Batch], groups: Dict[str, List[str]]) -> Dict[str, Choice]:
-    """Refit each swapped layer of ``model`` in turn (``fit_layer``); returns each layer's channel choice.
+              batches: Sequence[Batch], groups: Dict[str, List[str]],
+              ghosts: Dict[str, GhostModule]) -> Dict[str, Choice]:
+    """Refit each swapped layer of ``model`` in run order (``fit_layer``); returns each layer's channel choice.
+
+    The converted model's inputs to each layer and the original's outputs come from ``activations``: one
+    forward pass over each model when torch.fx can trace it.
 
     Args:
         bns: each layer's following batch norm; ``means``: its running mean before ``copy`` changed it.
         batches: calibration inputs (``check_calibration``).
         groups: for layers that must share a channel choice, the names of all the layers sharing it.
+        ghosts: every converted layer's Ghost module by name (group members may not be in ``swapped``).
     """
     choices: Dict[str, Choice] = {}
-    ghosts = {name: ghost for name, _, ghost in swapped}
-    with _progress() as bar:
+    with evaluating(model), evaluating(original), _progress() as bar:
         task = bar.add_task("", total=len(swapped), loss=float("nan"))
+        inputs = activations(model, batches)
+        fitted = [name for name, _, _ in swapped]
+        targets = _Targets(original, fitted + list(groups), batches)
         for step, (name, conv, ghost) in enumerate(swapped):
             bar.update(task, description=f"layer {step + 1}/{len(swapped)} {name}")
             if name in groups and name not in choices:
                 members = [(member, ghosts[member], bns[member]) for member in groups[name]]
-                choices.update(dict.fromkeys(groups[name], shared_choice(original, members, batches, seed=step)))
-            x = _capture(model, ghost, batches, output=False)
-            y = _capture(original, original.get_submodule(name), batches, output=True)
+                choices.update(dict.fromkeys(groups[name], shared_choice(targets, members, seed=step)))
+                targets.drop([member for member in groups[name] if member not in fitted])
+            index, y = targets.get(name)
+            x = _take(inputs.input_of(ghost), index)
+            targets.drop([name])
             choice, loss = fit_layer(conv, ghost, bns[name], means.get(name), x, y, seed=step,
                                      choice=choices.get(name))
             choices[name] = choice
