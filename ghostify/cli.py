@@ -221,12 +221,18 @@ def main(debug: bool) -> None:
 @click.option("--include-stem", is_flag=True, help="Also convert the conv that sees the raw input.")
 @INPUT_SIZE
 @click.option("--weights", type=click.Path(dir_okay=False), help="A state_dict to load into MODEL first.")
-@click.option("--init", type=click.Choice(["copy", "calibrate", "random"]), default="copy", show_default=True,
-              help="How the Ghost modules' weights start: from the original filters, fitted on --calib-data, or fresh.")
+@click.option("--init", type=click.Choice(["copy", "calibrate", "reconstruct", "random"]), default="copy",
+              show_default=True, help="How the Ghost modules' weights start: from the original filters, fitted per "
+              "layer on --calib-data, fitted per layer then tuned per block on it, or fresh.")
 @click.option("--calib-data", type=click.Path(), metavar="PATH",
-              help="Calibration inputs for --init calibrate: an image folder or a .pt file of an (N, C, H, W) tensor.")
+              help="Calibration inputs for --init calibrate/reconstruct: an image folder or a .pt file of an "
+                   "(N, C, H, W) tensor.")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=256, show_default=True,
               help="How many calibration inputs to use.")
+@click.option("--recon-steps", type=click.IntRange(min=0), metavar="N",
+              help="--init reconstruct: Adam steps per block (default 200).")
+@click.option("--recon-seconds", type=click.FloatRange(min=0, min_open=True), metavar="S",
+              help="--init reconstruct: time budget for tuning all blocks (default: none).")
 @click.option("--form", type=click.Choice(["ghostnet", "linear"]), default="ghostnet", show_default=True,
               help="ghostnet: a conv and the batch norm after it become one Ghost module (folds exactly at deploy); "
                    "linear: the norm stays after a linear Ghost module.")
@@ -237,15 +243,20 @@ def main(debug: bool) -> None:
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
 def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_size, weights, init, calib_data,
-            calib_samples, form, as_json, trust_source, arch, device, force, output) -> None:
+            calib_samples, recon_steps, recon_seconds, form, as_json, trust_source, arch, device, force,
+            output) -> None:
     """Convert MODEL's Conv2d layers to Ghost modules, print the report, write OUT."""
     from .serialization import check_output
 
     check_output(output, overwrite=force)
-    if init == "calibrate" and calib_data is None:
-        raise ValueError("--init calibrate needs --calib-data PATH (an image folder or a .pt tensor file)")
-    if init != "calibrate" and calib_data is not None:
-        raise ValueError(f"--calib-data is only used by --init calibrate, got --init {init}")
+    from .init import DATA_METHODS
+
+    if init in DATA_METHODS and calib_data is None:
+        raise ValueError(f"--init {init} needs --calib-data PATH (an image folder or a .pt tensor file)")
+    if init not in DATA_METHODS and calib_data is not None:
+        raise ValueError(f"--calib-data is only used by --init calibrate or reconstruct, got --init {init}")
+    if init != "reconstruct" and (recon_steps is not None or recon_seconds is not None):
+        raise ValueError(f"--recon-steps and --recon-seconds are only used by --init reconstruct, got --init {init}")
     import ghostify
 
     from .serialization import load_model
@@ -262,11 +273,12 @@ def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_s
         if found < calib_samples:
             warnings.warn(f"{calib_data} holds {found} calibration inputs, fewer than --calib-samples "
                           f"{calib_samples}; calibrating on {found}", UserWarning, stacklevel=1)
-    with _status("Converting and counting", as_json or init == "calibrate"):  # calibrate shows its own progress
+    with _status("Converting and counting", as_json or init in DATA_METHODS):  # these show their own progress
         ghost = ghostify.convert(source, s=s, d=d, primary_kernel=primary_kernel, include=include or None,
                                  exclude=exclude or None, include_stem=include_stem, example_inputs=inputs, init=init,
                                  calibration_data=calibration, calibration_samples=calib_samples,
-                                 absorb_norm=form == "ghostnet")
+                                 absorb_norm=form == "ghostnet", reconstruct_seconds=recon_seconds,
+                                 **({} if recon_steps is None else {"reconstruct_steps": recon_steps}))
         report = ghostify.report(source, ghost, inputs, name=model)
     ghostify.save(ghost, output, overwrite=True)
     _print_report(report, as_json)

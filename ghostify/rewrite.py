@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .init import check_calibration, check_init, initialise
+from .init import DATA_METHODS, RECONSTRUCT_STEPS, check_calibration, check_init, initialise
 from .module import CONVS, NORMS, GhostModule, _tuple, check_cheap_kernel, check_ratio, conv_dim, primary_padding
 from .trace import ConvSite, _shape, analyse, placement, random_inputs
 
@@ -286,6 +286,8 @@ def convert(
     calibration_data: Any = None,
     calibration_samples: int = 256,
     absorb_norm: bool = True,
+    reconstruct_steps: int = RECONSTRUCT_STEPS,
+    reconstruct_seconds: Optional[float] = None,
 ) -> nn.Module:
     """Return a copy of ``model`` with its dense convolutions (Conv1d, Conv2d, Conv3d) replaced by Ghost modules.
 
@@ -301,14 +303,18 @@ def convert(
             of the model's positional arguments (a model that takes a list of images, as torchvision's
             detection models do, gets ``([image],)``).
         init: how the Ghost modules' weights start: ``"copy"`` (from the original filters, no data),
-            ``"calibrate"`` (fitted to the original layers' outputs on ``calibration_data``) or ``"random"``.
-        calibration_data: for ``"calibrate"``: an ``(N, C, H, W)`` tensor, or an iterable of batches or of
-            (inputs, targets) pairs; by default ``example_inputs`` is its first input. A model with several
-            inputs takes batches as tuples whose first entries are its inputs (as in ``example_inputs``).
+            ``"calibrate"`` (fitted to the original layers' outputs on ``calibration_data``), ``"reconstruct"``
+            (calibrate, then each block of layers tuned jointly on its output error) or ``"random"``.
+        calibration_data: for ``"calibrate"`` and ``"reconstruct"``: an ``(N, C, H, W)`` tensor, or an iterable
+            of batches or of (inputs, targets) pairs; by default ``example_inputs`` is its first input. A model
+            with several inputs takes batches as tuples whose first entries are its inputs (as in
+            ``example_inputs``).
         calibration_samples: how many calibration inputs to use at most.
         absorb_norm: take the batch norm that alone reads a conv into its Ghost module (the GhostNet form:
             the cheap operation reads normalised maps), so that deploy folds it into the two convs exactly;
             False keeps the norm after a linear Ghost module.
+        reconstruct_steps: for ``"reconstruct"``, Adam steps per block.
+        reconstruct_seconds: for ``"reconstruct"``, a time budget for tuning all blocks (None: no limit).
 
     Returns:
         The converted model, with ``ghostify_result`` (a ``ConversionResult``) listing what was replaced
@@ -324,9 +330,9 @@ def convert(
     init = check_init(init)
     batches = None
     inputs = None if example_inputs is None else _example_inputs(example_inputs, model)
-    if init == "calibrate":
+    if init in DATA_METHODS:
         if inputs is not None and not all(isinstance(x, torch.Tensor) for x in inputs):
-            raise ValueError("init='calibrate' needs tensor inputs; this model's example inputs include lists "
+            raise ValueError(f"init={init!r} needs tensor inputs; this model's example inputs include lists "
                              "(use init='copy')")
         shapes = None if inputs is None else [tuple(x.shape[1:]) for x in inputs]
         dtype, device = placement(model)  # calibration inputs follow the model, as its example inputs do
@@ -334,7 +340,7 @@ def convert(
                    check_calibration(calibration_data, calibration_samples, shapes, len(inputs or (None,)))]
         inputs = tuple(x[:1] for x in batches[0]) if inputs is None else inputs
     elif calibration_data is not None:
-        raise ValueError(f"calibration_data is only used by init='calibrate', got init={init!r}")
+        raise ValueError(f"calibration_data is only used by init='calibrate' or 'reconstruct', got init={init!r}")
     _validate(s, check_ratio, "s")
     _validate(d, check_cheap_kernel, "d")
     _validate(primary_kernel, _check_kernel, "primary_kernel")
@@ -372,7 +378,8 @@ def convert(
     earlier = getattr(model, "ghostify_result", None)
     if isinstance(earlier, ConversionResult):  # converting a converted model: its plan must replay the earlier one
         result.replaced = copy.deepcopy(earlier.replaced) + result.replaced
-    done = initialise(init, swapped, {row.name: row for row in replaced}, converted, model, batches, inputs)
+    done = initialise(init, swapped, {row.name: row for row in replaced}, converted, model, batches, inputs,
+                      reconstruct_steps, reconstruct_seconds)
     for row in replaced:
         fitted = done.layers.get(row.name)
         if fitted is not None:

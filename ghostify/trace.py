@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Collection, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -78,10 +78,15 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
 
 class GhostLeafTracer(fx.Tracer):
     """A symbolic tracer that keeps each ``GhostModule``, and each conv (also a subclass that only changes how
-    it is built, as torchvision's ``Conv3DSimple``), as one call, for passes that act on whole modules."""
+    it is built, as torchvision's ``Conv3DSimple``), as one call, for passes that act on whole modules; also
+    the modules at the paths in ``leaves``."""
+
+    def __init__(self, leaves: Collection[str] = ()):
+        super().__init__()
+        self.leaves = set(leaves)
 
     def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
-        return (isinstance(module, GhostModule) or conv_dim(module) is not None
+        return (isinstance(module, GhostModule) or conv_dim(module) is not None or qualname in self.leaves
                 or super().is_leaf_module(module, qualname))
 
 

@@ -1,8 +1,37 @@
-"""Test settings: one torch thread per xdist worker, so parallel workers do not fight over the cores."""
+"""Test settings (one torch thread per xdist worker, so parallel workers do not fight over the cores) and the
+small trained model several behaviours are checked on."""
 
 import os
 
+import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def digits_model():
+    """A small CNN trained briefly on scikit-learn's real handwritten digits (16x16, 3 channels), and the images."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = F.interpolate(torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 8 - 1, size=16,
+                      mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    y = torch.tensor(data.target)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(32, 10))
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(120):
+        index = torch.randint(len(y), (64,))
+        loss = F.cross_entropy(model(x[index]), y[index])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return model.eval(), x

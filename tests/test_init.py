@@ -112,31 +112,6 @@ def test_copy_keeps_channel_order_through_bn_relu_conv_and_residual(residual):
         assert not torch.equal(ghost.conv2.weight, model.conv2.weight)  # the permutation went into the reader
 
 
-@pytest.fixture(scope="module")
-def digits_model():
-    """A small CNN trained briefly on scikit-learn's real handwritten digits (16x16, 3 channels), and the images."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = F.interpolate(torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 8 - 1, size=16,
-                      mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
-    y = torch.tensor(data.target)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                          nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-                          nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
-                          nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(32, 10))
-    optimiser = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for _ in range(120):
-        index = torch.randint(len(y), (64,))
-        loss = F.cross_entropy(model(x[index]), y[index])
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    return model.eval(), x
-
-
 def test_copy_is_closer_than_random_and_reports_errors(digits_model):
     model, x = digits_model
     held_out = x[-300:]
@@ -203,7 +178,7 @@ class Untouchable(nn.Module):
     (torch.zeros(4, 3, 8, 8, dtype=torch.uint8), ValueError, "floating point"),
     ("images/", TypeError, "tensor or an iterable"),
     ([[1, 2]], TypeError, "item of type int"),
-    (None, ValueError, "needs calibration_data"),
+    (None, ValueError, "need calibration_data"),
 ])
 def test_bad_calibration_data_is_refused_before_any_work(data, error, message):
     with pytest.raises(error, match=message):

@@ -2,10 +2,11 @@
 
 ``"random"`` keeps the fresh initialisation that ``GhostModule.from_conv`` gives (PyTorch's conv default).
 ``"copy"`` (data-free) builds each module from the original filters (``datafree``); ``"calibrate"`` then
-refits every layer, in run order, to the original model's outputs on calibration inputs (``calibrate``).
-Both leave each module's outputs in the original channel order at no cost where ``channels`` finds the
+refits every layer, in run order, to the original model's outputs on calibration inputs (``calibrate``);
+``"reconstruct"`` then tunes each block of layers jointly on its output error (``reconstruct``).
+All leave each module's outputs in the original channel order at no cost where ``channels`` finds the
 order can be absorbed by the layers around it (layers writing into one tensor then share one channel
-choice), else by an ``out_index`` gather; and both record each layer's reconstruction error (``measure``).
+choice), else by an ``out_index`` gather; and all record each layer's reconstruction error (``measure``).
 """
 
 from __future__ import annotations
@@ -23,11 +24,15 @@ from .data import check_calibration
 from .datafree import copy_layer, filter_problem
 from .fit import Choice, choose
 from .measure import layer_errors
+from .blockwise import STEPS as RECONSTRUCT_STEPS
+from .blockwise import find_blocks, reconstruct, summary
 
-METHODS = ("random", "copy", "calibrate")
+METHODS = ("random", "copy", "calibrate", "reconstruct")
+DATA_METHODS = ("calibrate", "reconstruct")  # the initialisers that need calibration data
 ERROR_SAMPLES = 16  # calibration inputs the reported per-layer errors are measured on
 
-__all__ = ["METHODS", "Fitted", "Initialised", "check_init", "check_calibration", "initialise", "layer_errors"]
+__all__ = ["DATA_METHODS", "METHODS", "RECONSTRUCT_STEPS", "Fitted", "Initialised", "check_init", "check_calibration",
+           "initialise", "layer_errors"]
 
 
 @dataclass
@@ -69,6 +74,8 @@ def initialise(
     original: Optional[nn.Module] = None,
     batches: Optional[Sequence[Tuple[torch.Tensor, ...]]] = None,
     example_inputs: Sequence[torch.Tensor] = (),
+    reconstruct_steps: int = RECONSTRUCT_STEPS,
+    reconstruct_seconds: Optional[float] = None,
 ) -> Initialised:
     """Set the weights of each ``(name, conv, ghost)`` in ``swapped`` (modules of ``model``) by method ``init``.
 
@@ -79,8 +86,10 @@ def initialise(
     Args:
         layers: each swapped layer's plan by name (a ``rewrite.Replaced``: ``s``, ``norm``, ``calls``).
         model: the converted model; ``original``: the model it was converted from (only read).
-        batches: calibration inputs, for ``"calibrate"`` (see ``check_calibration``).
+        batches: calibration inputs, for ``"calibrate"`` and ``"reconstruct"`` (see ``check_calibration``).
         example_inputs: inputs the analysis and the ``copy`` errors run on.
+        reconstruct_steps, reconstruct_seconds: Adam steps per block, and a time budget for all blocks
+            (``"reconstruct"``).
 
     Returns:
         Each layer's measured error and gather, and notes on how they were measured (or why nothing was done).
@@ -106,13 +115,20 @@ def initialise(
             for name, problem in zip(names, problems):
                 copy_layer(*items[name], bns[name], problem, choice)
                 choices[name] = choice
-    if init == "calibrate":
+    notes = {}
+    if init in DATA_METHODS:
         once = {name for name, row in layers.items() if row.calls == 1}  # shared layers keep the copy fit
         shared = {name: group.members for group in coupling.groups if group.blocked is None
                   and len(group.members) > 1 for name in group.members}
         choices.update(calibrate(model, original, [item for item in swapped if item[0] in once], bns, means,
                                  batches, shared, {name: ghost for name, _, ghost in swapped}))
-    measured = [tuple(x[:ERROR_SAMPLES] for x in batches[0])] if init == "calibrate" else [tuple(example_inputs)]
+    if init == "reconstruct":
+        blocks = find_blocks(model, sorted(once), tuple(x[:1] for x in batches[0]))
+        norms = {name: layers[name].norm for name in blocks if name in layers and layers[name].norm}
+        notes["reconstruct"] = summary(reconstruct(model, original, blocks, batches, reconstruct_steps,
+                                                   reconstruct_seconds, norms))
+    data = init in DATA_METHODS
+    measured = [tuple(x[:ERROR_SAMPLES] for x in batches[0])] if data else [tuple(example_inputs)]
     paths = {id(module): path for path, module in model.named_modules()}
     measured_at = {name: paths[id(coupling.bn[name])] if coupling.bn[name] is not None else name
                    for name, _, _ in swapped}  # after the batch norm, also when the Ghost module took it in
@@ -123,5 +139,5 @@ def initialise(
     fitted = {name: Fitted(errors[measured_at[name]], ghost.out_index is not None,
                            coupling.group_of(name).blocked if ghost.out_index is not None else None)
               for name, _, ghost in swapped}
-    return Initialised(fitted, {"error_inputs": f"first {ERROR_SAMPLES} calibration inputs" if init == "calibrate"
-                                else "example inputs"})
+    return Initialised(fitted, {"error_inputs": f"first {ERROR_SAMPLES} calibration inputs" if data
+                                else "example inputs", **notes})

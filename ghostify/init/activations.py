@@ -9,7 +9,7 @@ grows with depth squared). ``activations`` picks one; both are used inside ``tra
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Union
+from typing import Collection, Dict, List, Sequence, Union
 
 import torch
 from torch import fx, nn
@@ -63,12 +63,13 @@ class Frontier:
     """All batches at one point of a traced model, moved forward node by node on request.
 
     Requests must come in run order: ``input_of(m)`` runs every batch up to the call of ``m``, ``output_of(m)``
-    up to and including it. Values are dropped once their last reader has run. Changing a module's weights
+    up to and including it; a module requested must be a leaf of the trace (convs, Ghost modules and the
+    paths in ``leaves`` are). Values are dropped once their last reader has run. Changing a module's weights
     between requests is seen by the nodes that run afterwards, which is what calibration needs.
     """
 
-    def __init__(self, model: nn.Module, batches: Sequence[Batch]):
-        graph_module = fx.GraphModule(model, GhostLeafTracer().trace(model))  # shares model's modules
+    def __init__(self, model: nn.Module, batches: Sequence[Batch], leaves: Collection[str] = ()):
+        graph_module = fx.GraphModule(model, GhostLeafTracer(leaves).trace(model))  # shares model's modules
         self.nodes = list(graph_module.graph.nodes)
         self.modules = dict(graph_module.named_modules())
         self.runners = [fx.Interpreter(graph_module, garbage_collect_values=False) for _ in batches]
@@ -119,9 +120,10 @@ class Frontier:
         return sorted(modules, key=self._index)
 
 
-def activations(model: nn.Module, batches: Sequence[Batch]) -> Union[Frontier, Replay]:
-    """A ``Frontier`` over ``model`` when torch.fx can trace it, else a ``Replay``."""
+def activations(model: nn.Module, batches: Sequence[Batch], leaves: Collection[str] = ()) -> Union[Frontier, Replay]:
+    """A ``Frontier`` over ``model`` (with the modules at ``leaves`` kept whole) when torch.fx can trace it, else
+    a ``Replay``."""
     try:
-        return Frontier(model, batches)
+        return Frontier(model, batches, leaves)
     except Exception:  # noqa: BLE001 - untraceable Python: rerun the model itself
         return Replay(model, batches)

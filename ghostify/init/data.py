@@ -52,7 +52,8 @@ def check_calibration(data: Any, samples: int = 256, shapes: Optional[Sequence[S
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"calibration samples must be a positive integer, got {samples!r}")
     if data is None:
-        raise ValueError("init='calibrate' needs calibration_data (a tensor of inputs, or batches of them)")
+        raise ValueError("init='calibrate' and init='reconstruct' need calibration_data (a tensor of inputs, or "
+                         "batches of them)")
     if isinstance(data, torch.Tensor):
         data = [data]
     elif isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):

@@ -1,0 +1,149 @@
+"""Block-wise reconstruction (``init="reconstruct"``): after ``calibrate``, tune each block on its output error.
+
+Per-layer least squares makes each layer as close to the original as a linear fit allows; the layers of a
+block (a residual block, an Inception module) can do better tuned together against the original block's
+output, from the converted model's own input to the block, so earlier blocks' errors are corrected too (the
+block-wise reconstruction of BRECQ). No labels. A block is, for each converted layer, the outermost module
+above it that runs once, maps one tensor to one tensor and holds at most ``MAX_LAYERS`` converted layers; a
+layer with no such module is its own block. Each block's weights are tuned with Adam on the relative MSE of
+its output, and kept only where that error went down.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..progress import progress
+from ..trace import evaluating
+from .activations import activations
+from .data import Batch
+
+MAX_LAYERS = 8
+STEPS = 200
+BATCH = 32
+LR = 1e-3
+
+
+def find_blocks(model: nn.Module, layers: Sequence[str], inputs: Sequence[torch.Tensor]) -> List[str]:
+    """Module paths of the blocks that hold ``layers`` (converted layers run once), in run order."""
+    calls: Dict[str, int] = {}
+    plain: Dict[str, bool] = {}
+
+    def record(path: str):
+        def hook(module, args, kwargs, output):
+            calls[path] = calls.get(path, 0) + 1
+            plain[path] = (len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
+                           and isinstance(output, torch.Tensor))
+        return hook
+
+    handles = [module.register_forward_hook(record(path), with_kwargs=True)
+               for path, module in model.named_modules() if path]
+    try:
+        with evaluating(model):
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    order = list(calls)  # hooks fire as modules finish; a block finishes after the layers inside it
+    inside = {path: sum(layer.startswith(path + ".") for layer in layers) for path in calls}
+    blocks: List[str] = []
+    for layer in layers:
+        parts = layer.split(".")
+        outer = [".".join(parts[:i]) for i in range(1, len(parts))]
+        block = next((path for path in outer if calls.get(path) == 1 and plain[path]
+                      and inside[path] <= MAX_LAYERS), layer)
+        if block not in blocks:
+            blocks.append(block)
+    return sorted(blocks, key=order.index)
+
+
+def _relative(block: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """``||block(x) - y||^2 / ||y - mean||^2`` over all of ``x``, in chunks."""
+    error = total = 0.0
+    with torch.no_grad():
+        for xs, ys in zip(x.split(BATCH), y.split(BATCH)):
+            error += (block(xs) - ys).double().square().sum().item()
+        total = (y.double() - y.double().mean(0, keepdim=True)).square().sum().item()
+    return error / max(total, 1e-30)
+
+
+def _tune(block: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, deadline: Optional[float],
+          generator: torch.Generator) -> Tuple[float, float]:
+    """Adam on ``block``'s weights to bring ``block(x)`` to ``y``; the weights stay only if the error fell."""
+    params = [p for p in block.parameters() if p.is_floating_point()]
+    saved = [p.detach().clone() for p in params]
+    before = _relative(block, x, y)
+    scale = (y.double() - y.double().mean(0, keepdim=True)).square().mean().item() or 1.0
+    optimizer = torch.optim.Adam(params, lr=LR)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
+    with torch.enable_grad():
+        for _ in range(steps):
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            pick = torch.randint(len(x), (min(BATCH, len(x)),), generator=generator).to(x.device)
+            loss = (block(x[pick]) - y[pick]).square().mean() / scale
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    after = _relative(block, x, y)
+    if not after < before:
+        with torch.no_grad():
+            for p, value in zip(params, saved):
+                p.copy_(value)
+        after = before
+    return before, after
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    return progress("reconstructing {description}, block error {loss:.4f}",
+                    TextColumn("reconstructing {task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("block error {task.fields[loss]:.4f}"), TimeElapsedColumn())
+
+
+def reconstruct(model: nn.Module, original: nn.Module, blocks: Sequence[str], batches: Sequence[Batch],
+                steps: int = STEPS, seconds: Optional[float] = None,
+                targets: Optional[Mapping[str, str]] = None) -> Dict[str, Tuple[float, float]]:
+    """Tune each block of ``model`` (paths in run order, ``find_blocks``) towards ``original``'s same block.
+
+    Args:
+        targets: for a block whose output stands for another module's in ``original`` (a Ghost module that
+            took in the batch norm after its conv stands for that norm), that module's path.
+        steps: Adam steps per block.
+        seconds: a time budget for all blocks together (each block gets its share); None for no limit.
+
+    Returns:
+        Each block's relative output error before and after, on the calibration inputs.
+    """
+    start, generator = time.monotonic(), torch.Generator().manual_seed(0)
+    theirs = {path: (targets or {}).get(path, path) for path in blocks}
+    done: Dict[str, Tuple[float, float]] = {}
+    with evaluating(model), evaluating(original), _progress() as bar:
+        task = bar.add_task("", total=len(blocks), loss=float("nan"))
+        inputs, outputs = activations(model, batches, blocks), activations(original, batches, theirs.values())
+        for index, path in enumerate(blocks):
+            bar.update(task, description=f"block {index + 1}/{len(blocks)} {path}")
+            ours = model.get_submodule(path)
+            x = torch.cat(inputs.input_of(ours))
+            y = torch.cat(outputs.output_of(original.get_submodule(theirs[path])))
+            deadline = None if seconds is None else start + seconds * (index + 1) / len(blocks)
+            done[path] = _tune(ours, x, y, steps, deadline, generator)
+            bar.update(task, advance=1, loss=done[path][1])
+    return done
+
+
+def summary(done: Dict[str, Tuple[float, float]]) -> str:
+    """One line for the conversion notes: how much the blocks' errors fell."""
+    if not done:
+        return "no block to reconstruct"
+    ratio = [after / before for before, after in done.values() if before > 0]
+    mean = math.exp(sum(math.log(max(r, 1e-12)) for r in ratio) / len(ratio)) if ratio else 1.0
+    return (f"{len(done)} blocks tuned on their output error; error after / before: geometric mean {mean:.2f}, "
+            f"{sum(after < before for before, after in done.values())} of {len(done)} improved")
