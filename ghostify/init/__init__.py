@@ -18,14 +18,14 @@ import torch
 from torch import nn
 
 from ..module import GhostModule
+from .blockwise import STEPS as RECONSTRUCT_STEPS
+from .blockwise import find_blocks, reconstruct, summary
 from .calibrate import calibrate
 from .channels import Group, couple
 from .data import check_calibration
 from .datafree import copy_layer, filter_problem
 from .fit import Choice, choose
 from .measure import layer_errors
-from .blockwise import STEPS as RECONSTRUCT_STEPS
-from .blockwise import find_blocks, reconstruct, summary
 
 METHODS = ("random", "copy", "calibrate", "reconstruct")
 DATA_METHODS = ("calibrate", "reconstruct")  # the initialisers that need calibration data
