@@ -2,7 +2,8 @@
 
 Trains two reference networks on scikit-learn's ``load_digits`` (1,797 real 8x8 handwritten digits,
 upsampled to 32x32, 3 channels; weights cached in a temp dir), converts them with each initialiser at
-s = 2 and s = 4, and prints top-1 accuracy, top-1 agreement with the original and conversion wall time;
+s = 2 and s = 4, and prints top-1 accuracy, top-1 agreement with the original, the relative error of the
+logits against the original's on the test images and conversion wall time;
 then fine-tunes each converted model for the same short budget and prints the accuracy it reaches.
 
     OMP_NUM_THREADS=2 python benchmarks/fidelity.py [--models resnet18 vgg-small] [--finetune-steps 200]
@@ -99,8 +100,9 @@ FORMS = {"ghostnet": True, "linear": False}  # convert's absorb_norm: the GhostN
 
 
 def convert(model: nn.Module, data, s: int, init: str, form: str = "ghostnet") -> Tuple[nn.Module, float]:
-    """The converted model (``CALIBRATION`` training images for ``calibrate``) and the wall time it took."""
-    extra = {"calibration_data": data[0][:CALIBRATION]} if init == "calibrate" else {}
+    """The converted model (``CALIBRATION`` training images for ``calibrate`` and ``reconstruct``) and the wall
+    time it took."""
+    extra = {"calibration_data": data[0][:CALIBRATION]} if init in ("calibrate", "reconstruct") else {}
     extra["absorb_norm"] = FORMS[form]
     torch.manual_seed(0)
     start = time.perf_counter()
@@ -113,7 +115,10 @@ def fidelity(name: str, model: nn.Module, data, s: int, init: str, form: str) ->
     xte, yte = data[2], data[3]
     ghost, seconds = convert(model, data, s, init, form)
     predictions, reference_predictions = predict(ghost, xte), predict(model, xte)
+    with torch.no_grad():
+        logits, reference_logits = ghost(xte), model(xte)
     return {"model": name, "s": s, "init": init, "seconds": seconds,
+            "logit_error": ((logits - reference_logits).norm() / reference_logits.norm()).item(),
             "accuracy": (predictions == yte).float().mean().item(),
             "agreement": (predictions == reference_predictions).float().mean().item(),
             "gathers": sum(r.gather for r in ghost.ghostify_result.replaced),
@@ -131,15 +136,15 @@ def table(rows: List[Dict], originals: Dict[str, float], tuned: Dict, every: int
     """The results as a Markdown table."""
     budgets = sorted({every * (i + 1) for scores in tuned.values() for i in range(len(scores))})
     head = "".join(f" top-1 after {b} steps |" for b in budgets)
-    lines = [f"| model | s | init | top-1 | agreement | convert (s) | gathers |{head}",
-             "|---|---|---|---|---|---|---|" + "---|" * len(budgets)]
+    lines = [f"| model | s | init | top-1 | agreement | logit error | convert (s) | gathers |{head}",
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(budgets)]
     for name, accuracy in originals.items():
-        lines.append(f"| {name} | - | original | {accuracy:.1%} | 100% | - | - |" + " - |" * len(budgets))
+        lines.append(f"| {name} | - | original | {accuracy:.1%} | 100% | 0 | - | - |" + " - |" * len(budgets))
         for r in (r for r in rows if r["model"] == name):
             scores = tuned.get((name, r["s"], r["init"]), [])
             cells = "".join(f" {scores[i]:.1%} |" if i < len(scores) else " - |" for i in range(len(budgets)))
             lines.append(f"| {name} | {r['s']} | {r['init']} | {r['accuracy']:.1%} | {r['agreement']:.1%} | "
-                         f"{r['seconds']:.1f} | {r['gathers']}/{r['layers']} |{cells}")
+                         f"{r['logit_error']:.3f} | {r['seconds']:.1f} | {r['gathers']}/{r['layers']} |{cells}")
     return "\n".join(lines)
 
 
@@ -160,7 +165,7 @@ def main() -> None:
     rows, tuned = [], {}
     for name, model in models.items():
         for s in (2, 4):
-            for init in ("random", "copy", "calibrate"):
+            for init in ("random", "copy", "calibrate", "reconstruct"):
                 rows.append(fidelity(name, model, data, s, init, args.form))
                 print(rows[-1], flush=True)
     print(table(rows, originals, tuned, args.finetune_every), flush=True)

@@ -26,6 +26,7 @@ _EXPORTS = {
     "DeployedGhost": "deployment",
     "export": "exporting",
     "bench": "latency",
+    "finetune": "distillation",
 }
 
 __all__ = sorted(_EXPORTS)

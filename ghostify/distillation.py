@@ -1,0 +1,271 @@
+"""``finetune``: knowledge distillation from the original model (teacher) into the converted one (student).
+
+The student learns the teacher's softened outputs (KL divergence at a temperature, as Hinton et al. and
+timm's logit distillation compute it), mixed with cross-entropy on labels when the data has them, so no
+labels are needed. The same batch goes to both models. The teacher is frozen, in eval mode and never wrapped
+in DDP; the student trains. Under ``torchrun`` (``WORLD_SIZE`` > 1) the student is wrapped in
+DistributedDataParallel (gloo on the CPU, nccl on CUDA), each process reads its share of the data
+(``DistributedSampler``), and only rank 0 shows progress and writes files.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, TensorDataset
+
+from .progress import progress
+from .serialization import atomic_write, save
+from .trace import placement
+
+
+@dataclass
+class Epoch:
+    """What one epoch measured (on the validation data, or the training data when none is given)."""
+
+    epoch: int
+    loss: float
+    agreement: float
+    top1: Optional[float] = None
+    seconds: float = 0.0
+
+
+@dataclass
+class Finetuned:
+    """The history of a ``finetune`` run, attached to the student as ``ghostify_finetune``."""
+
+    epochs: List[Epoch] = field(default_factory=list)
+
+
+def as_dataset(data: Any) -> Dataset:
+    """A dataset of ``inputs`` or ``(inputs, target)`` items from a tensor, an ``(inputs, targets)`` pair or a
+    dataset."""
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, torch.Tensor):
+        return TensorDataset(data)
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        if len(data[0]) != len(data[1]):
+            raise ValueError(f"inputs and targets differ in length: {len(data[0])} and {len(data[1])}")
+        return TensorDataset(*data)
+    raise TypeError(f"data must be a tensor, an (inputs, targets) pair or a Dataset, got {type(data).__name__}")
+
+
+class ImageFiles(Dataset):
+    """Images read on demand, resized and normalised as calibration images are (``init.data``); labelled by
+    their subfolder (sorted names, as torchvision's ``ImageFolder``) when the folder has one per class."""
+
+    def __init__(self, folder: str, shape: Tuple[int, ...]):
+        from .init.data import IMAGE_SUFFIXES
+
+        self.shape = shape
+        self.files = sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
+                            if name.lower().endswith(IMAGE_SUFFIXES))
+        if not self.files:
+            raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {folder}")
+        parents = [os.path.relpath(os.path.dirname(f), folder).split(os.sep)[0] for f in self.files]
+        self.classes = sorted(set(parents)) if "." not in parents else []
+        self.labels = [self.classes.index(p) for p in parents] if self.classes else None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        from .init.data import _read_image
+
+        x = _read_image(self.files[index], self.shape)
+        return x if self.labels is None else (x, self.labels[index])
+
+
+def read_dataset(path: str, shape: Tuple[int, ...]) -> Dataset:
+    """Training data from a folder of images (``ImageFiles``) or a ``.pt`` file holding a tensor or an
+    ``(inputs, targets)`` pair (read as plain data, no code runs)."""
+    from .sources import read_data
+
+    if os.path.isdir(path):
+        return ImageFiles(path, shape)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such data file or folder: {path}")
+    data = read_data(path, "training data file")
+    dataset = as_dataset(tuple(data) if isinstance(data, list) else data)
+    first = _split(dataset[0])[0]
+    if tuple(first.shape) != tuple(shape) or not first.is_floating_point():
+        raise ValueError(f"{path}: inputs must be floating-point samples of shape {tuple(shape)}, got "
+                         f"{first.dtype} {tuple(first.shape)}")
+    return dataset
+
+
+def _split(batch) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    if isinstance(batch, (tuple, list)):
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    return batch, None
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) on logits softened by ``temperature``, scaled by its square (gradients keep
+    their size whatever the temperature)."""
+    return F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1),
+                    reduction="batchmean", log_target=True) * temperature ** 2
+
+
+def _distributed(device: torch.device) -> Tuple[int, int]:
+    """(rank, world size); starts the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
+
+
+def _evaluate(student: nn.Module, teacher: nn.Module, loader: DataLoader, device: torch.device,
+              world: int) -> Tuple[float, Optional[float]]:
+    """Top-1 agreement with the teacher, and top-1 against the labels when there are labels (all ranks)."""
+    counts = torch.zeros(3, dtype=torch.float64, device=device)
+    student.eval()
+    with torch.no_grad():
+        for batch in loader:
+            x, y = _split(batch)
+            x = x.to(device)
+            predicted = student(x).argmax(-1)
+            counts[0] += (predicted == teacher(x).argmax(-1)).sum()
+            counts[1] += len(x)
+            if y is not None:
+                counts[2] += (predicted == y.to(device)).sum()
+    student.train()
+    if world > 1:
+        dist.all_reduce(counts)
+    has_labels = _split(loader.dataset[0])[1] is not None
+    return (counts[0] / counts[1]).item(), ((counts[2] / counts[1]).item() if has_labels else None)
+
+
+def finetune(
+    student: nn.Module,
+    teacher: nn.Module,
+    data: Any,
+    *,
+    val_data: Any = None,
+    epochs: int = 1,
+    lr: float = 0.01,
+    batch_size: int = 64,
+    temperature: float = 4.0,
+    label_weight: float = 0.5,
+    ema_decay: Optional[float] = None,
+    amp: bool = False,
+    output: Optional[str] = None,
+    resume: bool = False,
+    seed: int = 0,
+) -> nn.Module:
+    """Distil ``teacher`` into ``student`` (trained in place, on its own device) and return it.
+
+    Args:
+        data: training inputs: a tensor, an ``(inputs, targets)`` pair or a Dataset (of inputs, or of
+            ``(input, target)`` items); labels are optional.
+        val_data: the same kinds, measured after every epoch (default: the training data).
+        lr: peak learning rate of SGD with momentum 0.9 and a cosine schedule over all steps.
+        temperature: softening of both models' logits in the KL term.
+        label_weight: with labels, the loss is ``(1 - label_weight) * KL + label_weight * cross-entropy``.
+        ema_decay: keep an exponential moving average of the student's weights (e.g. 0.999) and return it.
+        amp: autocast (bfloat16 on the CPU, float16 with a gradient scaler on CUDA).
+        output: a ghostify file written (atomically) after every epoch, with ``OUTPUT.state.pt`` holding what
+            ``resume`` needs; an interrupted run leaves the last complete epoch.
+        resume: continue from ``output`` and its state file.
+
+    Returns:
+        The student (or its EMA), with ``ghostify_finetune`` (a ``Finetuned``) listing each epoch's figures.
+    """
+    if epochs < 1 or batch_size < 1 or lr <= 0 or temperature <= 0 or not 0 <= label_weight <= 1:
+        raise ValueError("epochs and batch_size must be positive, lr and temperature above 0, label_weight "
+                         "in [0, 1]")
+    if resume and output is None:
+        raise ValueError("resume needs output (the file of an earlier run)")
+    dataset, val = as_dataset(data), as_dataset(val_data if val_data is not None else data)
+    _, device = placement(student)
+    rank, world = _distributed(device)
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    student.train()
+    generator = torch.Generator().manual_seed(seed)
+    sampler = (DistributedSampler(dataset, world, rank, shuffle=True, seed=seed) if world > 1
+               else RandomSampler(dataset, generator=generator))
+    loader = DataLoader(dataset, batch_size, sampler=sampler, drop_last=len(dataset) >= batch_size * world)
+    val_loader = DataLoader(val, batch_size, sampler=DistributedSampler(val, world, rank, shuffle=False)
+                            if world > 1 else None)
+    model = nn.parallel.DistributedDataParallel(student) if world > 1 else student
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
+    total = epochs * len(loader)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
+    ema = (torch.optim.swa_utils.AveragedModel(student, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(
+        ema_decay)) if ema_decay is not None else None)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
+    history, start_epoch = Finetuned(), 0
+    state_path = None if output is None else f"{output}.state.pt"
+    if resume:
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        student.load_state_dict(state["student"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        if ema is not None and "ema" in state:
+            ema.load_state_dict(state["ema"])
+        start_epoch = state["epoch"]
+        history.epochs = [Epoch(**row) for row in state["history"]]
+    autocast = (lambda: torch.autocast(device.type, torch.bfloat16 if device.type == "cpu" else torch.float16)) \
+        if amp else nullcontext
+    with progress("epoch {description}, loss {loss:.4f}, {rate:.0f} images/s", show=rank == 0) as bar:
+        for epoch in range(start_epoch, epochs):
+            if world > 1:
+                sampler.set_epoch(epoch)
+            else:  # each epoch's order from the seed and the epoch alone, so that a resumed run repeats it
+                generator.manual_seed(seed + epoch)
+            task = bar.add_task(f"{epoch + 1}/{epochs}", total=len(loader), loss=float("nan"), rate=0.0) \
+                if bar else None
+            began, seen, running = time.monotonic(), 0, 0.0
+            for batch in loader:
+                x, y = _split(batch)
+                x = x.to(device)
+                with torch.no_grad(), autocast():
+                    target = teacher(x).float()
+                with autocast():
+                    logits = model(x).float()
+                loss = kd_loss(logits, target, temperature)
+                if y is not None:
+                    loss = (1 - label_weight) * loss + label_weight * F.cross_entropy(logits, y.to(device))
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                schedule.step()
+                if ema is not None:
+                    ema.update_parameters(student)
+                seen += len(x) * world
+                running = loss.item() if not running else 0.9 * running + 0.1 * loss.item()
+                if bar:
+                    bar.update(task, advance=1, loss=running, rate=seen / max(time.monotonic() - began, 1e-9))
+            result = ema.module if ema is not None else student
+            agreement, top1 = _evaluate(result, teacher, val_loader, device, world)
+            history.epochs.append(Epoch(epoch + 1, running, agreement, top1, time.monotonic() - began))
+            if rank == 0 and output is not None:
+                _checkpoint(result, student, optimizer, schedule, ema, history, output, state_path)
+            if world > 1:
+                dist.barrier()
+    result = ema.module if ema is not None else student
+    result.ghostify_finetune = history
+    return result
+
+
+def _checkpoint(result: nn.Module, student: nn.Module, optimizer, schedule, ema, history: Finetuned, output: str,
+                state_path: str) -> None:
+    """The ghostify file and the state ``resume`` reads, each written atomically (state first)."""
+    state: Dict[str, Any] = {"student": student.state_dict(), "optimizer": optimizer.state_dict(),
+                             "schedule": schedule.state_dict(), "epoch": len(history.epochs),
+                             "history": [vars(row) for row in history.epochs]}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    atomic_write(state_path, lambda temp: torch.save(state, temp))
+    save(result, output)
