@@ -344,12 +344,13 @@ def _original_of(text: str, loaded, arch: Optional[str], trust_source: bool):
 @click.option("--resume", is_flag=True, help="Continue the run that wrote OUT (and OUT.state.pt).")
 @INPUT_SIZE
 @TRUST_SOURCE
+@ARCH
 @DEVICE
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="The fine-tuned ghostify file, written after every epoch.")
 def finetune(ghost_file, teacher, teacher_weights, data_path, val_data, epochs, lr, batch_size, temperature,
-             label_weight, ema_decay, amp, resume, input_size, trust_source, device, force, output) -> None:
+             label_weight, ema_decay, amp, resume, input_size, trust_source, arch, device, force, output) -> None:
     """Distil the original model (--teacher) into a converted GHOST_FILE; runs unchanged under torchrun."""
     import os
 
@@ -362,7 +363,7 @@ def finetune(ghost_file, teacher, teacher_weights, data_path, val_data, epochs, 
         check_output(output, overwrite=force)
     if device is not None and device.startswith("cuda") and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process under torchrun
-    student = _to_device(load_model(ghost_file, trust_source=trust_source), device)
+    student = _to_device(load_model(ghost_file, trust_source=trust_source, arch=arch), device)
     if getattr(student, "ghostify_result", None) is None:
         raise ValueError(f"{ghost_file} is not a ghostify file (convert a model first)")
     source = _to_device(load_model(teacher, teacher_weights, trust_source), device)

@@ -143,3 +143,20 @@ def test_cli_finetune_errors_are_one_line(tmp_path, args, text):
     result = CliRunner().invoke(main, ["finetune", *[a.format(**paths) for a in args], "-o", str(tmp_path / "o.pt")])
     assert result.exit_code != 0 and text in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "o.pt").exists()
+
+
+def test_cli_finetune_a_file_converted_from_a_python_object_with_arch(tmp_path):
+    torch.manual_seed(0)
+    teacher = torchvision.models.resnet18()
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pth")
+    torch.save(torch.randn(8, 3, 16, 16), tmp_path / "data.pt")
+    ghostify.save(ghostify.convert(teacher, example_inputs=torch.randn(1, 3, 16, 16)), str(tmp_path / "g.pt"))
+    args = ["finetune", str(tmp_path / "g.pt"), "--teacher", "resnet18", "--teacher-weights",
+            str(tmp_path / "teacher.pth"), "--data", str(tmp_path / "data.pt"), "--batch-size", "4",
+            "-o", str(tmp_path / "t.pt")]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code != 0 and "converted from a Python object" in refused.stderr
+    done = CliRunner().invoke(main, [*args, "--arch", "resnet18"])
+    assert done.exit_code == 0, done.stderr
+    tuned = ghostify.load(str(tmp_path / "t.pt"), model=torchvision.models.resnet18())
+    assert not torch.equal(tuned.fc.weight, teacher.fc.weight)  # trained, and written as a ghostify file
