@@ -10,7 +10,6 @@ DistributedDataParallel (gloo on the CPU, nccl on CUDA), each process reads its 
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from contextlib import nullcontext
@@ -199,10 +198,10 @@ def finetune(
                             if world > 1 else None)
     model = nn.parallel.DistributedDataParallel(student) if world > 1 else student
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
-    total = epochs * len(loader)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * len(loader))
     ema = (torch.optim.swa_utils.AveragedModel(student, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(
         ema_decay)) if ema_decay is not None else None)
+    result = ema.module if ema is not None else student  # what is measured, written and returned
     scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
     history, start_epoch = Finetuned(), 0
     state_path = None if output is None else f"{output}.state.pt"
@@ -247,14 +246,12 @@ def finetune(
                 running = loss.item() if not running else 0.9 * running + 0.1 * loss.item()
                 if bar:
                     bar.update(task, advance=1, loss=running, rate=seen / max(time.monotonic() - began, 1e-9))
-            result = ema.module if ema is not None else student
             agreement, top1 = _evaluate(result, teacher, val_loader, device, world)
             history.epochs.append(Epoch(epoch + 1, running, agreement, top1, time.monotonic() - began))
             if rank == 0 and output is not None:
                 _checkpoint(result, student, optimizer, schedule, ema, history, output, state_path)
             if world > 1:
                 dist.barrier()
-    result = ema.module if ema is not None else student
     result.ghostify_finetune = history
     return result
 

@@ -71,3 +71,12 @@ def progress(template: str, *columns, show: bool = True) -> Iterator[Optional[An
     columns = columns or (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:
         yield bar
+
+
+def loss_progress(verb: str, measure: str):
+    """``progress`` for work over steps that each report a loss: ``VERB <step> ... MEASURE <loss>``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    return progress(f"{verb} {{description}}, {measure} {{loss:.4f}}", TextColumn(f"{verb} {{task.description}}"),
+                    BarColumn(), MofNCompleteColumn(), TextColumn(f"{measure} {{task.fields[loss]:.4f}}"),
+                    TimeElapsedColumn())

@@ -18,7 +18,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..progress import progress
+from ..progress import loss_progress
 from ..trace import evaluating
 from .activations import activations
 from .data import Batch
@@ -62,14 +62,13 @@ def find_blocks(model: nn.Module, layers: Sequence[str], inputs: Sequence[torch.
     return sorted(blocks, key=order.index)
 
 
-def _relative(block: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """``||block(x) - y||^2 / ||y - mean||^2`` over all of ``x``, in chunks."""
-    error = total = 0.0
+def _relative(block: nn.Module, x: torch.Tensor, y: torch.Tensor, energy: float) -> float:
+    """``||block(x) - y||^2 / energy`` over all of ``x``, in chunks."""
+    error = 0.0
     with torch.no_grad():
         for xs, ys in zip(x.split(BATCH), y.split(BATCH)):
             error += (block(xs) - ys).double().square().sum().item()
-        total = (y.double() - y.double().mean(0, keepdim=True)).square().sum().item()
-    return error / max(total, 1e-30)
+    return error / max(energy, 1e-30)
 
 
 def _tune(block: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, deadline: Optional[float],
@@ -77,8 +76,9 @@ def _tune(block: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, deadli
     """Adam on ``block``'s weights to bring ``block(x)`` to ``y``; the weights stay only if the error fell."""
     params = [p for p in block.parameters() if p.is_floating_point()]
     saved = [p.detach().clone() for p in params]
-    before = _relative(block, x, y)
-    scale = (y.double() - y.double().mean(0, keepdim=True)).square().mean().item() or 1.0
+    energy = (y - y.mean(0, keepdim=True)).square().sum(dtype=torch.float64).item()  # ||y - mean||^2
+    before = _relative(block, x, y, energy)
+    scale = energy / y.numel() or 1.0
     optimizer = torch.optim.Adam(params, lr=LR)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
     with torch.enable_grad():
@@ -91,21 +91,13 @@ def _tune(block: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, deadli
             loss.backward()
             optimizer.step()
             schedule.step()
-    after = _relative(block, x, y)
+    after = _relative(block, x, y, energy)
     if not after < before:
         with torch.no_grad():
             for p, value in zip(params, saved):
                 p.copy_(value)
         after = before
     return before, after
-
-
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-
-    return progress("reconstructing {description}, block error {loss:.4f}",
-                    TextColumn("reconstructing {task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("block error {task.fields[loss]:.4f}"), TimeElapsedColumn())
 
 
 def reconstruct(model: nn.Module, original: nn.Module, blocks: Sequence[str], batches: Sequence[Batch],
@@ -125,7 +117,7 @@ def reconstruct(model: nn.Module, original: nn.Module, blocks: Sequence[str], ba
     start, generator = time.monotonic(), torch.Generator().manual_seed(0)
     theirs = {path: (targets or {}).get(path, path) for path in blocks}
     done: Dict[str, Tuple[float, float]] = {}
-    with evaluating(model), evaluating(original), _progress() as bar:
+    with evaluating(model), evaluating(original), loss_progress("reconstructing", "block error") as bar:
         task = bar.add_task("", total=len(blocks), loss=float("nan"))
         inputs, outputs = activations(model, batches, blocks), activations(original, batches, theirs.values())
         for index, path in enumerate(blocks):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..module import GhostModule
-from ..progress import progress
+from ..progress import loss_progress
 from ..trace import evaluating
 from .activations import activations
 from .data import Batch
@@ -30,6 +30,7 @@ ROWS = 16384
 PAIR_ROWS = 2048
 PRIOR = 1e-2
 SPREAD = 4
+
 
 def _pick(count: int, pixels: int, limit: int, generator: torch.Generator) -> torch.Tensor:
     """Which of ``count`` images a layer's fits read: all of them, or a random subset with ``SPREAD`` times more
@@ -171,14 +172,6 @@ def fit_layer(conv: nn.Module, ghost: GhostModule, bn: Optional[nn.Module], mean
     return choice, ((out - y).square().sum() / y.square().sum().clamp_min(1e-30)).item()
 
 
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-
-    return progress("calibrating {description}, fit error {loss:.4f}", TextColumn("calibrating {task.description}"),
-                    BarColumn(), MofNCompleteColumn(), TextColumn("fit error {task.fields[loss]:.4f}"),
-                    TimeElapsedColumn())
-
-
 class _Targets:
     """The original's outputs at the layers to fit, each a random image subset (``_pick``) with its index.
 
@@ -233,7 +226,7 @@ def calibrate(model: nn.Module, original: nn.Module, swapped: List[Tuple[str, nn
         ghosts: every converted layer's Ghost module by name (group members may not be in ``swapped``).
     """
     choices: Dict[str, Choice] = {}
-    with evaluating(model), evaluating(original), _progress() as bar:
+    with evaluating(model), evaluating(original), loss_progress("calibrating", "fit error") as bar:
         task = bar.add_task("", total=len(swapped), loss=float("nan"))
         inputs = activations(model, batches)
         fitted = [name for name, _, _ in swapped]
