@@ -15,7 +15,7 @@ from typing import Any
 _EXPORTS = {
     "GhostModule": "module",
     "convert": "rewrite",
-    "apply_plan": "rewrite",
+    "apply_plan": "plan",
     "ConversionResult": "rewrite",
     "Counts": "count",
     "Report": "reporting",

@@ -20,7 +20,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
 from .epilogue import assemble, fuse_epilogues
 from .module import NORMS, GhostModule, conv_dim
-from .rewrite import set_module
+from .plan import set_module
 from .trace import GhostLeafTracer, module_calls
 
 _FOLDABLE_NORM = tuple(NORMS.values())
@@ -40,14 +40,30 @@ def _out_index(ghost: GhostModule) -> Optional[torch.Tensor]:
     return getattr(ghost, "out_index", None)
 
 
+def _runs(cheap: nn.Sequential, m: int, count: int) -> nn.ModuleList:
+    """The first ``count`` runs of ``m`` channels of a depthwise ``cheap`` block, each its own ``m``-channel
+    depthwise conv (+ what follows it): multiplier-1 depthwise convs reading the intrinsic maps directly."""
+    conv, rest = cheap[0], list(cheap)[1:]
+    runs = nn.ModuleList()
+    for k in range(count):
+        part = type(conv)(m, m, conv.kernel_size, padding=conv.padding, groups=m, bias=conv.bias is not None,
+                          dtype=conv.weight.dtype, device=conv.weight.device)
+        part.weight = nn.Parameter(conv.weight.detach()[k * m:(k + 1) * m].clone(), requires_grad=False)
+        if conv.bias is not None:
+            part.bias = nn.Parameter(conv.bias.detach()[k * m:(k + 1) * m].clone(), requires_grad=False)
+        runs.append(nn.Sequential(part, *[copy.deepcopy(layer) for layer in rest]))
+    return runs
+
+
 class DeployedGhost(nn.Module):
     """Inference form of a ``GhostModule`` and the BatchNorm that follows it (if any).
 
-    Output: ``[intrinsic * scale + shift, ghosts][:, :n]`` where the BN's ghost-channel part is already
-    folded into the cheap conv. Built by ``DeployedGhost.deploy``; not trainable.
+    Output: ``[intrinsic * scale + shift, ghosts_1, ..., ghosts_{s-1}][:, :n]``, each ghost run a multiplier-1
+    depthwise conv of the intrinsic maps with the BN's part already folded in; runs no output channel uses
+    are dropped. Built by ``DeployedGhost.deploy``; not trainable.
     """
 
-    def __init__(self, primary: nn.Sequential, cheap: nn.Sequential, out_channels: int,
+    def __init__(self, primary: nn.Sequential, cheap: nn.ModuleList, out_channels: int,
                  scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None,
                  out_index: Optional[torch.Tensor] = None) -> None:
         super().__init__()
@@ -74,13 +90,14 @@ class DeployedGhost(nn.Module):
             if module is not None and module.training:
                 raise RuntimeError(f"deploy needs eval mode; call .eval() on the {type(module).__name__} first")
         primary, cheap = _fuse_sequential(ghost.primary), _fuse_sequential(ghost.cheap)
+        m, n = ghost.intrinsic_channels, ghost.out_channels
+        index = _out_index(ghost)
+        runs = ghost.s - 1 if index is not None else -(-(n - m) // m)  # a gather may read any ghost
         if norm is None:
-            return cls(primary, cheap, ghost.out_channels, out_index=_out_index(ghost))
+            return cls(primary, _runs(cheap, m, runs), n, out_index=index)
         if norm.running_mean is None or norm.num_features != ghost.out_channels or len(cheap) != 1:
             raise ValueError(f"cannot fold {norm} into a Ghost module with {ghost.out_channels} outputs and "
                              f"cheap operation {ghost.cheap}; leave the norm in place")
-        m, n = ghost.intrinsic_channels, ghost.out_channels
-        index = _out_index(ghost)
         used = torch.arange(n) if index is None else index.cpu()
         if used.unique().numel() != n:
             raise ValueError("a Ghost module that repeats output maps cannot take a folded norm; leave it in place")
@@ -99,20 +116,21 @@ class DeployedGhost(nn.Module):
         # intrinsic maps: the same fold applied to a 1x1 identity "conv" gives the per-channel affine
         ones = torch.ones(m, 1, *[1] * ghost.dim, dtype=conv.weight.dtype, device=conv.weight.device)
         scale, shift = fuse_conv_bn_weights(ones, None, maps[0][:m], maps[1][:m], norm.eps, maps[2][:m], maps[3][:m])
-        return cls(primary, cheap, n, scale.detach(), shift.detach(), index)
+        return cls(primary, _runs(cheap, m, runs), n, scale.detach(), shift.detach(), index)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         intrinsic = self.primary(x)
-        ghosts = self.cheap(intrinsic)
+        parts = [intrinsic] + [run(intrinsic) for run in self.cheap]
         if self.scale is not None:
-            intrinsic = torch.addcmul(self.shift, intrinsic, self.scale)
-        if self.out_index is None and (self.relu or residual is not None):
-            ghosts = ghosts[:, : self.out_channels - intrinsic.shape[1]]
-            return assemble((intrinsic, ghosts), residual, self.relu, self.functional)
-        out = torch.cat([intrinsic, ghosts], dim=1)
+            parts[0] = torch.addcmul(self.shift, intrinsic, self.scale)
         if self.out_index is not None:
-            return out.index_select(1, self.out_index)
-        return out if out.shape[1] == self.out_channels else out[:, : self.out_channels]
+            return torch.cat(parts, dim=1).index_select(1, self.out_index)
+        extra = sum(part.shape[1] for part in parts) - self.out_channels
+        if extra:
+            parts[-1] = parts[-1][:, : parts[-1].shape[1] - extra]
+        if self.relu or residual is not None:
+            return assemble(parts, residual, self.relu, self.functional)
+        return torch.cat(parts, dim=1)
 
     def extra_repr(self) -> str:
         return f"out_channels={self.out_channels}, folded_norm={self.folded_norm}, relu={self.relu}"

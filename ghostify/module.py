@@ -91,6 +91,10 @@ class GhostModule(nn.Module):
     both the primary conv and the cheap operation). ``dim`` 1 or 3 makes the same module from ``Conv1d`` or
     ``Conv3d`` (a cheap kernel of ``d`` or ``d x d x d``), for audio and video networks.
 
+    Output order: ``m`` intrinsic maps, then the ghosts ghost-major (``s - 1`` runs of ``m``, run ``k`` holding
+    ghost ``k`` of every intrinsic map), so each run is one true depthwise conv of the intrinsic maps (the
+    deploy form runs them so; depthwise kernels with a channel multiplier are slow on CPU runtimes).
+
     Args:
         in_channels: input channels ``c``.
         out_channels: output channels ``n``.
@@ -154,7 +158,8 @@ class GhostModule(nn.Module):
                 dilation=dilation, bias=bias and not inner_bn, padding_mode=padding_mode, **factory,
             )
         ]
-        cheap = [conv(m, self.ghost_channels, d, padding=d // 2, groups=m, bias=bias and not inner_bn, **factory)]
+        g = self.ghost_channels
+        cheap = [conv(g, g, d, padding=d // 2, groups=g, bias=bias and not inner_bn, **factory)]
         for layers, channels in ((primary, m), (cheap, self.ghost_channels)):
             if inner_bn:
                 layers.append(norm_layer(channels, **factory))
@@ -171,7 +176,7 @@ class GhostModule(nn.Module):
 
     @property
     def cheap_conv(self) -> nn.modules.conv._ConvNd:
-        """The depthwise convolution that makes the ghost maps."""
+        """The depthwise convolution that makes the ghost maps: its channel ``k * m + i`` reads intrinsic map ``i``."""
         return self.cheap[0]
 
     @property
@@ -184,7 +189,7 @@ class GhostModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         intrinsic = self.primary(x)
-        ghosts = self.cheap(intrinsic)
+        ghosts = self.cheap(intrinsic if self.s == 2 else intrinsic.repeat(1, self.s - 1, *[1] * self.dim))
         out = torch.cat([intrinsic, ghosts], dim=1)
         if self.out_index is not None:
             return out.index_select(1, self.out_index)

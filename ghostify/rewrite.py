@@ -11,14 +11,14 @@ import copy
 import fnmatch
 import warnings
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from .init import DATA_METHODS, RECONSTRUCT_STEPS, check_calibration, check_init, initialise
-from .module import CONVS, NORMS, GhostModule, _tuple, check_cheap_kernel, check_ratio, conv_dim, primary_padding
+from .module import CONVS, GhostModule, _tuple, check_cheap_kernel, check_ratio, conv_dim, primary_padding
+from .plan import apply_plan
 from .trace import ConvSite, _shape, analyse, placement, random_inputs
 
 PerLayer = Union[Any, Mapping[str, Any]]
@@ -205,71 +205,6 @@ def _warn_unmatched(opts: Dict[str, Any], names: List[str]) -> None:
         for pattern in patterns:
             if not _first_match([pattern], names):
                 warnings.warn(f"{what} pattern {pattern!r} matches no convolution layer", UserWarning, stacklevel=3)
-
-
-def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    """Put ``module`` at the dotted attribute ``path`` of ``model`` (``nn.Module.set_submodule``, torch >= 2.5)."""
-    if hasattr(model, "set_submodule"):
-        model.set_submodule(path, module)
-    else:  # torch 2.2 - 2.4
-        parent, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent), child, module)
-
-
-def apply_plan(model: nn.Module, plan: Iterable[Mapping[str, Any]]) -> List[Tuple[str, nn.Module, GhostModule]]:
-    """Swap each planned conv of ``model`` (in place) for a fresh ``GhostModule`` at all its paths.
-
-    A planned ``norm`` (the batch norm that alone reads the conv) is taken into the Ghost module, which then
-    normalises its intrinsic maps before the cheap operation reads them (the GhostNet form, which folds
-    exactly at deploy time); the norm's own paths become ``nn.Identity``.
-
-    Returns:
-        (name, original conv, new Ghost module) for every swapped layer.
-
-    Raises:
-        ValueError: a planned name is missing from ``model`` or is not a plain conv.
-    """
-    aliases: Dict[int, List[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        aliases.setdefault(id(module), []).append(name)
-    swapped = []
-    for entry in plan:
-        name = entry["name"]
-        try:
-            conv = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"the model has no layer {name!r}; is it the architecture that was converted?") from None
-        dim = conv_dim(conv)
-        if dim is None:
-            raise ValueError(f"layer {name!r} is a {type(conv).__name__}, not the conv that was converted")
-        norm = _planned_norm(model, entry.get("norm"), name, dim)
-        inner = {} if norm is None else {"inner_bn": True, "norm_layer": partial(
-            NORMS[dim], eps=norm.eps, momentum=norm.momentum)}
-        ghost = GhostModule.from_conv(conv, s=entry["s"], d=entry["d"], primary_kernel=tuple(entry["primary_kernel"]),
-                                      **inner)
-        ghost.train(conv.training)
-        if entry.get("gather", False):
-            ghost.set_out_index(torch.arange(ghost.out_channels))
-        for path in aliases[id(conv)]:
-            set_module(model, path, ghost)
-        for path in aliases[id(norm)] if norm is not None else ():
-            set_module(model, path, nn.Identity())
-        swapped.append((name, conv, ghost))
-    return swapped
-
-
-def _planned_norm(model: nn.Module, path: Optional[str], name: str, dim: int) -> Optional[nn.Module]:
-    if path is None:
-        return None
-    try:
-        norm = model.get_submodule(path)
-    except AttributeError:
-        norm = None
-    if type(norm) is not NORMS[dim]:
-        raise ValueError(f"layer {name!r} takes in the batch norm {path!r}, but the model has "
-                         f"{type(norm).__name__ if norm is not None else 'nothing'} there; "
-                         "is it the architecture that was converted?")
-    return norm
 
 
 def convert(

@@ -19,11 +19,13 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from .rewrite import ConversionResult, Replaced, Skipped, apply_plan
+from .module import GhostModule
+from .plan import apply_plan
+from .rewrite import ConversionResult, Replaced, Skipped
 from .sources import build, load_weights, parse, read_data
 
 FORMAT = "ghostify"
-VERSION = 1
+VERSION = 2  # 2: ghosts of s > 2 modules ordered ghost-major (1: per intrinsic map; still read, see _upgrade)
 NAMED_SOURCES = frozenset({"torchvision", "zoo", "timm"})  # registered names: building one runs no file's code
 CODE_SOURCES = frozenset({"module", "file"})  # building these imports and runs the code they name
 
@@ -128,10 +130,33 @@ def _read(path: str) -> Dict[str, Any]:
     payload = read_data(path, "ghostify file")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a ghostify file (no ghostify header); was it written by ghostify.save?")
-    if payload.get("version") != VERSION:
+    if payload.get("version") not in (1, VERSION):
         raise ValueError(f"{path} has ghostify format version {payload.get('version')!r}; "
-                         f"this ghostify reads {VERSION}")
+                         f"this ghostify reads 1 and {VERSION}")
     return payload
+
+
+def _upgrade(model: nn.Module) -> None:
+    """Give the Ghost modules of a version-1 file their version-1 outputs in today's module.
+
+    Version 1 ordered an s > 2 module's ghosts per intrinsic map (map ``i``'s ghosts at ``i * (s-1) + k``);
+    now they are ghost-major (``k * m + i``). The cheap rows are reordered to match and the module gathers
+    its outputs back into the old order, which its readers' weights assume (exact, but slower: convert
+    again to drop the gather).
+    """
+    for ghost in model.modules():
+        if not isinstance(ghost, GhostModule) or ghost.s == 2:
+            continue
+        m, s, n = ghost.intrinsic_channels, ghost.s, ghost.out_channels
+        new = torch.arange(m * (s - 1))
+        old_row = (new % m) * (s - 1) + new // m  # the version-1 row of each ghost-major ghost
+        with torch.no_grad():
+            for tensor in list(ghost.cheap.parameters()) + list(ghost.cheap.buffers()):
+                if tensor.dim() > 0 and len(tensor) == len(new):
+                    tensor.copy_(tensor[old_row.to(tensor.device)].clone())
+        place = torch.cat([torch.arange(m), m + old_row.argsort()])  # old map -> today's map
+        old_index = ghost.out_index.cpu() if ghost.out_index is not None else torch.arange(n)
+        ghost.set_out_index(place[old_index])
 
 
 def _result_from_dict(data: Dict[str, Any]) -> ConversionResult:
@@ -200,6 +225,8 @@ def load(path: str, model: Optional[nn.Module] = None, *, trust_source: bool = F
         lines = str(error).splitlines()
         detail = lines[1].strip() if len(lines) > 1 else str(error)
         raise ValueError(f"the weights in {path} do not fit the rebuilt {type(rebuilt).__name__}: {detail}") from None
+    if payload["version"] == 1:
+        _upgrade(rebuilt)
     rebuilt.ghostify_result = result
     return rebuilt
 

@@ -78,6 +78,9 @@ def test_ghost_form_deploys_to_the_converted_models_outputs(name, s, d):
     assert any(row.norm for row in ghost.ghostify_result.replaced) == has_norms  # AlexNet, SqueezeNet have none
     deployed = ghostify.deploy(ghost)
     assert all(m.scale is None for m in deployed.modules() if isinstance(m, DeployedGhost))
+    # every ghost run is a multiplier-1 depthwise conv, the kind CPU runtimes have fast kernels for
+    cheap = [run[0] for m in deployed.modules() if isinstance(m, DeployedGhost) for run in m.cheap]
+    assert cheap and all(c.groups == c.in_channels == c.out_channels for c in cheap)
     assert_same_outputs(ghost, deployed, x)
 
 

@@ -130,14 +130,24 @@ def test_cli_bench_bad_runtime_is_one_line():
     assert result.exit_code == 2 and "Traceback" not in result.output
 
 
-def test_onnx_of_converted_resnet50_is_only_convs_concats_and_the_originals_ops(tmp_path):
-    """Copy-initialised ResNet-50 at s=2: no gather, no slice, no batch norm left for onnxruntime to run."""
+@pytest.mark.parametrize("s", [2, 4])
+def test_onnx_of_converted_resnet50_is_only_convs_concats_and_the_originals_ops(tmp_path, s):
+    """Copy-initialised ResNet-50: no gather, no slice, no batch norm left for onnxruntime to run, and every
+    grouped conv is depthwise with one output per input (onnxruntime's fast depthwise kernels need that)."""
     import onnx
+    from onnx import numpy_helper
 
-    model = ghostify.convert(build({"kind": "torchvision", "name": "resnet50"}), s=2,
+    model = ghostify.convert(build({"kind": "torchvision", "name": "resnet50"}), s=s,
                              example_inputs=torch.randn(1, *SIZE)).eval()
     result = ghostify.export(model, tmp_path / "g.onnx", "onnx", input_size=SIZE)
-    ops = {node.op_type for node in onnx.load(tmp_path / "g.onnx").graph.node}
+    graph = onnx.load(tmp_path / "g.onnx").graph
+    ops = {node.op_type for node in graph.node}
     assert not ops & {"Slice", "Gather", "BatchNormalization", "Mul"}, ops
     assert {"Conv", "Concat"} <= ops
+    weights = {init.name: numpy_helper.to_array(init).shape for init in graph.initializer}
+    groups = {node.input[1]: next((a.i for a in node.attribute if a.name == "group"), 1)
+              for node in graph.node if node.op_type == "Conv"}
+    depthwise = [name for name, group in groups.items() if group > 1]
+    assert len(depthwise) == 52 * (s - 1)  # ResNet-50's 52 converted convs, s - 1 ghost runs each
+    assert all(weights[name][0] == groups[name] for name in depthwise)
     assert result.max_abs_diff < 1e-3

@@ -62,7 +62,7 @@ def test_channels_follow_paper_eq3(n, s):
     m = math.ceil(n / s)
     assert ghost.primary_conv.out_channels == m
     assert ghost.cheap_conv.out_channels == m * (s - 1)
-    assert ghost.cheap_conv.groups == m
+    assert ghost.cheap_conv.groups == ghost.cheap_conv.in_channels == m * (s - 1)  # true depthwise
     assert ghost(torch.randn(1, 16, 9, 9)).shape == (1, n, 9, 9)
 
 
@@ -73,6 +73,19 @@ def test_output_is_intrinsic_then_ghosts():
     out = ghost(x)
     assert torch.equal(out[:, :4], intrinsic)
     assert torch.allclose(out[:, 4:], ghost.cheap_conv(intrinsic))
+
+
+def test_ghosts_are_ghost_major():
+    """Ghost ``k`` of intrinsic map ``i`` is output ``m + k * m + i``: a cheap kernel that is a centre tap of
+    value ``k + 1`` makes that output exactly ``(k + 1)`` times map ``i``."""
+    ghost = GhostModule(3, 10, 1, s=4, d=3)  # m = 3: ghost runs of 3, 3 and the first 1 of the last run
+    with torch.no_grad():
+        ghost.cheap_conv.weight.zero_()
+        ghost.cheap_conv.weight[:, 0, 1, 1] = torch.arange(9).div(3, rounding_mode="floor") + 1.0
+    x = torch.randn(2, 3, 5, 5)
+    intrinsic = ghost.primary_conv(x)
+    expected = torch.cat([intrinsic, intrinsic, 2 * intrinsic, 3 * intrinsic[:, :1]], 1)
+    torch.testing.assert_close(ghost(x), expected)
 
 
 def test_from_conv_keeps_bias_padding_mode_dtype_device():

@@ -1,5 +1,7 @@
 """save/load: plain-data files, bit-identical round trips in a fresh process, atomic writes, clear errors."""
 
+import copy
+import functools
 import os
 import subprocess
 import sys
@@ -7,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import ghostify
@@ -220,3 +223,31 @@ def test_corrupt_truncated_or_foreign_files_are_clear(tmp_path, converted, conte
         path.write_bytes(content)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         ghostify.load(path)
+
+
+def _version_1_forward(ghost, x):
+    """A Ghost module as version 1 read its weights: the ghosts of intrinsic map i at rows i * (s - 1) + k."""
+    intrinsic = ghost.primary(x)
+    conv = ghost.cheap_conv
+    ghosts = ghost.cheap[1:](F.conv2d(intrinsic, conv.weight, conv.bias, padding=conv.padding,
+                                      groups=ghost.intrinsic_channels))
+    out = torch.cat([intrinsic, ghosts], 1)
+    return out.index_select(1, ghost.out_index) if ghost.out_index is not None else out[:, :ghost.out_channels]
+
+
+def test_version_1_files_load_with_their_old_outputs(tmp_path):
+    """A file written before ghosts were ordered ghost-major (s > 2) still computes what it computed then."""
+    model = ghostify.convert(Net(), s=3, d=3, example_inputs=X).eval()  # n = 8, 16: a partial last ghost run
+    ghostify.save(model, tmp_path / "new.pt")
+    payload = torch.load(tmp_path / "new.pt", weights_only=True)
+    payload["version"] = 1
+    torch.save(payload, tmp_path / "old.pt")
+    old = copy.deepcopy(model)
+    for ghost in old.modules():
+        if isinstance(ghost, ghostify.GhostModule):
+            ghost.forward = functools.partial(_version_1_forward, ghost)
+    loaded = ghostify.load(tmp_path / "old.pt", model=Net()).eval()
+    with torch.no_grad():
+        expected, actual = old(X), loaded(X)
+        assert not torch.allclose(model(X), expected)  # the two orders really differ on these weights
+    torch.testing.assert_close(actual, expected)

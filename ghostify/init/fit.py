@@ -60,8 +60,9 @@ class Choice:
 
     @property
     def owner(self) -> torch.Tensor:
-        """Position of the intrinsic map each kept ghost slot is made from (the cheap conv's grouping)."""
-        return torch.arange(len(self.ghost)) // (self.s - 1)
+        """Position of the intrinsic map each kept ghost slot is made from (ghost-major: slot ``k * m + i``
+        reads intrinsic map ``i``)."""
+        return torch.arange(len(self.ghost)) % len(self.intrinsic)
 
     @property
     def order(self) -> torch.Tensor:
@@ -99,9 +100,10 @@ def explained(pairing: Pairing) -> torch.Tensor:
 
 
 def capacities(n: int, s: int) -> List[int]:
-    """Kept ghost slots of each intrinsic position when the module keeps the first ``n`` of ``m * s`` maps."""
+    """Kept ghost slots of each intrinsic position when the module keeps the first ``n`` of ``m * s`` maps
+    (ghost-major: intrinsic ``i`` keeps the ghosts ``k`` with ``k * m + i < n - m``)."""
     m = -(-n // s)
-    return [max(0, min(s - 1, n - m - i * (s - 1))) for i in range(m)]
+    return [max(0, min(s - 1, -(-(n - m - i) // m))) for i in range(m)]
 
 
 def _partners(others: np.ndarray, s: int) -> np.ndarray:
@@ -213,7 +215,12 @@ def choose(pairings: Sequence[Pairing], s: int, rounds: int = 1) -> Choice:
         if not _swap(gain, intrinsic, slot_ghost, owner, s, tol):
             break
         slot_ghost = _assign(gain, intrinsic, owner)
-    return Choice(intrinsic, slot_ghost, s)
+    # slots run per intrinsic map above; the module orders ghosts ghost-major: slot k of map i is k * m + i
+    counts = torch.tensor(caps)
+    rank = torch.arange(len(owner)) - (counts.cumsum(0) - counts)[owner]
+    ghost = torch.empty_like(slot_ghost)
+    ghost[rank * len(caps) + owner] = slot_ghost
+    return Choice(intrinsic, ghost, s)
 
 
 Taps = Optional[Tuple[slice, slice]]
