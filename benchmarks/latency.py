@@ -8,6 +8,7 @@ comparison, on this CPU), measured the same way: speed-up = baseline ms / GhostN
     OMP_NUM_THREADS=1 python benchmarks/latency.py --threads 1 --repeats 10
     python benchmarks/latency.py --models resnet50 --s 2 --runtimes torch --batches 1 16
     python benchmarks/latency.py --tables zoo
+    python benchmarks/latency.py --timed --models mobilenet_v2 --s 2   # only layers timed faster, per runtime/batch
     python benchmarks/latency.py --tables profile --models resnet50 --s 2 --batches 16   # where the time goes
 """
 
@@ -28,9 +29,9 @@ BASELINES = ("mobilenet_v3_large", "resnet18")
 
 
 def print_rows(args: argparse.Namespace, first: torch.nn.Module, second: torch.nn.Module, runtime: str,
-               cells: list) -> None:
+               cells: list, batches=None) -> None:
     """Time ``first`` against ``second`` in one interleaved run; one markdown row per batch size."""
-    result = bench(first, second, batches=args.batches, runtime=runtime, threads=args.threads,
+    result = bench(first, second, batches=batches or args.batches, runtime=runtime, threads=args.threads,
                    repeats=args.repeats, name=str(cells[0]))
     for row in result.rows:
         values = cells + [row.batch, f"{row.original_ms:.1f}", f"{row.converted_ms:.1f}", f"{row.speedup:.2f}x",
@@ -39,16 +40,27 @@ def print_rows(args: argparse.Namespace, first: torch.nn.Module, second: torch.n
 
 
 def converted_table(args: argparse.Namespace) -> None:
-    """Each torchvision model against its Ghost conversion."""
-    print("| model | s | runtime | batch | original ms | ghost ms | speed-up | FLOPs ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+    """Each torchvision model against its Ghost conversion: every dense conv converted (``convert``'s default),
+    or, with ``--timed``, only the layers timed faster as Ghost modules in the runtime and batch of the row
+    (``convert(runtime=..., runtime_batch=...)``)."""
+    print("| model | s | layers | runtime | batch | original ms | ghost ms | speed-up | FLOPs ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    options = {"d": args.d, "init": args.init, "absorb_norm": args.form == "ghostnet"}
     for name in args.models:
         original = torchvision.models.get_model(name).eval()
         for s in args.s:
-            converted = ghostify.convert(original, s=s, d=args.d, init=args.init,
-                                         absorb_norm=args.form == "ghostnet").eval()
+            if not args.timed:
+                converted = ghostify.convert(original, s=s, **options).eval()
+                for runtime in args.runtimes:
+                    print_rows(args, original, converted, runtime, [name, s, "all", runtime])
+                continue
             for runtime in args.runtimes:
-                print_rows(args, original, converted, runtime, [name, s, runtime])
+                for batch in args.batches:
+                    converted = ghostify.convert(original, s=s, runtime=runtime, runtime_batch=batch, **options).eval()
+                    result = converted.ghostify_result
+                    kept = sum("faster as a Ghost module" in row.reason for row in result.skipped)
+                    layers = f"timed: {len(result.replaced)} of {len(result.replaced) + kept}"
+                    print_rows(args, original, converted, runtime, [name, s, layers, runtime], [batch])
 
 
 def zoo_table(args: argparse.Namespace) -> None:
@@ -95,6 +107,8 @@ def main() -> None:
                         help="ghostify init (default: convert's default, so the timed model is what users get)")
     parser.add_argument("--form", choices=["ghostnet", "linear"], default="ghostnet",
                         help="Ghost module form: norm taken in (convert's default) or a linear module before it")
+    parser.add_argument("--timed", action="store_true",
+                        help="convert only the layers timed faster as Ghost modules (convert --runtime), per row")
     parser.add_argument("--tables", nargs="+", choices=["converted", "zoo", "profile"],
                         default=["converted", "zoo"])
     args = parser.parse_args()

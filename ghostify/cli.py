@@ -236,6 +236,11 @@ def main(debug: bool) -> None:
 @click.option("--form", type=click.Choice(["ghostnet", "linear"]), default="ghostnet", show_default=True,
               help="ghostnet: a conv and the batch norm after it become one Ghost module (folds exactly at deploy); "
                    "linear: the norm stays after a linear Ghost module.")
+@click.option("--runtime", type=click.Choice(["torch", "onnxruntime", "inductor"]),
+              help="Time each layer alone as a conv and as a Ghost module in this runtime's deploy form, and keep "
+                   "as convs the layers a Ghost module does not make faster.")
+@click.option("--runtime-batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="--runtime: the batch size to time at.")
 @JSON
 @TRUST_SOURCE
 @ARCH
@@ -243,8 +248,8 @@ def main(debug: bool) -> None:
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
 def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_size, weights, init, calib_data,
-            calib_samples, recon_steps, recon_seconds, form, as_json, trust_source, arch, device, force,
-            output) -> None:
+            calib_samples, recon_steps, recon_seconds, form, runtime, runtime_batch, as_json, trust_source, arch,
+            device, force, output) -> None:
     """Convert MODEL's Conv2d layers to Ghost modules, print the report, write OUT."""
     from .serialization import check_output
 
@@ -273,11 +278,13 @@ def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_s
         if found < calib_samples:
             warnings.warn(f"{calib_data} holds {found} calibration inputs, fewer than --calib-samples "
                           f"{calib_samples}; calibrating on {found}", UserWarning, stacklevel=1)
-    with _status("Converting and counting", as_json or init in DATA_METHODS):  # these show their own progress
+    # calibration and layer timing show their own progress
+    with _status("Converting and counting", as_json or init in DATA_METHODS or runtime is not None):
         ghost = ghostify.convert(source, s=s, d=d, primary_kernel=primary_kernel, include=include or None,
                                  exclude=exclude or None, include_stem=include_stem, example_inputs=inputs, init=init,
                                  calibration_data=calibration, calibration_samples=calib_samples,
                                  absorb_norm=form == "ghostnet", reconstruct_seconds=recon_seconds,
+                                 runtime=runtime, runtime_batch=runtime_batch,
                                  **({} if recon_steps is None else {"reconstruct_steps": recon_steps}))
         report = ghostify.report(source, ghost, inputs, name=model)
     ghostify.save(ghost, output, overwrite=True)

@@ -12,7 +12,7 @@ Inductor computes pointwise inputs of a ``cat`` straight into its buffer.
 from __future__ import annotations
 
 import operator
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +70,34 @@ def _only_user(node: fx.Node) -> Optional[fx.Node]:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
+def _chain(node: fx.Node, modules: Dict[str, nn.Module]) -> Tuple[List[fx.Node], Optional[fx.Node], bool]:
+    """What alone reads ``node``: the residual addition and/or ReLU after it, its shortcut, whether a ReLU ends it."""
+    chain, residual, user = [], None, _only_user(node)
+    if user is not None and _is_add(user) and user.args.count(node) == 1:
+        residual = user.args[1] if user.args[0] is node else user.args[0]
+        chain.append(user)
+        user = _only_user(user)
+    relu = user is not None and _is_relu(user, modules)
+    if relu:
+        chain.append(user)
+    return chain, residual, relu
+
+
+def follows(gm: fx.GraphModule, name: str, norm: Optional[str] = None) -> Tuple[bool, bool]:
+    """(residual addition, ReLU): what a Ghost module made of layer ``name`` (and the ``norm`` it takes in)
+    would take as its epilogue in ``gm``; (False, False) for a layer called more than once."""
+    modules = dict(gm.named_modules())
+    node = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == name), None)
+    if node is None or module_calls(gm.graph)[name] != 1:
+        return False, False
+    if norm is not None:
+        node = _only_user(node)
+        if node is None or node.op != "call_module" or node.target != norm:
+            return False, False
+    _, residual, relu = _chain(node, modules)
+    return residual is not None, relu
+
+
 def fuse_epilogues(gm: fx.GraphModule, accepts: Callable[[nn.Module], bool]) -> int:
     """Give each call of a module that ``accepts`` (a deployed Ghost module, called once) whose output only
     goes into a residual addition and/or a ReLU that epilogue: the call takes the shortcut as a second
@@ -80,21 +108,14 @@ def fuse_epilogues(gm: fx.GraphModule, accepts: Callable[[nn.Module], bool]) -> 
         if (node.op != "call_module" or not accepts(modules[node.target]) or calls[node.target] != 1
                 or len(node.args) != 1 or node.kwargs):
             continue
-        chain, residual, user = [node], None, _only_user(node)
-        if user is not None and _is_add(user) and user.args.count(node) == 1:
-            residual = user.args[1] if user.args[0] is node else user.args[0]
-            chain.append(user)
-            user = _only_user(user)
-        relu = user is not None and _is_relu(user, modules)
-        if relu:
-            chain.append(user)
-        if len(chain) == 1:
+        chain, residual, relu = _chain(node, modules)
+        if not chain:
             continue
         modules[node.target].relu = relu
         with gm.graph.inserting_after(chain[-1]):
             call = gm.graph.call_module(node.target, (node.args[0],) + ((residual,) if residual is not None else ()))
         chain[-1].replace_all_uses_with(call)
-        for dead in reversed(chain):
+        for dead in reversed([node] + chain):
             gm.graph.erase_node(dead)
         fused += 1
     gm.graph.lint()

@@ -8,6 +8,7 @@ repeats is reported.
 
 from __future__ import annotations
 
+import copy
 import os
 import statistics
 import tempfile
@@ -17,11 +18,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from .deployment import RUNTIMES
+from .epilogue import follows
+from .plan import apply_plan
 from .progress import progress as progress_display
-from .trace import random_inputs
+from .trace import GhostLeafTracer, random_inputs
 
 
 @dataclass
@@ -128,6 +131,93 @@ def _onnx_runners(models: Sequence[nn.Module], x: torch.Tensor, threads: int, fo
     return runners
 
 
+def _runners(models: Sequence[nn.Module], x: torch.Tensor, runtime: str, threads: int,
+             folder: str) -> List[Callable[[], Any]]:
+    """One callable per deployed model running it on ``x`` in ``runtime``."""
+    if runtime == "onnxruntime":
+        return _onnx_runners(models, x, threads, folder)
+    return [_torch_runner(m, x) for m in models]
+
+
+def _check(runtime: str, batches: Sequence[int], repeats: int) -> None:
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if not batches or min(batches) < 1 or repeats < 1:
+        raise ValueError(f"batches and repeats must be >= 1, got batches={list(batches)}, repeats={repeats}")
+    if runtime == "onnxruntime":
+        from .exporting import require_onnx
+
+        require_onnx()
+
+
+class _Unit(nn.Module):
+    """One layer (a conv or a Ghost module, with the norm it takes in) and what follows it in its model: a
+    residual addition (of a fixed random shortcut) and/or a ReLU, which a deployed Ghost module takes in."""
+
+    def __init__(self, layer: nn.Module, shortcut: Optional[torch.Tensor], relu: bool) -> None:
+        super().__init__()
+        self.layer, self.relu = layer, relu
+        self.register_buffer("shortcut", shortcut)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.layer(x)
+        if self.shortcut is not None:
+            y = y + self.shortcut
+        return torch.relu(y) if self.relu else y
+
+
+def _units(model: nn.Module, entry: Dict[str, Any], batch: int, graph: Optional[fx.GraphModule]):
+    """The planned layer of ``model`` as a conv unit and as a Ghost unit, and a random input for both."""
+    layers = [copy.deepcopy(model.get_submodule(entry["name"]))]
+    if entry.get("norm"):
+        layers.append(copy.deepcopy(model.get_submodule(entry["norm"])))
+    dense = nn.Sequential(*layers)
+    ghost = copy.deepcopy(dense)
+    apply_plan(ghost, [{**entry, "name": "0", "norm": "1" if entry.get("norm") else None, "gather": False}])
+    weight = dense[0].weight
+    factory = {"dtype": weight.dtype, "device": weight.device}
+    add, relu = follows(graph, entry["name"], entry.get("norm")) if graph is not None else (False, False)
+    shortcut = torch.randn(batch, *entry["output_shape"][1:], **factory) if add else None
+    x = torch.randn(batch, *entry["input_shape"][1:], **factory)
+    return [_Unit(layer, shortcut, relu).eval() for layer in (dense, ghost)], x
+
+
+def layer_times(model: nn.Module, plan: Sequence[Dict[str, Any]], *, runtime: str = "torch", batch: int = 1,
+                threads: Optional[int] = None, repeats: int = 15,
+                progress: bool = False) -> Dict[str, Tuple[float, float]]:
+    """Per planned layer, ``(conv ms, Ghost ms)``: the layer timed alone against the Ghost module the plan makes
+    of it, both in ``runtime``'s deploy form, interleaved, on a random input of the layer's real shape at
+    ``batch``. Each unit includes the norm the plan takes in and the residual addition and/or ReLU that
+    follow the layer in ``model`` (which a deployed Ghost module writes with its output).
+
+    Args:
+        model: the original model (not modified).
+        plan: ``ConversionResult.plan()`` rows with ``input_shape`` and ``output_shape`` (``asdict`` of the
+            ``Replaced`` rows ``convert`` makes).
+
+    A lookup table in NetAdapt's sense: each layer alone, not a profile of the whole model.
+    """
+    from .deployment import deploy
+
+    _check(runtime, [batch], repeats)
+    threads = threads or torch.get_num_threads()
+    try:
+        graph = fx.GraphModule(model, GhostLeafTracer().trace(model))
+    except Exception:  # noqa: BLE001 - untraceable: time the layers without what follows them
+        graph = None
+    times: Dict[str, Tuple[float, float]] = {}
+    with torch_threads(threads), tempfile.TemporaryDirectory() as folder, \
+            progress_display("timing {description}", show=progress) as bar:
+        task = bar.add_task(f"layers ({runtime}, batch {batch})", total=len(plan)) if bar else None
+        for entry in plan:
+            units, x = _units(model, entry, batch, graph)
+            runners = _runners([deploy(unit, runtime=runtime) for unit in units], x, runtime, threads, folder)
+            times[entry["name"]] = tuple(interleaved(runners, repeats, warmup=2))
+            if bar:
+                bar.advance(task)
+    return times
+
+
 def flops_ratio(original: nn.Module, converted: nn.Module, input_size: Sequence[int]) -> float:
     """Conv + linear multiply-adds of ``original`` over ``converted`` (the paper's convention)."""
     from .count import Counts
@@ -159,14 +249,7 @@ def bench(original: nn.Module, converted: nn.Module, *, batches: Sequence[int] =
     """
     from .deployment import deploy
 
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
-    if not batches or min(batches) < 1 or repeats < 1:
-        raise ValueError(f"batches and repeats must be >= 1, got batches={list(batches)}, repeats={repeats}")
-    if runtime == "onnxruntime":
-        from .exporting import require_onnx
-
-        require_onnx()
+    _check(runtime, batches, repeats)
     threads = threads or torch.get_num_threads()
     models = [deploy(m, runtime=runtime) for m in (original, converted)]
     result = BenchResult(name, flops_ratio(original, converted, input_size), threads, repeats)
@@ -176,10 +259,7 @@ def bench(original: nn.Module, converted: nn.Module, *, batches: Sequence[int] =
         step = (lambda: bar.advance(task)) if bar else None
         for batch in batches:
             (x,) = random_inputs(original, (batch, *input_size))
-            if runtime != "onnxruntime":
-                runners = [_torch_runner(m, x) for m in models]
-            else:
-                runners = _onnx_runners(models, x, threads, folder)
+            runners = _runners(models, x, runtime, threads, folder)
             original_ms, converted_ms = interleaved(runners, repeats, warmup, step)
             result.rows.append(BenchRow(runtime, batch, original_ms, converted_ms))
     return result

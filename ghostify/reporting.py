@@ -56,6 +56,8 @@ class LayerRow:
     theoretical_ratio: float
     reconstruction_error: Optional[float] = None
     gather_reason: Optional[str] = None
+    dense_ms: Optional[float] = None  # timed alone (``convert(runtime=...)``), as a conv and as a Ghost module
+    ghost_ms: Optional[float] = None
 
 
 @dataclass
@@ -142,10 +144,10 @@ class Report:
 
 
 # per-layer columns, most informative first: the order in which they are kept when the terminal is narrow
-_PRIORITY = ("layer", "ratio", "FLOPs after", "rel. MSE", "FLOPs before", "now", "params after", "was",
-             "params before", "output", "r_s (Eq. 4)")
+_PRIORITY = ("layer", "ratio", "FLOPs after", "rel. MSE", "ms conv->ghost", "FLOPs before", "now", "params after",
+             "was", "params before", "output", "r_s (Eq. 4)")
 _ORDER = ("layer", "was", "now", "output", "FLOPs before", "FLOPs after", "params before", "params after", "ratio",
-          "r_s (Eq. 4)", "rel. MSE")
+          "r_s (Eq. 4)", "ms conv->ghost", "rel. MSE")
 
 
 def _layer_cells(rows: Sequence[LayerRow]) -> Dict[str, List[str]]:
@@ -164,6 +166,9 @@ def _layer_cells(rows: Sequence[LayerRow]) -> Dict[str, List[str]]:
     }
     if any(row.reconstruction_error is not None for row in rows):
         cells["rel. MSE"] = [_error(row.reconstruction_error) for row in rows]
+    if any(row.ghost_ms is not None for row in rows):
+        cells["ms conv->ghost"] = ["-" if row.ghost_ms is None else f"{row.dense_ms:.3g}->{row.ghost_ms:.3g}"
+                                   for row in rows]
     return cells
 
 
@@ -248,6 +253,6 @@ def report(
                 row.name, was, now, row.output_shape, *flops,
                 sum(params_before.get(n, 0) for n in taken), params_after.get(row.name, 0), _ratio(*flops),
                 theoretical_ratio(row.in_channels, row.kernel_size, row.s, row.d, row.primary_kernel),
-                row.error, row.gather_reason,
+                row.error, row.gather_reason, row.dense_ms, row.ghost_ms,
             ))
     return out

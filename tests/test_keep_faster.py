@@ -1,0 +1,119 @@
+"""convert(runtime=...): each layer timed alone as a conv and as a Ghost module; the slower ones stay convs."""
+
+import json
+
+import pytest
+import torch
+import torchvision
+from click.testing import CliRunner
+from torch import nn
+
+import ghostify
+from ghostify import rewrite
+from ghostify.cli import main
+from ghostify.deployment import DeployedGhost
+from ghostify.epilogue import follows
+from ghostify.latency import _units, layer_times
+from ghostify.trace import GhostLeafTracer
+
+X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def small() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.Conv2d(32, 32, 1), nn.ReLU()).eval()
+
+
+@pytest.fixture
+def fake_times(monkeypatch):
+    """A fixed timing table in place of the clock: layer "3" is slower as a Ghost module, the others faster."""
+    table = {"3": (1.0, 1.5), "6": (2.0, 0.5), "0": (1.0, 0.95)}  # "0": faster, but not by 10%
+    seen = []
+
+    def fake(model, plan, **kwargs):
+        seen.append(([entry["name"] for entry in plan], kwargs))
+        return {entry["name"]: table.get(entry["name"], (1.0, 0.5)) for entry in plan}
+
+    monkeypatch.setattr(rewrite, "layer_times", fake)
+    return seen
+
+
+def test_layers_no_faster_as_ghost_modules_stay_convs(fake_times):
+    model = small()
+    ghost = ghostify.convert(model, example_inputs=X, runtime="onnxruntime", runtime_batch=8,
+                             include_stem=True).eval()
+    assert fake_times == [(["0", "3", "6"], {"runtime": "onnxruntime", "batch": 8, "progress": True})]
+    assert type(ghost[0]) is type(ghost[3]) is nn.Conv2d and isinstance(ghost[6], ghostify.GhostModule)
+    result = ghost.ghostify_result
+    reasons = {row.name: row.reason for row in result.skipped}
+    assert "not 10% faster as a Ghost module in onnxruntime (batch 8): 1.5 ms vs 1 ms" in reasons["3"]
+    assert "0.95 ms vs 1 ms" in reasons["0"]
+    (row,) = result.replaced
+    assert (row.name, row.dense_ms, row.ghost_ms) == ("6", 2.0, 0.5)
+    with torch.no_grad():  # the kept conv and its norm are the original's
+        torch.testing.assert_close(ghost[:6](X), model[:6](X))
+
+
+def test_timings_reach_the_report_and_survive_save_and_load(fake_times, tmp_path):
+    ghost = ghostify.convert(small(), example_inputs=X, runtime="torch")
+    report = ghostify.report(small(), ghost, X)
+    (layer,) = report.layers
+    assert (layer.dense_ms, layer.ghost_ms) == (2.0, 0.5)
+    assert report.to_dict()["layers"][0]["ghost_ms"] == 0.5
+    ghostify.save(ghost, tmp_path / "g.pt")
+    (row,) = ghostify.load(tmp_path / "g.pt", model=small()).ghostify_result.replaced
+    assert (row.dense_ms, row.ghost_ms) == (2.0, 0.5)
+
+
+@pytest.mark.filterwarnings("ignore:no convolution was converted")
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_layer_times_time_each_planned_layer_in_its_runtime(runtime):
+    """Real timings (no value asserted: the machine is shared): one positive pair per planned layer, and the
+    decision in convert agrees with them."""
+    model = small()
+    plan = [{"name": "3", "s": 2, "d": 3, "primary_kernel": [3, 3], "norm": "4", "input_shape": (1, 16, 32, 32)},
+            {"name": "6", "s": 4, "d": 5, "primary_kernel": [1, 1], "norm": None, "input_shape": (1, 32, 32, 32)}]
+    times = layer_times(model, plan, runtime=runtime, batch=2, repeats=2)
+    assert set(times) == {"3", "6"} and all(t > 0 for pair in times.values() for t in pair)
+    ghost = ghostify.convert(model, example_inputs=X, runtime=runtime)
+    result = ghost.ghostify_result
+    assert all(row.ghost_ms <= 0.9 * row.dense_ms for row in result.replaced)
+    slower = [row for row in result.skipped if "faster as a Ghost module" in row.reason]
+    assert len(result.replaced) + len(slower) == 2
+
+
+def test_bad_runtime_is_refused():
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        ghostify.convert(small(), example_inputs=X, runtime="tensorrt")
+
+
+def test_cli_convert_runtime_reports_layer_times(fake_times, tmp_path):
+    out = tmp_path / "g.pt"
+    result = CliRunner().invoke(main, ["convert", "resnet18", "--input-size", "3", "32", "32",
+                                       "--runtime", "torch", "--runtime-batch", "4", "--json", "-o", str(out)])
+    assert result.exit_code == 0, result.stderr
+    assert fake_times[0][1]["batch"] == 4
+    data = json.loads(result.stdout)
+    assert data["layers"] and all(layer["ghost_ms"] is not None for layer in data["layers"])
+
+
+def test_timed_units_carry_the_residual_add_and_relu_that_follow_the_layer():
+    """A bottleneck's last conv is timed with the shortcut addition and ReLU after it (the epilogue its Ghost
+    module writes); its first conv with the ReLU only. Deployed, the Ghost unit computes what it did before."""
+    model = torchvision.models.resnet18().eval()
+    graph = torch.fx.GraphModule(model, GhostLeafTracer().trace(model))
+    assert follows(graph, "layer1.0.conv2", "layer1.0.bn2") == (True, True)
+    assert follows(graph, "layer1.0.conv1", "layer1.0.bn1") == (False, True)
+    assert follows(graph, "layer1.0.conv1") == (False, False)  # its output goes to the norm, not a ReLU
+    entry = {"name": "layer1.0.conv2", "s": 2, "d": 3, "primary_kernel": [3, 3], "norm": "layer1.0.bn2",
+             "input_shape": (1, 64, 16, 16), "output_shape": (1, 64, 16, 16)}
+    (dense, ghost), x = _units(model, entry, 2, graph)
+    assert dense.shortcut.shape == (2, 64, 16, 16) and dense.relu
+    deployed = ghostify.deploy(ghost)
+    (module,) = [m for m in deployed.modules() if isinstance(m, DeployedGhost)]
+    assert module.relu and deployed.ghostify_deploy.epilogues == 1
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), ghost(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ghostify.deploy(dense)(x), dense(x), rtol=1e-4, atol=1e-4)
