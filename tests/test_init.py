@@ -222,3 +222,21 @@ def test_calibrate_a_model_with_two_inputs(digits_model):
 def test_calibration_data_without_calibrate_is_refused():
     with pytest.raises(ValueError, match="only used by init='calibrate'"):
         ghostify.convert(Untouchable(), calibration_data=torch.randn(2, 3, 8, 8))
+
+
+def test_choose_keeps_the_maps_the_ghosts_were_made_from():
+    """Output maps whose second half are depthwise 3x3 filterings of the first (weaker than the maps they
+    come from, and only partly invertible): the first half must be intrinsic, every ghost paired with its
+    source, nothing lost. (A swap rule that forgot an intrinsic map's own value once swapped each pair.)"""
+    from ghostify.init.calibrate import map_pairing
+    from ghostify.init.fit import choose, unexplained
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), GhostModule(8, 16, 3, padding=1)).eval()
+    with torch.no_grad():
+        y = model(torch.randn(64, 3, 12, 12, generator=torch.Generator().manual_seed(0)))
+    pairing = map_pairing(GhostModule(2, 2, 1, d=3), y, torch.ones(16), torch.Generator().manual_seed(0))
+    choice = choose([pairing], 2)
+    assert sorted(choice.intrinsic.tolist()) == list(range(8))
+    assert torch.equal(choice.ghost, choice.intrinsic + 8)
+    assert unexplained(pairing, choice) < 1e-4

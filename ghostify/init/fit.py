@@ -99,6 +99,16 @@ def explained(pairing: Pairing) -> torch.Tensor:
     return (fit / pairing.energy.float().clamp_min(torch.finfo(torch.float32).tiny)).clamp(0, 1)
 
 
+def unexplained(pairing: Pairing, choice: Choice, fraction: Optional[torch.Tensor] = None) -> float:
+    """The share of the layer's (weighted) output energy that ``choice``'s ghosts do not reproduce, with each
+    ghost's best cheap kernel (0: exact, 1: nothing). ``fraction``: ``explained(pairing)``, when already known."""
+    fraction = explained(pairing) if fraction is None else fraction
+    value = (pairing.weight * pairing.energy).double()
+    kept = fraction[choice.intrinsic[choice.owner], choice.ghost].double()
+    lost = value.sum() - value[choice.intrinsic].sum() - (value[choice.ghost] * kept).sum()
+    return float(lost.clamp_min(0) / value.sum().clamp_min(torch.finfo(torch.float64).tiny))
+
+
 def capacities(n: int, s: int) -> List[int]:
     """Kept ghost slots of each intrinsic position when the module keeps the first ``n`` of ``m * s`` maps
     (ghost-major: intrinsic ``i`` keeps the ghosts ``k`` with ``k * m + i < n - m``)."""
@@ -169,18 +179,20 @@ def _group_pairs(owner: torch.Tensor, s: int) -> Tuple[torch.Tensor, torch.Tenso
     return a[same], b[same]
 
 
-def _swap(gain: torch.Tensor, intrinsic: torch.Tensor, slot_ghost: torch.Tensor, owner: torch.Tensor, s: int,
-          tol: float) -> bool:
+def _swap(gain: torch.Tensor, value: torch.Tensor, intrinsic: torch.Tensor, slot_ghost: torch.Tensor,
+          owner: torch.Tensor, s: int, tol: float) -> bool:
     """Make a ghost the intrinsic map of its group where that gains over ``tol`` (in place); whether any did.
 
-    Swapping intrinsic ``i`` with its ghost ``t`` turns the group's gain from ``sum gain[i, ghosts]`` into
-    ``gain[t, i] + sum gain[t, other ghosts]``: it fixes greedy choices where a copy was picked before
-    the filter it copies. Each group swaps its best such ghost (the first one on ties).
+    Swapping intrinsic ``i`` with its ghost ``t`` turns the group's gain from ``value[i] + sum gain[i, ghosts]``
+    into ``value[t] + gain[t, i] + sum gain[t, other ghosts]`` (an intrinsic map is exact): it fixes greedy
+    choices where a copy was picked before the filter it copies. Each group swaps its best such ghost (the
+    first one on ties).
     """
     source = intrinsic[owner]
     a, b = _group_pairs(owner, s)
-    old = gain.new_zeros(len(owner)).index_add_(0, a, gain[source[a], slot_ghost[b]])
-    new = gain[slot_ghost, source] + gain.new_zeros(len(owner)).index_add_(0, a, gain[slot_ghost[a], slot_ghost[b]])
+    old = value[source] + gain.new_zeros(len(owner)).index_add_(0, a, gain[source[a], slot_ghost[b]])
+    new = value[slot_ghost] + gain[slot_ghost, source] + gain.new_zeros(len(owner)).index_add_(
+        0, a, gain[slot_ghost[a], slot_ghost[b]])
     counts = torch.bincount(owner, minlength=len(intrinsic))
     start = counts.cumsum(0) - counts
     score = torch.full((len(intrinsic), s - 1), -torch.inf, dtype=gain.dtype)
@@ -212,7 +224,7 @@ def choose(pairings: Sequence[Pairing], s: int, rounds: int = 1) -> Choice:
     slot_ghost = _assign(gain, intrinsic, owner)
     tol = 1e-6 * gain.max().clamp_min(1e-30).item()
     for _ in range(rounds):
-        if not _swap(gain, intrinsic, slot_ghost, owner, s, tol):
+        if not _swap(gain, value, intrinsic, slot_ghost, owner, s, tol):
             break
         slot_ghost = _assign(gain, intrinsic, owner)
     # slots run per intrinsic map above; the module orders ghosts ghost-major: slot k of map i is k * m + i
