@@ -241,6 +241,11 @@ def main(debug: bool) -> None:
                    "as convs the layers a Ghost module does not make faster.")
 @click.option("--runtime-batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="--runtime: the batch size to time at.")
+@click.option("--target-flops", type=click.FloatRange(0, 1, min_open=True), metavar="F",
+              help="Choose each layer's s (2..5, or keep the conv) to keep this fraction of the FLOPs, losing "
+                   "the least in the layers' fits.")
+@click.option("--target-latency", type=click.FloatRange(0, 1, min_open=True), metavar="F",
+              help="The same for this fraction of the latency in --runtime at --runtime-batch, layers timed there.")
 @JSON
 @TRUST_SOURCE
 @ARCH
@@ -248,8 +253,8 @@ def main(debug: bool) -> None:
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
 def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_size, weights, init, calib_data,
-            calib_samples, recon_steps, recon_seconds, form, runtime, runtime_batch, as_json, trust_source, arch,
-            device, force, output) -> None:
+            calib_samples, recon_steps, recon_seconds, form, runtime, runtime_batch, target_flops, target_latency,
+            as_json, trust_source, arch, device, force, output) -> None:
     """Convert MODEL's Conv2d layers to Ghost modules, print the report, write OUT."""
     from .serialization import check_output
 
@@ -279,12 +284,14 @@ def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_s
             warnings.warn(f"{calib_data} holds {found} calibration inputs, fewer than --calib-samples "
                           f"{calib_samples}; calibrating on {found}", UserWarning, stacklevel=1)
     # calibration and layer timing show their own progress
-    with _status("Converting and counting", as_json or init in DATA_METHODS or runtime is not None):
+    busy = init in DATA_METHODS or runtime is not None or target_flops is not None
+    with _status("Converting and counting", as_json or busy):
         ghost = ghostify.convert(source, s=s, d=d, primary_kernel=primary_kernel, include=include or None,
                                  exclude=exclude or None, include_stem=include_stem, example_inputs=inputs, init=init,
                                  calibration_data=calibration, calibration_samples=calib_samples,
                                  absorb_norm=form == "ghostnet", reconstruct_seconds=recon_seconds,
-                                 runtime=runtime, runtime_batch=runtime_batch,
+                                 runtime=runtime, runtime_batch=runtime_batch, target_flops=target_flops,
+                                 target_latency=target_latency,
                                  **({} if recon_steps is None else {"reconstruct_steps": recon_steps}))
         report = ghostify.report(source, ghost, inputs, name=model)
     ghostify.save(ghost, output, overwrite=True)

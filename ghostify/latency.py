@@ -24,7 +24,7 @@ from .deployment import RUNTIMES
 from .epilogue import follows
 from .plan import apply_plan
 from .progress import progress as progress_display
-from .trace import GhostLeafTracer, random_inputs
+from .trace import GhostLeafTracer, evaluating, random_inputs
 
 
 @dataclass
@@ -184,8 +184,8 @@ def _units(model: nn.Module, entry: Dict[str, Any], batch: int, graph: Optional[
 
 def layer_times(model: nn.Module, plan: Sequence[Dict[str, Any]], *, runtime: str = "torch", batch: int = 1,
                 threads: Optional[int] = None, repeats: int = 15,
-                progress: bool = False) -> Dict[str, Tuple[float, float]]:
-    """Per planned layer, ``(conv ms, Ghost ms)``: the layer timed alone against the Ghost module the plan makes
+                progress: bool = False) -> List[Tuple[float, float]]:
+    """For each plan row, ``(conv ms, Ghost ms)``: the layer timed alone against the Ghost module the plan makes
     of it, both in ``runtime``'s deploy form, interleaved, on a random input of the layer's real shape at
     ``batch``. Each unit includes the norm the plan takes in and the residual addition and/or ReLU that
     follow the layer in ``model`` (which a deployed Ghost module writes with its output).
@@ -205,17 +205,34 @@ def layer_times(model: nn.Module, plan: Sequence[Dict[str, Any]], *, runtime: st
         graph = fx.GraphModule(model, GhostLeafTracer().trace(model))
     except Exception:  # noqa: BLE001 - untraceable: time the layers without what follows them
         graph = None
-    times: Dict[str, Tuple[float, float]] = {}
+    times: List[Tuple[float, float]] = []
     with torch_threads(threads), tempfile.TemporaryDirectory() as folder, \
             progress_display("timing {description}", show=progress) as bar:
         task = bar.add_task(f"layers ({runtime}, batch {batch})", total=len(plan)) if bar else None
         for entry in plan:
             units, x = _units(model, entry, batch, graph)
             runners = _runners([deploy(unit, runtime=runtime) for unit in units], x, runtime, threads, folder)
-            times[entry["name"]] = tuple(interleaved(runners, repeats, warmup=2))
+            times.append(tuple(interleaved(runners, repeats, warmup=2)))
             if bar:
                 bar.advance(task)
     return times
+
+
+def model_ms(model: nn.Module, input_sizes: Sequence[Sequence[int]], *, runtime: str = "torch", batch: int = 1,
+             threads: Optional[int] = None, repeats: int = 10) -> float:
+    """Median ms of one batch through ``model``'s deploy form for ``runtime`` (random inputs of ``input_sizes``)."""
+    from .deployment import deploy
+
+    _check(runtime, [batch], repeats)
+    threads = threads or torch.get_num_threads()
+    if len(input_sizes) != 1:
+        raise ValueError(f"latency is timed for models with one input, this one takes {len(input_sizes)}")
+    (x,) = random_inputs(model, (batch, *input_sizes[0]))
+    with evaluating(model):
+        deployed = deploy(model, runtime=runtime)
+    with torch_threads(threads), tempfile.TemporaryDirectory() as folder:
+        (runner,) = _runners([deployed], x, runtime, threads, folder)
+        return interleaved([runner], repeats, warmup=2)[0]
 
 
 def flops_ratio(original: nn.Module, converted: nn.Module, input_size: Sequence[int]) -> float:

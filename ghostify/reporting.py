@@ -58,6 +58,7 @@ class LayerRow:
     gather_reason: Optional[str] = None
     dense_ms: Optional[float] = None  # timed alone (``convert(runtime=...)``), as a conv and as a Ghost module
     ghost_ms: Optional[float] = None
+    why: Optional[str] = None  # a budget's reason for this layer's s
 
 
 @dataclass
@@ -253,6 +254,6 @@ def report(
                 row.name, was, now, row.output_shape, *flops,
                 sum(params_before.get(n, 0) for n in taken), params_after.get(row.name, 0), _ratio(*flops),
                 theoretical_ratio(row.in_channels, row.kernel_size, row.s, row.d, row.primary_kernel),
-                row.error, row.gather_reason, row.dense_ms, row.ghost_ms,
+                row.error, row.gather_reason, row.dense_ms, row.ghost_ms, row.why,
             ))
     return out

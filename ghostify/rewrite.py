@@ -16,6 +16,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from . import budget
 from .init import DATA_METHODS, RECONSTRUCT_STEPS, check_calibration, check_init, initialise
 from .latency import layer_times
 from .module import CONVS, GhostModule, _tuple, check_cheap_kernel, check_ratio, conv_dim, primary_padding
@@ -48,6 +49,7 @@ class Replaced:
     error: Optional[float] = None
     dense_ms: Optional[float] = None  # with convert(runtime=...): the layer alone, as a conv and as a Ghost module
     ghost_ms: Optional[float] = None
+    why: Optional[str] = None  # with a budget: why this s
 
 
 @dataclass
@@ -221,8 +223,8 @@ def _keep_faster(model: nn.Module, rows: List[Replaced], runtime: str,
     """
     times = layer_times(model, [asdict(row) for row in rows], runtime=runtime, batch=batch, progress=True)
     faster, slower = [], []
-    for row in rows:
-        row.dense_ms, row.ghost_ms = times[row.name]
+    for row, (dense_ms, ghost_ms) in zip(rows, times):
+        row.dense_ms, row.ghost_ms = dense_ms, ghost_ms
         if row.ghost_ms <= (1 - FASTER) * row.dense_ms:
             faster.append(row)
         else:
@@ -230,6 +232,41 @@ def _keep_faster(model: nn.Module, rows: List[Replaced], runtime: str,
                                   f"not {FASTER:.0%} faster as a Ghost module in {runtime} (batch {batch}): "
                                   f"{row.ghost_ms:.3g} ms vs {row.dense_ms:.3g} ms as a conv, timed alone"))
     return faster, slower
+
+
+def _check_budget(s: PerLayer, target_flops: Optional[float], target_latency: Optional[float],
+                  runtime: Optional[str]) -> None:
+    """Budget options that cannot work together, refused before any work."""
+    for what, value in (("target_flops", target_flops), ("target_latency", target_latency)):
+        if value is not None and not 0 < value <= 1:
+            raise ValueError(f"{what} is a fraction of the original's cost, in (0, 1]; got {value!r}")
+    if target_flops is not None and target_latency is not None:
+        raise ValueError("give target_flops or target_latency, not both")
+    if target_latency is not None and runtime is None:
+        raise ValueError("target_latency needs runtime= (torch, onnxruntime or inductor) to time the layers in")
+    if (target_flops is not None or target_latency is not None) and s != 2:
+        raise ValueError(f"with a budget each layer's s is chosen (2..5); leave s at its default, got s={s!r}")
+
+
+def _budgeted(model: nn.Module, rows: List[Replaced], norms: Dict[str, Optional[str]], inputs, batches,
+              target_flops, target_latency, runtime, batch) -> Tuple[List[Replaced], List[Skipped]]:
+    """``rows`` with each layer's s from the budget (``budget.plan``), and the layers it keeps as convs."""
+    chosen = budget.plan(model, [asdict(row) for row in rows], norms, inputs, target_flops=target_flops,
+                         target_latency=target_latency, runtime=runtime, batch=batch, batches=batches,
+                         progress=True)
+    unit = "FLOPs" if target_flops is not None else f"latency ({runtime}, batch {batch})"
+    converted, kept = [], []
+    for row in rows:
+        option = chosen[row.name]
+        if option.s is None:
+            kept.append(Skipped(row.name, type(model.get_submodule(row.name)).__name__,
+                                f"kept as a conv: the {unit} budget is met with less loss elsewhere"))
+            continue
+        row.s = option.s
+        row.why = (f"{unit} budget: s={option.s} loses {option.error:.3g} of the output energy "
+                   f"({budget.error_source(batches)})")
+        converted.append(row)
+    return converted, kept
 
 
 def convert(
@@ -250,6 +287,8 @@ def convert(
     reconstruct_seconds: Optional[float] = None,
     runtime: Optional[str] = None,
     runtime_batch: int = 1,
+    target_flops: Optional[float] = None,
+    target_latency: Optional[float] = None,
 ) -> nn.Module:
     """Return a copy of ``model`` with its dense convolutions (Conv1d, Conv2d, Conv3d) replaced by Ghost modules.
 
@@ -281,6 +320,11 @@ def convert(
             Ghost module in that runtime's deploy form (``latency.layer_times``) and keep the layers a Ghost
             module does not make faster as convs, reported as skipped with both times. None: no timing.
         runtime_batch: the batch size those timings use.
+        target_flops: a FLOPs budget, as a fraction of the original's conv + linear multiply-adds: each layer
+            stays a conv or takes s = 2..5 (``s`` is then not given), chosen to meet it with the least loss in
+            the layers' data-free fit (``ghostify.budget``); layers writing into one tensor share s.
+        target_latency: the same with a latency budget, a fraction of the original's latency in ``runtime``
+            at ``runtime_batch``, each option's cost timed there layer by layer.
 
     Returns:
         The converted model, with ``ghostify_result`` (a ``ConversionResult``) listing what was replaced
@@ -307,6 +351,7 @@ def convert(
         inputs = tuple(x[:1] for x in batches[0]) if inputs is None else inputs
     elif calibration_data is not None:
         raise ValueError(f"calibration_data is only used by init='calibrate' or 'reconstruct', got init={init!r}")
+    _check_budget(s, target_flops, target_latency, runtime)
     _validate(s, check_ratio, "s")
     _validate(d, check_cheap_kernel, "d")
     _validate(primary_kernel, _check_kernel, "primary_kernel")
@@ -332,7 +377,12 @@ def convert(
     decisions = [_choose(site, opts) for site in analysis.sites]
     replaced = [r for r in decisions if isinstance(r, Replaced)]
     skipped = [r for r in decisions if isinstance(r, Skipped)]
-    if runtime is not None and replaced:
+    if (target_flops is not None or target_latency is not None) and replaced:
+        norms = {site.name: site.norm for site in analysis.sites}
+        replaced, kept = _budgeted(model, replaced, norms, inputs, batches, target_flops, target_latency, runtime,
+                                   runtime_batch)
+        skipped += kept
+    elif runtime is not None and replaced:
         replaced, slower = _keep_faster(model, replaced, runtime, runtime_batch)
         skipped += slower
     skipped += [Skipped(name, "F.conv", "functional convolution call; only conv modules are replaced")

@@ -1,0 +1,242 @@
+"""Per-layer ratios from a budget: each convertible layer stays a conv or becomes a Ghost module with s = 2..5,
+chosen to meet a FLOPs or latency budget while losing the least of the original layers' outputs.
+
+Every option of a layer has a cost (multiply-adds, or milliseconds timed in a runtime: ``latency.layer_times``)
+and an error: the share of the layer's output energy its ghosts cannot reproduce, from the same data-free fit
+``copy`` makes (``fit.unexplained``; 0 for the conv). Picking one option per layer to meet the budget with
+the least summed error is a multiple-choice knapsack (AMC and AIMET pick per-layer ratios under a MACs budget
+too, with a learned agent and a greedy threshold); at this size it is solved exactly by dynamic programming
+over the budget (``search``). Any reachable budget is met; an unreachable one is refused, with the fraction
+that is reachable, before any fitting.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Dict, Hashable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .count import Counts
+from .init.calibrate import map_pairing
+from .init.channels import couple
+from .init.datafree import bn_gain
+from .init.fit import choose, explained, filter_pairing, unexplained
+from .latency import layer_times, model_ms
+from .module import GhostModule
+from .plan import apply_plan
+from .progress import progress as progress_display
+from .trace import evaluating
+
+RATIOS = (2, 3, 4, 5)
+IMAGES = 64  # calibration inputs whose output maps ``map_errors`` pairs
+
+
+@dataclass(frozen=True)
+class Option:
+    """One choice for a layer: ``s`` (None: stay a conv), its cost and its error."""
+
+    s: Optional[int]
+    cost: float
+    error: float
+
+
+def conv_flops(entry: Mapping, s: Optional[int]) -> float:
+    """Multiply-adds of a planned layer at batch 1 as a conv (``s`` None) or as a Ghost module with ratio ``s``
+    (primary conv, then the depthwise cheap conv over all ``m * (s - 1)`` ghosts it computes), as fvcore counts."""
+    positions = math.prod(entry["output_shape"][2:]) * entry.get("calls", 1)
+    n, c, kernel = entry["out_channels"], entry["in_channels"], entry["kernel_size"]
+    if s is None:
+        return positions * n * c * math.prod(kernel)
+    m = -(-n // s)
+    return positions * (m * c * math.prod(entry["primary_kernel"]) + m * (s - 1) * entry["d"] ** len(kernel))
+
+
+def fit_errors(conv: nn.Module, norm: Optional[nn.Module], entry: Mapping, ratios: Sequence[int] = RATIOS
+               ) -> Dict[int, float]:
+    """The data-free error of making ``conv`` a Ghost module at each ratio (its channel choice as ``copy`` makes
+    it, weighted through the norm that follows, if any)."""
+    pairing, _ = filter_pairing(conv.weight.detach().float().cpu(), entry["primary_kernel"], conv.dilation,
+                                conv.stride, entry["d"], bn_gain(norm, conv.out_channels))
+    fraction = explained(pairing)
+    return {s: unexplained(pairing, choose([pairing], s), fraction) for s in ratios if s <= conv.out_channels}
+
+
+def map_errors(model: nn.Module, entries: Sequence[Mapping], norms: Mapping[str, Optional[str]],
+               batches: Sequence[Tuple[torch.Tensor, ...]], images: int = IMAGES,
+               ratios: Sequence[int] = RATIOS) -> Dict[str, Dict[int, float]]:
+    """The error of each planned layer at each ratio from its original output maps on calibration inputs:
+    the share of their (norm-weighted) energy that ``s - 1`` cheap maps of the best ``m`` maps cannot
+    reproduce (``calibrate``'s pairing on the first ``images`` inputs). The feature-map redundancy the paper
+    builds on, measured; the data-free filter fit (``fit_errors``) is only a proxy for it."""
+    errors: Dict[str, Dict[int, float]] = {}
+    generator = torch.Generator().manual_seed(0)
+
+    def recorder(entry: Mapping):
+        norm = model.get_submodule(norms[entry["name"]]) if norms.get(entry["name"]) else None
+
+        def record(module, args, output):
+            y = output.detach().float().cpu()
+            probe = GhostModule(2, 2, 1, d=entry["d"], dim=y.dim() - 2)  # the cheap conv's geometry only
+            pairing = map_pairing(probe, y, bn_gain(norm, y.shape[1]), generator)
+            fraction = explained(pairing)
+            errors[entry["name"]] = {s: unexplained(pairing, choose([pairing], s), fraction)
+                                     for s in ratios if s <= y.shape[1]}
+        return record
+
+    handles = [model.get_submodule(entry["name"]).register_forward_hook(recorder(entry)) for entry in entries]
+    inputs = [torch.cat([batch[i] for batch in batches])[:images] for i in range(len(batches[0]))]
+    try:
+        with evaluating(model):
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return errors
+
+
+def search(options: Mapping[Hashable, Sequence[Option]], budget: float, steps: int = 4000) -> Dict[Hashable, Option]:
+    """One option per key, total cost <= ``budget``, least total error.
+
+    A multiple-choice knapsack, solved by dynamic programming over the budget cut into ``steps`` parts (costs
+    rounded down to parts, each path's real cost kept so the answer fits), then what is left is spent
+    greedily (``_fill``).
+
+    Raises:
+        ValueError: even the cheapest option of every key costs more than ``budget``.
+    """
+    cheapest = {key: min(opts, key=lambda o: (o.cost, o.error)) for key, opts in options.items()}
+    if sum(o.cost for o in cheapest.values()) > budget:
+        raise ValueError(f"unreachable: the cheapest options cost {sum(o.cost for o in cheapest.values()):.4g}, "
+                         f"over the budget of {budget:.4g}")
+    unit = max(budget, 1e-30) / steps
+    error, cost = np.full(steps + 1, np.inf), np.zeros(steps + 1)  # per total size: the best path's error, cost
+    error[0] = 0.0
+    picks = []
+    for opts in options.values():
+        new_error, new_cost = np.full(steps + 1, np.inf), np.zeros(steps + 1)
+        pick = np.zeros(steps + 1, dtype=np.int64)
+        for index, option in enumerate(opts):
+            size = int(option.cost // unit)  # rounded down: no path that fits is lost; real costs are kept
+            if size > steps:
+                continue
+            candidate = np.full(steps + 1, np.inf)
+            candidate[size:] = error[: steps + 1 - size] + option.error
+            better = candidate < new_error
+            new_error[better], pick[better] = candidate[better], index
+            new_cost[size:][better[size:]] = cost[: steps + 1 - size][better[size:]] + option.cost
+        error, cost = new_error, new_cost
+        picks.append(pick)
+    fits = np.isfinite(error) & (cost <= budget * (1 + 1e-12))
+    if not fits.any():  # rounding kept only paths a little over a tight budget
+        return _fill(options, cheapest, budget)
+    size, chosen = int(np.flatnonzero(fits)[np.argmin(error[fits])]), {}
+    for (key, opts), pick in zip(reversed(list(options.items())), reversed(picks)):
+        chosen[key] = opts[pick[size]]
+        size -= int(chosen[key].cost // unit)
+    return _fill(options, chosen, budget)
+
+
+def _fill(options: Mapping[Hashable, Sequence[Option]], chosen: Dict[Hashable, Option],
+          budget: float) -> Dict[Hashable, Option]:
+    """Spend what is left of ``budget`` on the upgrades that save the most error per cost, one at a time."""
+    chosen = dict(chosen)
+    left = budget - sum(o.cost for o in chosen.values())
+    while True:
+        upgrades = [((now.error - o.error) / max(o.cost - now.cost, 1e-30), name, o)
+                    for name, now in chosen.items() for o in options[name]
+                    if o.error < now.error and 0 <= o.cost - now.cost <= left]
+        if not upgrades:
+            return chosen
+        _, name, option = max(upgrades, key=lambda u: u[0])
+        left -= option.cost - chosen[name].cost
+        chosen[name] = option
+
+
+def _errors(model: nn.Module, entries: Sequence[Mapping], norms: Mapping[str, Optional[str]],
+            progress: bool) -> Dict[str, Dict[int, float]]:
+    """``fit_errors`` of every planned layer."""
+    errors = {}
+    with progress_display("fitting {description}", show=progress) as bar, torch.no_grad():
+        task = bar.add_task("each layer at s = 2..5", total=len(entries)) if bar else None
+        for entry in entries:
+            norm = model.get_submodule(norms[entry["name"]]) if norms.get(entry["name"]) else None
+            errors[entry["name"]] = fit_errors(model.get_submodule(entry["name"]), norm, entry)
+            if bar:
+                bar.advance(task)
+    return errors
+
+
+def _groups(model: nn.Module, entries: Sequence[Mapping], inputs: Sequence[torch.Tensor]) -> List[List[str]]:
+    """The planned layers that write into one tensor, which must share s to share a channel order (else their
+    Ghost modules keep gathers): ``init.channels`` groups of the model with every planned layer converted."""
+    trial = copy.deepcopy(model)
+    apply_plan(trial, [{**entry, "s": 2, "gather": False} for entry in entries])
+    return [group.members for group in couple(trial, [entry["name"] for entry in entries], inputs).groups]
+
+
+def _costs(model: nn.Module, entries: Sequence[Mapping], inputs: Sequence[torch.Tensor], target_flops: Optional[float],
+           runtime: Optional[str], batch: int) -> Tuple[Dict[str, Dict[Optional[int], float]], float, str]:
+    """Each layer's cost as a conv (key None) and at each ratio, the original model's total and the unit."""
+    ratios = {entry["name"]: [s for s in RATIOS if s <= entry["out_channels"]] for entry in entries}
+    if target_flops is not None:
+        total = Counts(model, tuple(inputs)).conv_linear_flops
+        return {e["name"]: {s: conv_flops(e, s) for s in [None, *ratios[e["name"]]]} for e in entries}, total, "FLOPs"
+    variants = [{**entry, "s": s} for entry in entries for s in ratios[entry["name"]]]
+    times = layer_times(model, variants, runtime=runtime, batch=batch, progress=True)
+    costs: Dict[str, Dict[Optional[int], float]] = {}
+    dense: Dict[str, List[float]] = {}
+    for variant, (conv_ms, ghost_ms) in zip(variants, times):
+        costs.setdefault(variant["name"], {})[variant["s"]] = ghost_ms
+        dense.setdefault(variant["name"], []).append(conv_ms)
+    for name, samples in dense.items():
+        costs[name][None] = statistics.median(samples)
+    total = model_ms(model, [x.shape[1:] for x in inputs], runtime=runtime, batch=batch)
+    return costs, total, f"ms in {runtime}"
+
+
+def plan(model: nn.Module, entries: Sequence[Mapping], norms: Mapping[str, Optional[str]],
+         inputs: Sequence[torch.Tensor], *, target_flops: Optional[float] = None,
+         target_latency: Optional[float] = None, runtime: Optional[str] = None, batch: int = 1,
+         batches: Optional[Sequence[Tuple[torch.Tensor, ...]]] = None, progress: bool = False) -> Dict[str, Option]:
+    """Each planned layer's option under a budget: ``target_flops`` of the original's conv + linear
+    multiply-adds, or ``target_latency`` of its latency in ``runtime`` at ``batch`` (layers timed alone, the
+    rest of the model as measured). Layers that write into one tensor get one option.
+
+    Args:
+        entries: ``Replaced`` rows as dicts (name, channels, kernels, d, output shape, calls).
+        norms: the norm after each layer (its gain weighs the fit error), or None.
+        batches: calibration inputs: errors from the layers' output maps (``map_errors``) instead of their
+            filters (``fit_errors``).
+
+    Raises:
+        ValueError: the budget cannot be met even with every layer at s = 5.
+    """
+    target = target_flops if target_flops is not None else target_latency
+    costs, total, unit = _costs(model, entries, inputs, target_flops, runtime, batch)
+    fixed = total - sum(cost[None] for cost in costs.values())
+    groups = _groups(model, entries, inputs)
+    shared = {tuple(group): [s for s in costs[group[0]] if all(s in costs[name] for name in group)]
+              for group in groups}
+    cheapest = fixed + sum(min(sum(costs[name][s] for name in group) for s in ratios)
+                           for group, ratios in shared.items())
+    what = "target_flops" if target_flops is not None else "target_latency"
+    if cheapest > target * total:
+        raise ValueError(f"{what}={target} is unreachable: with every convertible layer at its cheapest ratio the "
+                         f"model keeps {cheapest / total:.3f} of its {unit}; ask for more")
+    errors = map_errors(model, entries, norms, batches) if batches else _errors(model, entries, norms, progress)
+    options = {group: [Option(s, sum(costs[n][s] for n in group), sum(errors[n][s] if s else 0.0 for n in group))
+                       for s in ratios] for group, ratios in shared.items()}
+    chosen = search(options, target * total - fixed)
+    return {name: Option(option.s, costs[name][option.s], errors[name][option.s] if option.s else 0.0)
+            for group, option in chosen.items() for name in group}
+
+
+def error_source(batches) -> str:
+    """What ``plan``'s errors are measured on, for reports."""
+    return "output maps on calibration inputs" if batches else "data-free filter fit"
