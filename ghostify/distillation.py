@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, TensorDataset
 
+from .files import atomic_write
 from .progress import progress
-from .serialization import atomic_write, save
+from .serialization import save
 from .trace import placement
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .deployment import deploy
-from .serialization import atomic_write
+from .files import atomic_write
 from .trace import placement, random_inputs
 
 FORMATS = ("onnx", "torchscript", "pt2")
