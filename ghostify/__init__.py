@@ -27,6 +27,8 @@ _EXPORTS = {
     "export": "exporting",
     "bench": "latency",
     "finetune": "distillation",
+    "analyze": "redundancy",
+    "Redundancy": "redundancy",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -23,18 +23,13 @@ import torch
 from torch import nn
 
 from .count import Counts
-from .init.calibrate import map_pairing
 from .init.channels import couple
 from .init.datafree import bn_gain
 from .init.fit import choose, explained, filter_pairing, unexplained
 from .latency import layer_times, model_ms
-from .module import GhostModule
 from .plan import apply_plan
 from .progress import progress as progress_display
-from .trace import evaluating
-
-RATIOS = (2, 3, 4, 5)
-IMAGES = 64  # calibration inputs whose output maps ``map_errors`` pairs
+from .redundancy import IMAGES, RATIOS, layer_errors, outputs
 
 
 @dataclass(frozen=True)
@@ -68,35 +63,20 @@ def fit_errors(conv: nn.Module, norm: Optional[nn.Module], entry: Mapping, ratio
 
 
 def map_errors(model: nn.Module, entries: Sequence[Mapping], norms: Mapping[str, Optional[str]],
-               batches: Sequence[Tuple[torch.Tensor, ...]], images: int = IMAGES,
+               batches: Sequence[Tuple[torch.Tensor, ...]],
                ratios: Sequence[int] = RATIOS) -> Dict[str, Dict[int, float]]:
-    """The error of each planned layer at each ratio from its original output maps on calibration inputs:
-    the share of their (norm-weighted) energy that ``s - 1`` cheap maps of the best ``m`` maps cannot
-    reproduce (``calibrate``'s pairing on the first ``images`` inputs). The feature-map redundancy the paper
-    builds on, measured; the data-free filter fit (``fit_errors``) is only a proxy for it."""
+    """The error of each planned layer at each ratio from its original output maps on (at most ``IMAGES``)
+    calibration inputs (``redundancy.layer_errors``): the feature-map redundancy the paper builds on,
+    measured; the data-free filter fit (``fit_errors``) is only a proxy for it."""
     errors: Dict[str, Dict[int, float]] = {}
-    generator = torch.Generator().manual_seed(0)
+    by_name = {entry["name"]: entry for entry in entries}
 
-    def recorder(entry: Mapping):
-        norm = model.get_submodule(norms[entry["name"]]) if norms.get(entry["name"]) else None
+    def visit(name: str, y: torch.Tensor) -> None:
+        norm = model.get_submodule(norms[name]) if norms.get(name) else None
+        errors[name] = layer_errors(y, by_name[name]["d"], bn_gain(norm, y.shape[1]), ratios)
 
-        def record(module, args, output):
-            y = output.detach().float().cpu()
-            probe = GhostModule(2, 2, 1, d=entry["d"], dim=y.dim() - 2)  # the cheap conv's geometry only
-            pairing = map_pairing(probe, y, bn_gain(norm, y.shape[1]), generator)
-            fraction = explained(pairing)
-            errors[entry["name"]] = {s: unexplained(pairing, choose([pairing], s), fraction)
-                                     for s in ratios if s <= y.shape[1]}
-        return record
-
-    handles = [model.get_submodule(entry["name"]).register_forward_hook(recorder(entry)) for entry in entries]
-    inputs = [torch.cat([batch[i] for batch in batches])[:images] for i in range(len(batches[0]))]
-    try:
-        with evaluating(model):
-            model(*inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    inputs = [torch.cat([batch[i] for batch in batches])[:IMAGES] for i in range(len(batches[0]))]
+    outputs(model, list(by_name), inputs, visit)
     return errors
 
 

@@ -172,17 +172,32 @@ class SizeParam(click.ParamType):
 
 def _gather_sizes(args):
     """``--input-size 3 224 224`` as one token ``3,224,224`` (click options take a fixed number of values; an
-    input size takes 2 to 4: C L, C H W or C D H W)."""
+    input size takes 2 to 4: C L, C H W or C D H W), and ``analyze``'s ``--d 1 3 5 7`` as ``1,3,5,7``."""
+    lists = {"--input-size": 4, **({"--d": 8} if "analyze" in args else {})}
     out, rest = [], list(args)
     while rest:
         token = rest.pop(0)
         out.append(token)
-        if token == "--input-size":
+        if token in lists:
             numbers = []
-            while rest and len(numbers) < 4 and rest[0].isdigit():
+            while rest and len(numbers) < lists[token] and rest[0].isdigit():
                 numbers.append(rest.pop(0))
             out.append(",".join(numbers) if numbers else (rest.pop(0) if rest else ""))
     return out
+
+
+class IntList(click.ParamType):
+    """Positive odd integers given as separate numbers (``--d 1 3 5 7``)."""
+
+    name = "D..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        parts = str(value).split(",")
+        if not all(part.isdigit() and int(part) % 2 == 1 for part in parts):
+            self.fail(f"needs odd positive integers, got {' '.join(parts)!r}", param, ctx)
+        return tuple(int(part) for part in parts)
 
 
 INPUT_SIZE = click.option("--input-size", type=SizeParam(), metavar="C [D] H W",
@@ -256,7 +271,7 @@ def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_s
             calib_samples, recon_steps, recon_seconds, form, runtime, runtime_batch, target_flops, target_latency,
             as_json, trust_source, arch, device, force, output) -> None:
     """Convert MODEL's Conv2d layers to Ghost modules, print the report, write OUT."""
-    from .serialization import check_output
+    from .files import check_output
 
     check_output(output, overwrite=force)
     from .init import DATA_METHODS
@@ -298,6 +313,53 @@ def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_s
     _print_report(report, as_json)
     if not as_json:
         click.echo(f"wrote {output}", err=True)
+
+
+@main.command()
+@click.argument("model", type=MODEL)
+@click.option("--images", required=True, type=click.Path(), metavar="PATH",
+              help="Real inputs: an image folder or a .pt file of an (N, C, H, W) tensor (64 are used).")
+@click.option("--layer", "tables", multiple=True, metavar="NAME",
+              help="Give the paper's Table 2 for this module's output maps (repeatable), e.g. layer1.0.")
+@click.option("--d", "sizes", type=IntList(), default="1,3,5,7", show_default=True,
+              help="Depthwise filter sizes for --layer's table.")
+@click.option("--cheap-d", type=int, default=3, show_default=True, help="Cheap kernel the per-layer scores assume.")
+@click.option("--tolerance", type=click.FloatRange(0, 1), default=0.1, show_default=True,
+              help="The suggested s loses at most this share of a layer's output energy.")
+@click.option("--plot", type=click.Path(file_okay=False), metavar="DIR", help="Write PNG figures here (matplotlib).")
+@INPUT_SIZE
+@JSON
+@TRUST_SOURCE
+@ARCH
+@DEVICE
+def analyze(model, images, tables, sizes, cheap_d, tolerance, plot, input_size, as_json, trust_source, arch,
+            device) -> None:
+    """Measure how redundant MODEL's feature maps are on real images: per layer, the output energy s-1 cheap
+    maps of the best 1/s maps cannot reproduce, and the s it suggests; the paper's Table 2 for --layer."""
+    from .init.data import load_calibration
+    from .redundancy import IMAGES
+    from .redundancy import analyze as measure
+    from .serialization import load_model
+
+    if plot is not None:
+        from .figures import require_matplotlib
+
+        require_matplotlib()
+    with _status(f"Building {model}", as_json):
+        loaded = _to_device(load_model(model, trust_source=trust_source, arch=arch), device)
+    import torch
+
+    from .trace import placement
+
+    shape = _inputs(input_size, _input_size_of(model, loaded), loaded)[0].shape[1:]
+    batches = load_calibration(images, tuple(shape), IMAGES)
+    dtype, where = placement(loaded)
+    inputs = torch.cat([batch[0] for batch in batches]).to(dtype=dtype, device=where)
+    result = measure(loaded, inputs, tables=tables, d=cheap_d, sizes=sizes, tolerance=tolerance, plot=plot,
+                     name=model, progress=True)
+    _print_report(result, as_json)
+    for path in result.figures if not as_json else ():
+        click.echo(f"wrote {path}", err=True)
 
 
 @main.command()
@@ -371,7 +433,8 @@ def finetune(ghost_file, teacher, teacher_weights, data_path, val_data, epochs, 
     import ghostify
 
     from .distillation import read_dataset
-    from .serialization import check_output, load_model
+    from .files import check_output
+    from .serialization import load_model
 
     if not resume:
         check_output(output, overwrite=force)
@@ -420,7 +483,8 @@ def models() -> None:
 def export(model, fmt, input_size, dynamic_batch, trust_source, arch, force, output) -> None:
     """Export MODEL (usually a ghostify file) in its deploy form: BNs folded, ready to run without ghostify."""
     from .exporting import export as export_model
-    from .serialization import check_output, load_model
+    from .files import check_output
+    from .serialization import load_model
 
     check_output(output, overwrite=force)
     with _status(f"Exporting {model} as {fmt}"):
