@@ -29,7 +29,10 @@ from .init.fit import choose, explained, filter_pairing, unexplained
 from .latency import layer_times, model_ms
 from .plan import apply_plan
 from .progress import progress as progress_display
-from .redundancy import IMAGES, RATIOS, layer_errors, outputs
+from .redundancy import IMAGES, RATIOS, ghost_maps, layer_errors, outputs
+from .trace import evaluating
+
+OUTPUT_IMAGES = 16  # calibration inputs ``output_errors`` runs the model on, once per layer and ratio
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,53 @@ def map_errors(model: nn.Module, entries: Sequence[Mapping], norms: Mapping[str,
     inputs = [torch.cat([batch[i] for batch in batches])[:IMAGES] for i in range(len(batches[0]))]
     outputs(model, list(by_name), inputs, visit)
     return errors
+
+
+def output_errors(model: nn.Module, entries: Sequence[Mapping], norms: Mapping[str, Optional[str]],
+                  batches: Sequence[Tuple[torch.Tensor, ...]], ratios: Sequence[int] = RATIOS,
+                  images: int = OUTPUT_IMAGES, progress: bool = False) -> Dict[str, Dict[int, float]]:
+    """Per planned layer and ratio, how far the model's output moves (relative squared error on ``images``
+    calibration inputs) when that layer alone outputs its ghost approximation (``redundancy.ghost_maps`` of its
+    original maps). Unlike a layer's own loss, this counts what the layers after it make of its error; a layer
+    that runs more than once keeps its own loss (``map_errors``)."""
+    inputs = [torch.cat([batch[i] for batch in batches])[:images] for i in range(len(batches[0]))]
+    maps: Dict[str, torch.Tensor] = {}
+    outputs(model, [entry["name"] for entry in entries], inputs, maps.__setitem__)
+    with evaluating(model):
+        reference = _flat(model(*inputs))
+    errors = map_errors(model, [e for e in entries if e.get("calls", 1) > 1], norms, batches, ratios)
+    with progress_display("measuring {description}", show=progress) as bar:
+        task = bar.add_task("each layer's ghosts at the output", total=len(entries)) if bar else None
+        for entry in entries:
+            name, y = entry["name"], maps.pop(entry["name"])
+            if entry["name"] not in errors:
+                norm = model.get_submodule(norms[name]) if norms.get(name) else None
+                gain = bn_gain(norm, y.shape[1])
+                errors[name] = {s: _moved(model, name, ghost_maps(y, entry["d"], gain, s), inputs, reference)
+                                for s in ratios if s <= y.shape[1]}
+            if bar:
+                bar.advance(task)
+    return errors
+
+
+def _flat(output) -> torch.Tensor:
+    """Every tensor in a model's output (a tensor, or tuples, lists and dicts of them) as one float64 vector."""
+    if isinstance(output, torch.Tensor):
+        return output.detach().flatten().double()
+    parts = output.values() if isinstance(output, dict) else output if isinstance(output, (list, tuple)) else []
+    flat = [_flat(part) for part in parts]
+    return torch.cat(flat) if flat else torch.zeros(0, dtype=torch.float64)
+
+
+def _moved(model: nn.Module, name: str, replacement: torch.Tensor, inputs, reference: torch.Tensor) -> float:
+    """Relative squared change of the model's outputs when module ``name`` outputs ``replacement``."""
+    handle = model.get_submodule(name).register_forward_hook(lambda module, args, output: replacement)
+    try:
+        with evaluating(model):
+            moved = _flat(model(*inputs))
+    finally:
+        handle.remove()
+    return ((moved - reference).square().sum() / reference.square().sum().clamp_min(1e-30)).item()
 
 
 def search(options: Mapping[Hashable, Sequence[Option]], budget: float, steps: int = 4000) -> Dict[Hashable, Option]:
@@ -209,7 +259,8 @@ def plan(model: nn.Module, entries: Sequence[Mapping], norms: Mapping[str, Optio
     if cheapest > target * total:
         raise ValueError(f"{what}={target} is unreachable: with every convertible layer at its cheapest ratio the "
                          f"model keeps {cheapest / total:.3f} of its {unit}; ask for more")
-    errors = map_errors(model, entries, norms, batches) if batches else _errors(model, entries, norms, progress)
+    errors = output_errors(model, entries, norms, batches, progress=progress) if batches else \
+        _errors(model, entries, norms, progress)
     options = {group: [Option(s, sum(costs[n][s] for n in group), sum(errors[n][s] if s else 0.0 for n in group))
                        for s in ratios] for group, ratios in shared.items()}
     chosen = search(options, target * total - fixed)
@@ -219,4 +270,4 @@ def plan(model: nn.Module, entries: Sequence[Mapping], norms: Mapping[str, Optio
 
 def error_source(batches) -> str:
     """What ``plan``'s errors are measured on, for reports."""
-    return "output maps on calibration inputs" if batches else "data-free filter fit"
+    return "model output moved, on calibration inputs" if batches else "share lost, data-free filter fit"

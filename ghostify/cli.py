@@ -156,17 +156,21 @@ def _print_report(report, as_json: bool) -> None:
 
 
 MODEL = ModelParam()
-class SizeParam(click.ParamType):
-    """An input size: C and 1 to 3 spatial sizes (C L, C H W or C D H W), given as separate numbers."""
 
-    name = "C [D] H W"
+
+class Numbers(click.ParamType):
+    """Integers given as separate numbers (``--input-size 3 224 224``, joined by ``_gather_sizes``), each passing
+    ``rule``, ``low`` to ``high`` of them; ``what`` says what is needed."""
+
+    def __init__(self, name: str, what: str, rule, low: int = 1, high: int = 8) -> None:
+        self.name, self.what, self.rule, self.low, self.high = name, what, rule, low, high
 
     def convert(self, value, param, ctx):
         if isinstance(value, tuple):
             return value
         parts = str(value).split(",")
-        if not 2 <= len(parts) <= 4 or not all(part.isdigit() and int(part) > 0 for part in parts):
-            self.fail(f"needs 2 to 4 positive integers (C L, C H W or C D H W), got {' '.join(parts)!r}", param, ctx)
+        if not self.low <= len(parts) <= self.high or not all(p.isdigit() and self.rule(int(p)) for p in parts):
+            self.fail(f"needs {self.what}, got {' '.join(parts)!r}", param, ctx)
         return tuple(int(part) for part in parts)
 
 
@@ -186,21 +190,8 @@ def _gather_sizes(args):
     return out
 
 
-class IntList(click.ParamType):
-    """Positive odd integers given as separate numbers (``--d 1 3 5 7``)."""
-
-    name = "D..."
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, tuple):
-            return value
-        parts = str(value).split(",")
-        if not all(part.isdigit() and int(part) % 2 == 1 for part in parts):
-            self.fail(f"needs odd positive integers, got {' '.join(parts)!r}", param, ctx)
-        return tuple(int(part) for part in parts)
-
-
-INPUT_SIZE = click.option("--input-size", type=SizeParam(), metavar="C [D] H W",
+INPUT_SIZE = click.option("--input-size", type=Numbers("C [D] H W", "2 to 4 positive integers (C L, C H W or C D H W)",
+                                                        lambda v: v > 0, 2, 4), metavar="C [D] H W",
                           help="Example input size: C H W for images, C L for 1-D (audio) and C D H W for 3-D "
                                "(video) models (default: the model's own, usually 3 224 224).")
 JSON = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout, nothing else.")
@@ -321,7 +312,8 @@ def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_s
               help="Real inputs: an image folder or a .pt file of an (N, C, H, W) tensor (64 are used).")
 @click.option("--layer", "tables", multiple=True, metavar="NAME",
               help="Give the paper's Table 2 for this module's output maps (repeatable), e.g. layer1.0.")
-@click.option("--d", "sizes", type=IntList(), default="1,3,5,7", show_default=True,
+@click.option("--d", "sizes", type=Numbers("D...", "odd positive integers", lambda v: v % 2 == 1),
+              default="1,3,5,7", show_default=True,
               help="Depthwise filter sizes for --layer's table.")
 @click.option("--cheap-d", type=int, default=3, show_default=True, help="Cheap kernel the per-layer scores assume.")
 @click.option("--tolerance", type=click.FloatRange(0, 1), default=0.1, show_default=True,

@@ -21,7 +21,7 @@ from torch import nn
 from . import figures
 from .init.calibrate import ROWS, _design, map_pairing
 from .init.datafree import bn_gain
-from .init.fit import choose, explained, unexplained
+from .init.fit import choose, explained, solve, unexplained
 from .module import GhostModule, conv_dim
 from .progress import progress as progress_display
 from .trace import analyse, evaluating
@@ -112,6 +112,25 @@ def layer_errors(y: torch.Tensor, d: int, gain: torch.Tensor, ratios: Iterable[i
     pairing = map_pairing(probe, y, gain, torch.Generator().manual_seed(seed))
     fraction = explained(pairing)
     return {s: unexplained(pairing, choose([pairing], s), fraction) for s in ratios if s <= y.shape[1]}
+
+
+def ghost_maps(y: torch.Tensor, d: int, gain: torch.Tensor, s: int, seed: int = 0) -> torch.Tensor:
+    """``y`` with every map the channel choice at ratio ``s`` makes a ghost replaced by the best cheap ``d x d``
+    filtering of its intrinsic map (least squares on sampled pixels): what a Ghost module fitted to these maps
+    would output."""
+    maps = y.float().cpu()
+    dim = maps.dim() - 2
+    probe = GhostModule(2, 2, 1, d=d, dim=dim)  # only the cheap conv's geometry is used
+    pairing = map_pairing(probe, maps, gain, torch.Generator().manual_seed(seed))
+    choice = choose([pairing], s)
+    source = choice.intrinsic[choice.owner]
+    kernels = pairing.kernels(solve(pairing.cross[source, choice.ghost], pairing.gram[source]).float(), d, dim)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[dim - 1]
+    ghosts = conv(maps[:, source], kernels[:, None], padding=d // 2, groups=len(source))
+    axes = [0, *range(2, maps.dim())]  # the pairing is centred: each ghost takes its target's mean
+    out = maps.clone()
+    out[:, choice.ghost] = ghosts - ghosts.mean(axes, keepdim=True) + maps[:, choice.ghost].mean(axes, keepdim=True)
+    return out.to(dtype=y.dtype, device=y.device)
 
 
 def similar_pairs(y: torch.Tensor, count: int = 3) -> List[Tuple[int, int, float]]:

@@ -263,8 +263,7 @@ def _budgeted(model: nn.Module, rows: List[Replaced], norms: Dict[str, Optional[
                                 f"kept as a conv: the {unit} budget is met with less loss elsewhere"))
             continue
         row.s = option.s
-        row.why = (f"{unit} budget: s={option.s} loses {option.error:.3g} of the output energy "
-                   f"({budget.error_source(batches)})")
+        row.why = f"{unit} budget: s={option.s}, loss {option.error:.3g} ({budget.error_source(batches)})"
         converted.append(row)
     return converted, kept
 

@@ -91,11 +91,26 @@ def test_map_errors_find_exact_ghost_maps():
     assert budget.map_errors(model, [entry], {"2": None}, [(x,)])["2"][2] > 0.05
 
 
+def test_output_errors_count_what_the_model_makes_of_a_layers_ghosts():
+    """Exact ghost maps (a Ghost module standing in for a conv) leave the output where it was; a conv whose
+    maps are not ghosts of one another moves it, more at s=4 than at s=2."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    entry = {"name": "2", "d": 3}
+    exact = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), ghostify.GhostModule(8, 16, 3, padding=1),
+                          nn.ReLU(), nn.Conv2d(16, 4, 1)).eval()
+    assert budget.output_errors(exact, [entry], {"2": None}, [(x,)])["2"][2] < 1e-6
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 4, 1)).eval()
+    moved = budget.output_errors(plain, [entry], {"2": None}, [(x,)])["2"]
+    assert moved[2] > 1e-3 and moved[4] > moved[2]
+
+
 def test_target_flops_with_calibration_data_uses_the_output_maps():
     x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     ghost = ghostify.convert(torchvision.models.resnet18(), target_flops=0.5, init="calibrate",
                              calibration_data=x, example_inputs=x[:1])
-    assert all("output maps on calibration inputs" in row.why for row in ghost.ghostify_result.replaced)
+    assert all("model output moved, on calibration inputs" in row.why for row in ghost.ghostify_result.replaced)
 
 
 @pytest.mark.parametrize("name, target", [("resnet18", 0.5), ("vgg11_bn", 0.4), ("mobilenet_v2", 0.85),
