@@ -2,8 +2,9 @@
 chosen to meet a FLOPs or latency budget while losing the least of the original layers' outputs.
 
 Every option of a layer has a cost (multiply-adds, or milliseconds timed in a runtime: ``latency.layer_times``)
-and an error: the share of the layer's output energy its ghosts cannot reproduce, from the same data-free fit
-``copy`` makes (``fit.unexplained``; 0 for the conv). Picking one option per layer to meet the budget with
+and an error (0 for the conv): with calibration inputs, how far the model's output moves when that layer
+alone outputs its ghost approximation (``output_errors``); without, the share of the layer's filters the
+data-free fit ``copy`` makes cannot reproduce (``fit_errors``). Picking one option per layer to meet the budget with
 the least summed error is a multiple-choice knapsack (AMC and AIMET pick per-layer ratios under a MACs budget
 too, with a learned agent and a greedy threshold); at this size it is solved exactly by dynamic programming
 over the budget (``search``). Any reachable budget is met; an unreachable one is refused, with the fraction
@@ -241,8 +242,8 @@ def plan(model: nn.Module, entries: Sequence[Mapping], norms: Mapping[str, Optio
     Args:
         entries: ``Replaced`` rows as dicts (name, channels, kernels, d, output shape, calls).
         norms: the norm after each layer (its gain weighs the fit error), or None.
-        batches: calibration inputs: errors from the layers' output maps (``map_errors``) instead of their
-            filters (``fit_errors``).
+        batches: calibration inputs: errors measured at the model's output (``output_errors``) instead of on
+            the layers' filters (``fit_errors``).
 
     Raises:
         ValueError: the budget cannot be met even with every layer at s = 5.
