@@ -27,10 +27,11 @@ from .count import Counts
 from .init.channels import couple
 from .init.datafree import bn_gain
 from .init.fit import choose, explained, filter_pairing, unexplained
+from .init.measure import record
 from .latency import layer_times, model_ms
 from .plan import apply_plan
 from .progress import progress as progress_display
-from .redundancy import IMAGES, RATIOS, ghost_maps, layer_errors, outputs
+from .redundancy import IMAGES, RATIOS, ghost_maps, layer_errors
 from .trace import evaluating
 
 OUTPUT_IMAGES = 16  # calibration inputs ``output_errors`` runs the model on, once per layer and ratio
@@ -80,7 +81,7 @@ def map_errors(model: nn.Module, entries: Sequence[Mapping], norms: Mapping[str,
         errors[name] = layer_errors(y, by_name[name]["d"], bn_gain(norm, y.shape[1]), ratios)
 
     inputs = [torch.cat([batch[i] for batch in batches])[:IMAGES] for i in range(len(batches[0]))]
-    outputs(model, list(by_name), inputs, visit)
+    record(model, list(by_name), visit, [inputs])
     return errors
 
 
@@ -93,7 +94,8 @@ def output_errors(model: nn.Module, entries: Sequence[Mapping], norms: Mapping[s
     that runs more than once keeps its own loss (``map_errors``)."""
     inputs = [torch.cat([batch[i] for batch in batches])[:images] for i in range(len(batches[0]))]
     maps: Dict[str, torch.Tensor] = {}
-    outputs(model, [entry["name"] for entry in entries], inputs, maps.__setitem__)
+    record(model, [entry["name"] for entry in entries], lambda name, y: maps.__setitem__(name, y.detach().clone()),
+           [inputs])  # a clone: a later in-place op would change the map
     with evaluating(model):
         reference = _flat(model(*inputs))
     errors = map_errors(model, [e for e in entries if e.get("calls", 1) > 1], norms, batches, ratios)

@@ -22,9 +22,10 @@ from . import figures
 from .init.calibrate import ROWS, _design, map_pairing
 from .init.datafree import bn_gain
 from .init.fit import choose, explained, solve, unexplained
+from .init.measure import record
 from .module import GhostModule, conv_dim
 from .progress import progress as progress_display
-from .trace import analyse, evaluating
+from .trace import analyse
 
 RATIOS = (2, 3, 4, 5)
 IMAGES = 64  # inputs whose output maps are paired
@@ -90,27 +91,18 @@ class Redundancy:
         return Group(*parts)
 
 
-def outputs(model: nn.Module, names: Sequence[str], inputs: Sequence[torch.Tensor],
-            visit) -> None:
-    """Run ``model`` once on ``inputs`` and call ``visit(name, output)`` with each named module's output."""
-    handles = [model.get_submodule(name).register_forward_hook(
-        lambda module, args, output, name=name: visit(name, output.detach())) for name in names]
-    try:
-        with evaluating(model):
-            model(*inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+def _pairing(y: torch.Tensor, d: int, gain: torch.Tensor, seed: int):
+    """``calibrate``'s ghost problem on maps ``y`` (float32, CPU) and its explained fractions."""
+    probe = GhostModule(2, 2, 1, d=d, dim=y.dim() - 2)  # only the cheap conv's geometry is used
+    pairing = map_pairing(probe, y, gain, torch.Generator().manual_seed(seed))
+    return pairing, explained(pairing)
 
 
 def layer_errors(y: torch.Tensor, d: int, gain: torch.Tensor, ratios: Iterable[int] = RATIOS,
                  seed: int = 0) -> Dict[int, float]:
     """Per ratio, the output energy of maps ``y`` (weighted by ``gain``) that ``s - 1`` cheap ``d x d`` maps of the
     best ``ceil(n / s)`` maps cannot reproduce (``fit.choose`` on ``calibrate``'s pairing)."""
-    y = y.float().cpu()
-    probe = GhostModule(2, 2, 1, d=d, dim=y.dim() - 2)  # only the cheap conv's geometry is used
-    pairing = map_pairing(probe, y, gain, torch.Generator().manual_seed(seed))
-    fraction = explained(pairing)
+    pairing, fraction = _pairing(y.float().cpu(), d, gain, seed)
     return {s: unexplained(pairing, choose([pairing], s), fraction) for s in ratios if s <= y.shape[1]}
 
 
@@ -120,8 +112,7 @@ def ghost_maps(y: torch.Tensor, d: int, gain: torch.Tensor, s: int, seed: int = 
     would output."""
     maps = y.float().cpu()
     dim = maps.dim() - 2
-    probe = GhostModule(2, 2, 1, d=d, dim=dim)  # only the cheap conv's geometry is used
-    pairing = map_pairing(probe, maps, gain, torch.Generator().manual_seed(seed))
+    pairing, _ = _pairing(maps, d, gain, seed)
     choice = choose([pairing], s)
     source = choice.intrinsic[choice.owner]
     kernels = pairing.kernels(solve(pairing.cross[source, choice.ghost], pairing.gram[source]).float(), d, dim)
@@ -201,7 +192,7 @@ def analyze(model: nn.Module, inputs: Sequence[torch.Tensor] | torch.Tensor, *, 
 
         def visit(module_name: str, output: torch.Tensor) -> None:
             if module_name in tables:
-                found[module_name] = output.float().cpu()
+                found[module_name] = output.detach().float().cpu().clone()
             entry = next((e for e in entries if e["name"] == module_name), None)
             if entry is not None and module_name not in {layer.name for layer in result.layers}:
                 norm = model.get_submodule(entry["norm"]) if entry.get("norm") else None
@@ -211,7 +202,7 @@ def analyze(model: nn.Module, inputs: Sequence[torch.Tensor] | torch.Tensor, *, 
             if bar:
                 bar.advance(task)
 
-        outputs(model, list(dict.fromkeys([e["name"] for e in entries] + list(tables))), inputs, visit)
+        record(model, list(dict.fromkeys([e["name"] for e in entries] + list(tables))), visit, [inputs])
     run_order = {site.name: index for index, site in enumerate(sites)}
     result.layers.sort(key=lambda layer: run_order[layer.name])
     for module_name in tables:

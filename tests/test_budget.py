@@ -106,6 +106,15 @@ def test_output_errors_count_what_the_model_makes_of_a_layers_ghosts():
     assert moved[2] > 1e-3 and moved[4] > moved[2]
 
 
+def test_output_errors_keep_the_maps_an_in_place_relu_would_change():
+    """A layer read by ``ReLU(inplace=True)``: its maps are kept as they were output (exact ghosts move nothing)."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), ghostify.GhostModule(8, 16, 3, padding=1),
+                          nn.ReLU(inplace=True), nn.Conv2d(16, 4, 1)).eval()
+    assert budget.output_errors(model, [{"name": "2", "d": 3}], {"2": None}, [(x,)])["2"][2] < 1e-6
+
+
 def test_target_flops_with_calibration_data_uses_the_output_maps():
     x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     ghost = ghostify.convert(torchvision.models.resnet18(), target_flops=0.5, init="calibrate",

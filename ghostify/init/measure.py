@@ -18,7 +18,10 @@ from torch import nn
 from ..trace import evaluating
 
 
-def _record(model: nn.Module, names: Sequence[str], sink: Callable[[str, torch.Tensor], None], inputs) -> None:
+def record(model: nn.Module, names: Sequence[str], sink: Callable[[str, torch.Tensor], None], inputs) -> None:
+    """Run ``model`` (eval mode, no grad) on each positional-argument tuple in ``inputs`` and call
+    ``sink(name, output)`` for every call of each named module. Clone an output to keep it: a later in-place
+    op (``ReLU(inplace=True)``) changes it."""
     handles = [model.get_submodule(name).register_forward_hook(
         lambda module, args, out, name=name: sink(name, out)) for name in names]
     try:
@@ -41,7 +44,7 @@ def layer_errors(original: nn.Module, converted: nn.Module, pairs: Dict[str, str
     """
     targets: Dict[str, List[torch.Tensor]] = {name: [] for name in pairs}
     by_original = {theirs: ours for ours, theirs in pairs.items()}
-    _record(original, list(by_original), lambda name, out: targets[by_original[name]].append(out.clone()),
+    record(original, list(by_original), lambda name, out: targets[by_original[name]].append(out.clone()),
             inputs)  # a clone: later in-place ops change the output
     sums = {name: [0.0, 0.0, 0] for name in pairs}
 
@@ -55,5 +58,5 @@ def layer_errors(original: nn.Module, converted: nn.Module, pairs: Dict[str, str
         total[1] += target.square().sum().item()
         total[2] += 1
 
-    _record(converted, list(pairs), compare, inputs)
+    record(converted, list(pairs), compare, inputs)
     return {name: total[0] / total[1] if total[1] else 0.0 for name, total in sums.items()}
