@@ -221,7 +221,8 @@ class GhostModule(nn.Module):
     ) -> "GhostModule":
         """Build a Ghost module with the geometry, bias, padding mode, dtype and device of ``conv``.
 
-        The new module's weights are freshly initialised; ``ghostify.init`` fills them from ``conv``.
+        The new module's weights are freshly initialised; ``ghostify.init`` fills them from ``conv``. ``kwargs``
+        go to the constructor (``device`` and ``dtype`` default to ``conv``'s).
 
         Raises:
             TypeError: ``conv`` is not a plain ``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Conv3d``.
@@ -237,8 +238,8 @@ class GhostModule(nn.Module):
         return cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
             dilation=conv.dilation, bias=conv.bias is not None, padding_mode=conv.padding_mode,
-            s=s, d=d, primary_kernel=primary_kernel,
-            device=conv.weight.device, dtype=conv.weight.dtype, dim=dim, **kwargs,
+            s=s, d=d, primary_kernel=primary_kernel, dim=dim,
+            **{"device": conv.weight.device, "dtype": conv.weight.dtype, **kwargs},
         )
 
     def extra_repr(self) -> str:

@@ -25,8 +25,13 @@ def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
         setattr(model.get_submodule(parent), child, module)
 
 
-def apply_plan(model: nn.Module, plan: Iterable[Mapping[str, Any]]) -> List[Tuple[str, nn.Module, GhostModule]]:
+def apply_plan(model: nn.Module, plan: Iterable[Mapping[str, Any]],
+               fill: bool = True) -> List[Tuple[str, nn.Module, GhostModule]]:
     """Swap each planned conv of ``model`` (in place) for a fresh ``GhostModule`` at all its paths.
+
+    ``fill``: draw the new weights at random, as ``nn.Conv2d`` does; False leaves the convs' weights
+    uninitialised (norms start as new) for a caller that writes every one (a loaded state dict, the ``copy``
+    fit): drawing them is a large share of converting wide layers.
 
     A planned ``norm`` (the batch norm that alone reads the conv) is taken into the Ghost module, which then
     normalises its intrinsic maps before the cheap operation reads them (the GhostNet form, which folds
@@ -55,7 +60,12 @@ def apply_plan(model: nn.Module, plan: Iterable[Mapping[str, Any]]) -> List[Tupl
         inner = {} if norm is None else {"inner_bn": True, "norm_layer": partial(
             NORMS[dim], eps=norm.eps, momentum=norm.momentum)}
         ghost = GhostModule.from_conv(conv, s=entry["s"], d=entry["d"], primary_kernel=tuple(entry["primary_kernel"]),
-                                      **inner)
+                                      **inner, **({} if fill else {"device": "meta"}))
+        if not fill:
+            ghost.to_empty(device=conv.weight.device)
+            for module in ghost.modules():
+                if isinstance(module, nn.modules.batchnorm._NormBase):
+                    module.reset_parameters()
         ghost.train(conv.training)
         if entry.get("gather", False):
             ghost.set_out_index(torch.arange(ghost.out_channels))

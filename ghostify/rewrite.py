@@ -392,7 +392,7 @@ def convert(
         reasons = sorted({row.reason for row in skipped})
         warnings.warn(f"no convolution was converted (the model is unchanged): {'; '.join(reasons[:3])}"
                       f"{' ...' if len(reasons) > 3 else ''}", UserWarning, stacklevel=2)
-    swapped = apply_plan(converted, result.plan())
+    swapped = apply_plan(converted, result.plan(), fill=init == "random")
     earlier = getattr(model, "ghostify_result", None)
     if isinstance(earlier, ConversionResult):  # converting a converted model: its plan must replay the earlier one
         result.replaced = copy.deepcopy(earlier.replaced) + result.replaced

@@ -146,7 +146,7 @@ def load(path: str, model: Optional[nn.Module] = None, *, trust_source: bool = F
     except (KeyError, TypeError) as error:
         raise ValueError(f"{path} is a damaged ghostify file: {error}") from None
     rebuilt = copy.deepcopy(model) if model is not None else build_source(result.source, path, trust_source)
-    apply_plan(rebuilt, result.plan())
+    apply_plan(rebuilt, result.plan(), fill=False)
     try:
         rebuilt.load_state_dict(state)
     except RuntimeError as error:

@@ -24,7 +24,7 @@ from .calibrate import calibrate
 from .channels import Group, couple
 from .data import check_calibration
 from .datafree import copy_layer, filter_problem
-from .fit import Choice, choose
+from .fit import WIDE, Choice, blocks, choose
 from .measure import layer_errors
 
 METHODS = ("random", "copy", "calibrate", "reconstruct")
@@ -116,6 +116,11 @@ def initialise(
                 copy_layer(*items[name], bns[name], problem, choice)
                 choices[name] = choice
     notes = {}
+    wide = [name for name, conv, ghost in swapped if len(blocks(conv.out_channels, ghost.s)) > 1]
+    if wide:
+        notes["wide layers"] = (f"{len(wide)} layers wider than {WIDE} channels chose each ghost's intrinsic map "
+                                f"within its run of channels, not the whole layer (faster): {', '.join(wide[:3])}"
+                                + (" ..." if len(wide) > 3 else ""))
     if init in DATA_METHODS:
         once = {name for name, row in layers.items() if row.calls == 1}  # shared layers keep the copy fit
         shared = {name: group.members for group in coupling.groups if group.blocked is None
@@ -123,9 +128,9 @@ def initialise(
         choices.update(calibrate(model, original, [item for item in swapped if item[0] in once], bns, means,
                                  batches, shared, {name: ghost for name, _, ghost in swapped}))
     if init == "reconstruct":
-        blocks = find_blocks(model, sorted(once), tuple(x[:1] for x in batches[0]))
-        norms = {name: layers[name].norm for name in blocks if name in layers and layers[name].norm}
-        notes["reconstruct"] = summary(reconstruct(model, original, blocks, batches, reconstruct_steps,
+        found = find_blocks(model, sorted(once), tuple(x[:1] for x in batches[0]))
+        norms = {name: layers[name].norm for name in found if name in layers and layers[name].norm}
+        notes["reconstruct"] = summary(reconstruct(model, original, found, batches, reconstruct_steps,
                                                    reconstruct_seconds, norms))
     data = init in DATA_METHODS
     measured = [tuple(x[:ERROR_SAMPLES] for x in batches[0])] if data else [tuple(example_inputs)]

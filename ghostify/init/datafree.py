@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..module import GhostModule
-from .fit import Choice, Pairing, filter_pairing, solve
+from .fit import Choice, Pairing, blocks, filter_pairing, solve
 
 VARIANCE_FLOOR = 1e-4
 
@@ -86,7 +86,7 @@ def write(ghost: GhostModule, choice: Choice, primary: torch.Tensor, cheap: torc
 def filter_problem(conv: nn.Module, ghost: GhostModule, bn: Optional[nn.Module]) -> Tuple[Pairing, torch.Tensor]:
     """The data-free ghost problem of ``conv`` (``fit.filter_pairing``) and its primary filters."""
     return filter_pairing(conv.weight.detach().cpu(), ghost.primary_conv.kernel_size, conv.dilation, conv.stride,
-                          ghost.d, bn_gain(bn, conv.out_channels))
+                          ghost.d, bn_gain(bn, conv.out_channels), blocks(conv.out_channels, ghost.s))
 
 
 def copy_layer(conv: nn.Module, ghost: GhostModule, bn: Optional[nn.Module],
