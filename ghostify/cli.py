@@ -406,6 +406,9 @@ def _original_of(text: str, loaded, arch: Optional[str], trust_source: bool):
               help="Softening of both models' logits in the distillation loss.")
 @click.option("--label-weight", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="With labels: weight of the cross-entropy against the distillation loss.")
+@click.option("--feature-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Weight of a feature term: relative MSE of each converted layer's output against the "
+                   "original layer's (0: logits only).")
 @click.option("--ema", "ema_decay", type=click.FloatRange(0, 1, min_open=True, max_open=True), metavar="DECAY",
               help="Keep and write an exponential moving average of the weights (e.g. 0.999).")
 @click.option("--amp", is_flag=True, help="Mixed precision (bfloat16 on the CPU, float16 on CUDA).")
@@ -418,7 +421,8 @@ def _original_of(text: str, loaded, arch: Optional[str], trust_source: bool):
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="The fine-tuned ghostify file, written after every epoch.")
 def finetune(ghost_file, teacher, teacher_weights, data_path, val_data, epochs, lr, batch_size, temperature,
-             label_weight, ema_decay, amp, resume, input_size, trust_source, arch, device, force, output) -> None:
+             label_weight, feature_weight, ema_decay, amp, resume, input_size, trust_source, arch, device, force,
+             output) -> None:
     """Distil the original model (--teacher) into a converted GHOST_FILE; runs unchanged under torchrun."""
     import os
 
@@ -440,8 +444,8 @@ def finetune(ghost_file, teacher, teacher_weights, data_path, val_data, epochs, 
     data = read_dataset(data_path, shape)
     val = read_dataset(val_data, shape) if val_data else None
     tuned = ghostify.finetune(student, source, data, val_data=val, epochs=epochs, lr=lr, batch_size=batch_size,
-                              temperature=temperature, label_weight=label_weight, ema_decay=ema_decay, amp=amp,
-                              output=output, resume=resume)
+                              temperature=temperature, label_weight=label_weight, feature_weight=feature_weight,
+                              ema_decay=ema_decay, amp=amp, output=output, resume=resume)
     if int(os.environ.get("RANK", "0")) == 0:
         for row in tuned.ghostify_finetune.epochs:
             top1 = "" if row.top1 is None else f", top-1 {row.top1:.1%}"

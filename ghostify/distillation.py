@@ -117,6 +117,54 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
                     reduction="batchmean", log_target=True) * temperature ** 2
 
 
+class Features:
+    """Records the outputs of the converted layers in the student and of what they stand for in the teacher,
+    for the feature term: the relative MSE between each Ghost module's output and the original layer's (its
+    batch norm's, when the Ghost module took the norm in), the teacher's channels put in the student's order.
+    Layers that run more than once are left out.
+
+    Raises:
+        ValueError: the student is not a ghostify model, or its file does not record its channel orders.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module) -> None:
+        result = getattr(student, "ghostify_result", None)
+        rows = [row for row in getattr(result, "replaced", []) if row.calls == 1]
+        if not rows:
+            raise ValueError("the feature term needs a converted student (ghostify.convert or ghostify.load) with "
+                             "converted layers that run once")
+        if any(row.order is None for row in rows):
+            raise ValueError("the feature term needs each converted layer's channel order, which files written "
+                             "by earlier ghostify versions do not record; convert the model again")
+        device = placement(student)[1]
+        self.orders = [torch.tensor(row.order, device=device) for row in rows]
+        self.maps: Dict[str, List[torch.Tensor]] = {"student": [], "teacher": []}
+        self._handles = [module.register_forward_hook(self._keep(side))
+                         for row in rows for side, module in (("student", student.get_submodule(row.name)),
+                                                              ("teacher", teacher.get_submodule(row.norm or row.name)))]
+
+    def _keep(self, side: str):
+        def hook(module, args, output):
+            self.maps[side].append(output)
+        return hook
+
+    def clear(self) -> None:
+        self.maps = {"student": [], "teacher": []}
+
+    def loss(self) -> torch.Tensor:
+        """The mean relative MSE over the layers, from one forward of each model since ``clear``."""
+        pairs = zip(self.maps["student"], self.maps["teacher"], self.orders)
+        terms = [F.mse_loss(ours.float(), theirs.float().index_select(1, order)) /
+                 theirs.float().var().clamp_min(1e-12) for ours, theirs, order in pairs]
+        self.clear()
+        return torch.stack(terms).mean()
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self.clear()
+
+
 def _distributed(device: torch.device) -> Tuple[int, int]:
     """(rank, world size); starts the process group under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -157,6 +205,7 @@ def finetune(
     batch_size: int = 64,
     temperature: float = 4.0,
     label_weight: float = 0.5,
+    feature_weight: float = 0.0,
     ema_decay: Optional[float] = None,
     amp: bool = False,
     output: Optional[str] = None,
@@ -172,6 +221,8 @@ def finetune(
         lr: peak learning rate of SGD with momentum 0.9 and a cosine schedule over all steps.
         temperature: softening of both models' logits in the KL term.
         label_weight: with labels, the loss is ``(1 - label_weight) * KL + label_weight * cross-entropy``.
+        feature_weight: adds ``feature_weight`` times the mean relative MSE between each converted layer's
+            output and the original layer's (``Features``); 0: logits only.
         ema_decay: keep an exponential moving average of the student's weights (e.g. 0.999) and return it.
         amp: autocast (bfloat16 on the CPU, float16 with a gradient scaler on CUDA).
         output: a ghostify file written (atomically) after every epoch, with ``OUTPUT.state.pt`` holding what
@@ -181,9 +232,9 @@ def finetune(
     Returns:
         The student (or its EMA), with ``ghostify_finetune`` (a ``Finetuned``) listing each epoch's figures.
     """
-    if epochs < 1 or batch_size < 1 or lr <= 0 or temperature <= 0 or not 0 <= label_weight <= 1:
+    if epochs < 1 or batch_size < 1 or lr <= 0 or temperature <= 0 or not 0 <= label_weight <= 1 or feature_weight < 0:
         raise ValueError("epochs and batch_size must be positive, lr and temperature above 0, label_weight "
-                         "in [0, 1]")
+                         "in [0, 1], feature_weight at least 0")
     if resume and output is None:
         raise ValueError("resume needs output (the file of an earlier run)")
     dataset, val = as_dataset(data), as_dataset(val_data if val_data is not None else data)
@@ -203,6 +254,7 @@ def finetune(
     ema = (torch.optim.swa_utils.AveragedModel(student, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(
         ema_decay)) if ema_decay is not None else None)
     result = ema.module if ema is not None else student  # what is measured, written and returned
+    features = Features(student, teacher) if feature_weight > 0 else None  # after the EMA copy: it copies hooks
     scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
     history, start_epoch = Finetuned(), 0
     state_path = None if output is None else f"{output}.state.pt"
@@ -217,42 +269,50 @@ def finetune(
         history.epochs = [Epoch(**row) for row in state["history"]]
     autocast = (lambda: torch.autocast(device.type, torch.bfloat16 if device.type == "cpu" else torch.float16)) \
         if amp else nullcontext
-    with progress("epoch {description}, loss {loss:.4f}, {rate:.0f} images/s", show=rank == 0) as bar:
-        for epoch in range(start_epoch, epochs):
-            if world > 1:
-                sampler.set_epoch(epoch)
-            else:  # each epoch's order from the seed and the epoch alone, so that a resumed run repeats it
-                generator.manual_seed(seed + epoch)
-            task = bar.add_task(f"{epoch + 1}/{epochs}", total=len(loader), loss=float("nan"), rate=0.0) \
-                if bar else None
-            began, seen, running = time.monotonic(), 0, 0.0
-            for batch in loader:
-                x, y = _split(batch)
-                x = x.to(device)
-                with torch.no_grad(), autocast():
-                    target = teacher(x).float()
-                with autocast():
-                    logits = model(x).float()
-                loss = kd_loss(logits, target, temperature)
-                if y is not None:
-                    loss = (1 - label_weight) * loss + label_weight * F.cross_entropy(logits, y.to(device))
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                schedule.step()
-                if ema is not None:
-                    ema.update_parameters(student)
-                seen += len(x) * world
-                running = loss.item() if not running else 0.9 * running + 0.1 * loss.item()
-                if bar:
-                    bar.update(task, advance=1, loss=running, rate=seen / max(time.monotonic() - began, 1e-9))
-            agreement, top1 = _evaluate(result, teacher, val_loader, device, world)
-            history.epochs.append(Epoch(epoch + 1, running, agreement, top1, time.monotonic() - began))
-            if rank == 0 and output is not None:
-                _checkpoint(result, student, optimizer, schedule, ema, history, output, state_path)
-            if world > 1:
-                dist.barrier()
+    try:
+        with progress("epoch {description}, loss {loss:.4f}, {rate:.0f} images/s", show=rank == 0) as bar:
+            for epoch in range(start_epoch, epochs):
+                if world > 1:
+                    sampler.set_epoch(epoch)
+                else:  # each epoch's order from the seed and the epoch alone, so that a resumed run repeats it
+                    generator.manual_seed(seed + epoch)
+                task = bar.add_task(f"{epoch + 1}/{epochs}", total=len(loader), loss=float("nan"), rate=0.0) \
+                    if bar else None
+                began, seen, running = time.monotonic(), 0, 0.0
+                for batch in loader:
+                    x, y = _split(batch)
+                    x = x.to(device)
+                    if features is not None:
+                        features.clear()
+                    with torch.no_grad(), autocast():
+                        target = teacher(x).float()
+                    with autocast():
+                        logits = model(x).float()
+                    loss = kd_loss(logits, target, temperature)
+                    if y is not None:
+                        loss = (1 - label_weight) * loss + label_weight * F.cross_entropy(logits, y.to(device))
+                    if features is not None:
+                        loss = loss + feature_weight * features.loss()
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    schedule.step()
+                    if ema is not None:
+                        ema.update_parameters(student)
+                    seen += len(x) * world
+                    running = loss.item() if not running else 0.9 * running + 0.1 * loss.item()
+                    if bar:
+                        bar.update(task, advance=1, loss=running, rate=seen / max(time.monotonic() - began, 1e-9))
+                agreement, top1 = _evaluate(result, teacher, val_loader, device, world)
+                history.epochs.append(Epoch(epoch + 1, running, agreement, top1, time.monotonic() - began))
+                if rank == 0 and output is not None:
+                    _checkpoint(result, student, optimizer, schedule, ema, history, output, state_path)
+                if world > 1:
+                    dist.barrier()
+    finally:
+        if features is not None:
+            features.close()
     result.ghostify_finetune = history
     return result
 

@@ -50,6 +50,7 @@ class Replaced:
     dense_ms: Optional[float] = None  # with convert(runtime=...): the layer alone, as a conv and as a Ghost module
     ghost_ms: Optional[float] = None
     why: Optional[str] = None  # with a budget: why this s
+    order: Optional[List[int]] = None  # original channel of each output (the order readers absorbed); None: unknown
 
 
 @dataclass
@@ -401,7 +402,10 @@ def convert(
     for row in replaced:
         fitted = done.layers.get(row.name)
         if fitted is not None:
-            row.error, row.gather, row.gather_reason = fitted.error, fitted.gather, fitted.gather_reason
+            row.error, row.gather, row.gather_reason, row.order = (fitted.error, fitted.gather, fitted.gather_reason,
+                                                                   fitted.order)
+        else:  # not fitted (init="random", or nothing to fit from): outputs stand in order for the original's
+            row.order = list(range(row.out_channels))
     result.notes.update(done.notes)
     if "init" in done.notes:  # e.g. weights on the meta device: the modules keep their fresh initialisation
         warnings.warn(done.notes["init"], UserWarning, stacklevel=2)

@@ -37,12 +37,13 @@ __all__ = ["DATA_METHODS", "METHODS", "RECONSTRUCT_STEPS", "Fitted", "Initialise
 
 @dataclass
 class Fitted:
-    """What initialisation measured for one layer: its reconstruction error and whether (and why) its output
-    keeps a gather back to the original channel order."""
+    """What initialisation measured for one layer: its reconstruction error, whether (and why) its output
+    keeps a gather back to the original channel order, and the original channel of each output."""
 
     error: Optional[float] = None
     gather: bool = False
     gather_reason: Optional[str] = None
+    order: Optional[List[int]] = None
 
 
 @dataclass
@@ -141,8 +142,11 @@ def initialise(
                           measured)
     coupling.apply({name: choice.order for name, choice in choices.items()},
                    {name: ghost for name, _, ghost in swapped})
-    fitted = {name: Fitted(errors[measured_at[name]], ghost.out_index is not None,
-                           coupling.group_of(name).blocked if ghost.out_index is not None else None)
-              for name, _, ghost in swapped}
+    fitted = {}
+    for name, _, ghost in swapped:
+        gathered = ghost.out_index is not None  # then the outputs are back in the original's order
+        reason = coupling.group_of(name).blocked if gathered else None
+        order = list(range(ghost.out_channels)) if gathered else choices[name].order.tolist()
+        fitted[name] = Fitted(errors[measured_at[name]], gathered, reason, order)
     return Initialised(fitted, {"error_inputs": f"first {ERROR_SAMPLES} calibration inputs" if data
                                 else "example inputs", **notes})
