@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, TensorDataset
 
 from .files import atomic_write
-from .progress import progress
+from .progress import UNKNOWN, progress
 from .serialization import save
 from .trace import placement
 
@@ -276,7 +276,7 @@ def finetune(
                     sampler.set_epoch(epoch)
                 else:  # each epoch's order from the seed and the epoch alone, so that a resumed run repeats it
                     generator.manual_seed(seed + epoch)
-                task = bar.add_task(f"{epoch + 1}/{epochs}", total=len(loader), loss=float("nan"), rate=0.0) \
+                task = bar.add_task(f"{epoch + 1}/{epochs}", total=len(loader), loss=UNKNOWN, rate=0.0) \
                     if bar else None
                 began, seen, running = time.monotonic(), 0, 0.0
                 for batch in loader:

@@ -14,6 +14,16 @@ from typing import Any, Dict, Iterator, Optional
 EVERY_S = 10.0
 
 
+class _Unknown(float):
+    """A numeric field not measured yet (a loss before the first step): shown as "-" whatever the format."""
+
+    def __format__(self, spec: str) -> str:
+        return "-"
+
+
+UNKNOWN = _Unknown("nan")
+
+
 class PlainProgress:
     """The subset of ``rich.progress.Progress`` ghostify uses, written as plain lines to a stream."""
 

@@ -285,6 +285,7 @@ def convert(
     absorb_norm: bool = True,
     reconstruct_steps: int = RECONSTRUCT_STEPS,
     reconstruct_seconds: Optional[float] = None,
+    reconstruct_network: bool = False,
     runtime: Optional[str] = None,
     runtime_batch: int = 1,
     target_flops: Optional[float] = None,
@@ -316,6 +317,8 @@ def convert(
             False keeps the norm after a linear Ghost module.
         reconstruct_steps: for ``"reconstruct"``, Adam steps per block.
         reconstruct_seconds: for ``"reconstruct"``, a time budget for tuning all blocks (None: no limit).
+        reconstruct_network: for ``"reconstruct"``, after the blocks tune every Ghost module together on the
+            model's output against the original's (``reconstruct_steps`` more steps; single-input models).
         runtime: ``"torch"``, ``"onnxruntime"`` or ``"inductor"``: time each layer alone as a conv and as a
             Ghost module in that runtime's deploy form (``latency.layer_times``) and keep the layers a Ghost
             module does not make faster as convs, reported as skipped with both times. None: no timing.
@@ -393,12 +396,14 @@ def convert(
         reasons = sorted({row.reason for row in skipped})
         warnings.warn(f"no convolution was converted (the model is unchanged): {'; '.join(reasons[:3])}"
                       f"{' ...' if len(reasons) > 3 else ''}", UserWarning, stacklevel=2)
-    swapped = apply_plan(converted, result.plan(), fill=init == "random")
+    # the fit writes every weight of the new modules, unless it cannot run (random init, weights on the meta device)
+    fill = init == "random" or any(p.is_meta for p in converted.parameters())
+    swapped = apply_plan(converted, result.plan(), fill=fill)
     earlier = getattr(model, "ghostify_result", None)
     if isinstance(earlier, ConversionResult):  # converting a converted model: its plan must replay the earlier one
         result.replaced = copy.deepcopy(earlier.replaced) + result.replaced
     done = initialise(init, swapped, {row.name: row for row in replaced}, converted, model, batches, inputs,
-                      reconstruct_steps, reconstruct_seconds)
+                      reconstruct_steps, reconstruct_seconds, reconstruct_network)
     for row in replaced:
         fitted = done.layers.get(row.name)
         if fitted is not None:

@@ -6,7 +6,10 @@ output, from the converted model's own input to the block, so earlier blocks' er
 block-wise reconstruction of BRECQ). No labels. A block is, for each converted layer, the outermost module
 above it that runs once, maps one tensor to one tensor and holds at most ``MAX_LAYERS`` converted layers; a
 layer with no such module is its own block. Each block's weights are tuned with Adam on the relative MSE of
-its output, and kept only where that error went down.
+its output over most of the calibration inputs, and kept only where that error went down on the rest
+(``HELD_OUT``), which guards against fitting a few hundred images better than the model generalises.
+Optionally (``network``) the converted layers of the whole network are then tuned together on the model's
+output against the original's (the network-level stage of MiR), with the same rule.
 """
 
 from __future__ import annotations
@@ -18,14 +21,17 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..progress import loss_progress
+from ..module import GhostModule
+from ..progress import UNKNOWN, loss_progress
 from ..trace import evaluating
 from .activations import activations
 from .data import Batch
 
 MAX_LAYERS = 8
+HELD_OUT = 0.2  # share of the calibration inputs that decides whether a block keeps its tuned weights
 STEPS = 200
 BATCH = 32
+NETWORK = "(whole network)"  # the key of the network-level stage in ``reconstruct``'s result
 LR = 1e-3
 
 
@@ -72,13 +78,19 @@ def _relative(block: nn.Module, x: torch.Tensor, y: torch.Tensor, energy: float)
 
 
 def _tune(block: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, deadline: Optional[float],
-          generator: torch.Generator) -> Tuple[float, float]:
-    """Adam on ``block``'s weights to bring ``block(x)`` to ``y``; the weights stay only if the error fell."""
-    params = [p for p in block.parameters() if p.is_floating_point()]
+          generator: torch.Generator, params: Optional[List[torch.Tensor]] = None) -> Tuple[float, float]:
+    """Adam on ``block``'s weights (or ``params``) to bring ``block(x)`` to ``y`` on all but the last
+    ``HELD_OUT`` of ``x``; the weights stay only if the error on those fell (on all of ``x`` when there are
+    fewer than 10). Returns the error on them before and after."""
+    params = params if params is not None else [p for p in block.parameters() if p.is_floating_point()]
     saved = [p.detach().clone() for p in params]
-    energy = (y - y.mean(0, keepdim=True)).square().sum(dtype=torch.float64).item()  # ||y - mean||^2
-    before = _relative(block, x, y, energy)
-    scale = energy / y.numel() or 1.0
+    held = int(len(x) * HELD_OUT) if len(x) >= 10 else 0
+    fit = slice(0, len(x) - held)
+    check = slice(len(x) - held, len(x)) if held else fit
+    x, y, x_check, y_check = x[fit], y[fit], x[check], y[check]
+    energy = (y_check - y_check.mean(0, keepdim=True)).square().sum(dtype=torch.float64).item()  # ||y - mean||^2
+    before = _relative(block, x_check, y_check, energy)
+    scale = (y - y.mean(0, keepdim=True)).square().mean().item() or 1.0
     optimizer = torch.optim.Adam(params, lr=LR)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
     with torch.enable_grad():
@@ -91,7 +103,8 @@ def _tune(block: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, deadli
             loss.backward()
             optimizer.step()
             schedule.step()
-    after = _relative(block, x, y, energy)
+    block.zero_grad(set_to_none=True)
+    after = _relative(block, x_check, y_check, energy)
     if not after < before:
         with torch.no_grad():
             for p, value in zip(params, saved):
@@ -102,7 +115,7 @@ def _tune(block: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, deadli
 
 def reconstruct(model: nn.Module, original: nn.Module, blocks: Sequence[str], batches: Sequence[Batch],
                 steps: int = STEPS, seconds: Optional[float] = None,
-                targets: Optional[Mapping[str, str]] = None) -> Dict[str, Tuple[float, float]]:
+                targets: Optional[Mapping[str, str]] = None, network: bool = False) -> Dict[str, Tuple[float, float]]:
     """Tune each block of ``model`` (paths in run order, ``find_blocks``) towards ``original``'s same block.
 
     Args:
@@ -110,32 +123,50 @@ def reconstruct(model: nn.Module, original: nn.Module, blocks: Sequence[str], ba
             took in the batch norm after its conv stands for that norm), that module's path.
         steps: Adam steps per block.
         seconds: a time budget for all blocks together (each block gets its share); None for no limit.
+        network: then tune the weights of every Ghost module together on the model's output (``steps`` more
+            steps; a model with several inputs or a non-tensor output is left out), recorded as ``NETWORK``.
 
     Returns:
-        Each block's relative output error before and after, on the calibration inputs.
+        Each block's relative output error before and after, on the held-out calibration inputs.
     """
     start, generator = time.monotonic(), torch.Generator().manual_seed(0)
     theirs = {path: (targets or {}).get(path, path) for path in blocks}
     done: Dict[str, Tuple[float, float]] = {}
     with evaluating(model), evaluating(original), loss_progress("reconstructing", "block error") as bar:
-        task = bar.add_task("", total=len(blocks), loss=float("nan"))
+        task = bar.add_task("", total=len(blocks) + network, loss=UNKNOWN)
         inputs, outputs = activations(model, batches, blocks), activations(original, batches, theirs.values())
         for index, path in enumerate(blocks):
             bar.update(task, description=f"block {index + 1}/{len(blocks)} {path}")
             ours = model.get_submodule(path)
             x = torch.cat(inputs.input_of(ours))
             y = torch.cat(outputs.output_of(original.get_submodule(theirs[path])))
-            deadline = None if seconds is None else start + seconds * (index + 1) / len(blocks)
+            deadline = None if seconds is None else start + seconds * (index + 1) / (len(blocks) + network)
             done[path] = _tune(ours, x, y, steps, deadline, generator)
             bar.update(task, advance=1, loss=done[path][1])
+        if network and all(len(batch) == 1 for batch in batches):
+            bar.update(task, description="the whole network")
+            x = torch.cat([batch[0] for batch in batches])
+            with torch.no_grad():
+                y = [original(chunk) for chunk in x.split(BATCH)]
+            if all(isinstance(out, torch.Tensor) for out in y):
+                params = [p for module in model.modules() if isinstance(module, GhostModule)
+                          for p in module.parameters() if p.is_floating_point()]
+                deadline = None if seconds is None else start + seconds
+                done[NETWORK] = _tune(model, x, torch.cat(y), steps, deadline, generator, params)
+            bar.update(task, advance=1, loss=done[NETWORK][1] if NETWORK in done else UNKNOWN)
     return done
 
 
 def summary(done: Dict[str, Tuple[float, float]]) -> str:
     """One line for the conversion notes: how much the blocks' errors fell."""
+    done = dict(done)
+    whole = done.pop(NETWORK, None)
     if not done:
         return "no block to reconstruct"
     ratio = [after / before for before, after in done.values() if before > 0]
     mean = math.exp(sum(math.log(max(r, 1e-12)) for r in ratio) / len(ratio)) if ratio else 1.0
-    return (f"{len(done)} blocks tuned on their output error; error after / before: geometric mean {mean:.2f}, "
-            f"{sum(after < before for before, after in done.values())} of {len(done)} improved")
+    line = (f"{len(done)} blocks tuned on their output error; held-out error after / before: geometric mean "
+            f"{mean:.2f}, {sum(after < before for before, after in done.values())} of {len(done)} improved")
+    if whole is not None:
+        line += f"; then the whole network on its output: {whole[0]:.4f} -> {whole[1]:.4f}"
+    return line

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..module import GhostModule
-from ..progress import loss_progress
+from ..progress import UNKNOWN, loss_progress
 from ..trace import evaluating
 from .activations import activations
 from .data import Batch
@@ -227,7 +227,7 @@ def calibrate(model: nn.Module, original: nn.Module, swapped: List[Tuple[str, nn
     """
     choices: Dict[str, Choice] = {}
     with evaluating(model), evaluating(original), loss_progress("calibrating", "fit error") as bar:
-        task = bar.add_task("", total=len(swapped), loss=float("nan"))
+        task = bar.add_task("", total=len(swapped), loss=UNKNOWN)
         inputs = activations(model, batches)
         fitted = [name for name, _, _ in swapped]
         targets = _Targets(original, fitted + list(groups), batches)
