@@ -6,10 +6,11 @@ photos and textures scikit-image ships (astronaut, camera, coffee, ..., brick, g
 patch (shown at 32x32) comes from, trained on patches from the top 70% of each photo and tested on patches
 from the bottom 30%. Trains two reference networks per task (weights cached in a temp dir), converts them with
 each initialiser at s = 2 and s = 4, and prints top-1 accuracy, top-1 agreement with the original, the
-relative error of the logits against the original's on the test images and conversion wall time; then, from
-the ``calibrate`` and ``reconstruct`` starts, one epoch of label-free distillation from the original
-(``ghostify.finetune`` on the training inputs alone) with its wall time; then fine-tunes each converted model
-with labels for the same short budget and prints the accuracy it reaches.
+relative error of the logits against the original's on the test images and conversion wall time
+(``reconstruct+network``: block reconstruction, then the whole network); then, from every start that read
+calibration images, one epoch of label-free distillation from the original (``ghostify.finetune`` on the
+training inputs alone) with its wall time; then fine-tunes each converted model with labels for the same
+short budget and prints the accuracy it reaches.
 
     OMP_NUM_THREADS=2 python benchmarks/fidelity.py [--task digits|photos] [--models resnet18 vgg-small]
                                                      [--distil-epochs 1] [--finetune-steps 200]
@@ -136,13 +137,16 @@ def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([model(batch).argmax(1) for batch in x.split(250)])
 
 
+DATA_INITS = ("calibrate", "reconstruct", "reconstruct+network")  # the inits that read calibration images
 FORMS = {"ghostnet": True, "linear": False}  # convert's absorb_norm: the GhostNet form (default) or a linear module
 
 
 def convert(model: nn.Module, data, s: int, init: str, form: str = "ghostnet") -> Tuple[nn.Module, float]:
     """The converted model (``CALIBRATION`` training images for ``calibrate`` and ``reconstruct``) and the wall
     time it took."""
-    extra = {"calibration_data": data[0][:CALIBRATION]} if init in ("calibrate", "reconstruct") else {}
+    extra = {"calibration_data": data[0][:CALIBRATION]} if init in DATA_INITS else {}
+    if init == "reconstruct+network":  # block reconstruction, then the whole network on its output
+        init, extra["reconstruct_network"] = "reconstruct", True
     extra["absorb_norm"] = FORMS[form]
     torch.manual_seed(0)
     start = time.perf_counter()
@@ -164,7 +168,7 @@ def fidelity(name: str, model: nn.Module, data, s: int, init: str, form: str, di
            "agreement": (predictions == reference_predictions).float().mean().item(),
            "gathers": sum(r.gather for r in ghost.ghostify_result.replaced),
            "layers": len(ghost.ghostify_result.replaced)}
-    if distil_epochs and init in ("calibrate", "reconstruct"):
+    if distil_epochs and init in DATA_INITS:
         start = time.perf_counter()
         student = ghostify.finetune(ghost, model, data[0], epochs=distil_epochs)  # inputs only: no labels
         row["distil_seconds"] = time.perf_counter() - start
@@ -217,7 +221,7 @@ def main() -> None:
     rows, tuned = [], {}
     for name, model in models.items():
         for s in (2, 4):
-            for init in ("random", "copy", "calibrate", "reconstruct"):
+            for init in ("random", "copy", *DATA_INITS):
                 rows.append(fidelity(name, model, data, s, init, args.form, args.distil_epochs))
                 print(rows[-1], flush=True)
     print(table(rows, originals, tuned, args.finetune_every), flush=True)
