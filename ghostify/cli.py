@@ -323,13 +323,17 @@ def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_s
 @click.option("--tolerance", type=click.FloatRange(0, 1), default=0.1, show_default=True,
               help="The suggested s loses at most this share of a layer's output energy.")
 @click.option("--plot", type=click.Path(file_okay=False), metavar="DIR", help="Write PNG figures here (matplotlib).")
+@click.option("--original", "original_model", type=MODEL,
+              help="With a ghostify file, --layer and --plot: the model it was converted from (any MODEL string); "
+                   "the figures then show each Ghost module's intrinsic and ghost maps beside the original's.")
+@click.option("--original-weights", type=click.Path(dir_okay=False), help="A state_dict to load into --original.")
 @INPUT_SIZE
 @JSON
 @TRUST_SOURCE
 @ARCH
 @DEVICE
-def analyze(model, images, tables, sizes, cheap_d, tolerance, plot, input_size, as_json, trust_source, arch,
-            device) -> None:
+def analyze(model, images, tables, sizes, cheap_d, tolerance, plot, original_model, original_weights, input_size,
+            as_json, trust_source, arch, device) -> None:
     """Measure how redundant MODEL's feature maps are on real images: per layer, the output energy s-1 cheap
     maps of the best 1/s maps cannot reproduce, and the s it suggests; the paper's Table 2 for --layer."""
     from .init.data import load_calibration
@@ -351,8 +355,12 @@ def analyze(model, images, tables, sizes, cheap_d, tolerance, plot, input_size, 
     batches = load_calibration(images, tuple(shape), IMAGES)
     dtype, where = placement(loaded)
     inputs = torch.cat([batch[0] for batch in batches]).to(dtype=dtype, device=where)
+    if original_model is not None and (plot is None or not tables or getattr(loaded, "ghostify_result", None) is None):
+        raise ValueError("--original is for a ghostify file's figures: give it with --layer and --plot")
+    original = None if original_model is None else _to_device(
+        load_model(original_model, original_weights, trust_source), device)
     result = measure(loaded, inputs, tables=tables, d=cheap_d, sizes=sizes, tolerance=tolerance, plot=plot,
-                     name=model, progress=True)
+                     name=model, progress=True, original=original)
     _print_report(result, as_json)
     for path in result.figures if not as_json else ():
         click.echo(f"wrote {path}", err=True)

@@ -155,7 +155,7 @@ def pair_mse(source: torch.Tensor, target: torch.Tensor, d: int, seed: int = 0) 
 def analyze(model: nn.Module, inputs: Sequence[torch.Tensor] | torch.Tensor, *, layers: Optional[Sequence[str]] = None,
             tables: Sequence[str] = (), d: int = 3, sizes: Sequence[int] = (1, 3, 5, 7), pairs: int = 3,
             tolerance: float = TOLERANCE, plot: Optional[str] = None, name: str = "model",
-            progress: bool = False) -> Redundancy:
+            progress: bool = False, original: Optional[nn.Module] = None) -> Redundancy:
     """Measure the redundancy of ``model``'s conv outputs on real ``inputs`` (at most ``IMAGES`` are used).
 
     Args:
@@ -167,6 +167,8 @@ def analyze(model: nn.Module, inputs: Sequence[torch.Tensor] | torch.Tensor, *, 
         d: the cheap kernel the scores assume.
         tolerance: the suggested ``s`` is the largest that loses at most this share of a layer's energy.
         plot: a folder to write PNG figures into (``figures``; needs matplotlib).
+        original: for a converted ``model``, the model it was converted from: the figures then also show, for
+            each Table 2 layer that is a Ghost module, its intrinsic and ghost maps beside the original's.
 
     Raises:
         ValueError: a named layer is not in the model (or, for ``layers``, is not a dense conv that runs).
@@ -211,7 +213,10 @@ def analyze(model: nn.Module, inputs: Sequence[torch.Tensor] | torch.Tensor, *, 
         result.tables.append(PairTable(module_name, chosen, [
             {size: pair_mse(y[:, a], y[:, b], size) for size in sizes} for a, b, _ in chosen]))
     if plot is not None:
-        result.figures = figures.write(result, found, plot)
+        converted = {row.name: row for row in getattr(getattr(model, "ghostify_result", None), "replaced", [])}
+        ghosts = {layer: figures.ghost_maps(model, original, converted[layer], inputs) for layer in tables
+                  if original is not None and layer in converted and converted[layer].order is not None}
+        result.figures = figures.write(result, found, plot, ghosts)
     return result
 
 

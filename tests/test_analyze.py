@@ -123,3 +123,38 @@ def test_cli_analyze_without_matplotlib(photo_folder, tmp_path, monkeypatch):
     plain = CliRunner().invoke(main, args)
     assert plain.exit_code == 0, plain.stderr
     assert "suggested" in plain.stdout and "layer1.0.conv1" in plain.stdout
+
+
+def test_ghost_figures_show_each_ghost_beside_the_original_map_it_stands_for(tmp_path):
+    """Exact ghosts (a 1x1 conv whose channels come in scaled pairs, shuffled): in the paper's Figs. 4-5, every
+    intrinsic map equals the original map shown beside it and every ghost is that original map exactly."""
+    import matplotlib.image
+
+    from ghostify.figures import ghost_maps
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 1, bias=False)).eval()
+    with torch.no_grad():
+        weight = torch.randn(8, 8, 1, 1)
+        model[2].weight.copy_(torch.cat([weight, weight * (torch.rand(8, 1, 1, 1) + 0.5)])[torch.randperm(16)])
+    x = photos(32)
+    ghost = ghostify.convert(model, s=2, d=1, example_inputs=x[:1]).eval()
+    row = ghost.ghostify_result.replaced[0]
+    grid = ghost_maps(ghost, model, row, (x,))
+    assert len(grid) == 6 and all(len(line) == 4 for line in grid)
+    for (_, theirs), (_, intrinsic), (_, made), (_, other) in grid:
+        scale = theirs.abs().max()
+        assert torch.allclose(intrinsic, theirs, atol=1e-4 * scale) and torch.allclose(made, other, atol=1e-4 * scale)
+    assert any(not torch.allclose(line[0][1], line[3][1]) for line in grid)  # the pairs are different maps
+    result = ghostify.analyze(ghost, x, tables=["2"], plot=str(tmp_path / "figs"), original=model)
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["ghosts_2.png", "maps_2.png", "redundancy.png"]
+    height, width = matplotlib.image.imread(str(tmp_path / "figs" / "ghosts_2.png")).shape[:2]
+    assert 300 <= width <= 4000 and 200 <= height <= 4000
+    assert str(tmp_path / "figs" / "ghosts_2.png") in result.figures
+
+
+def test_cli_original_is_only_for_a_ghostify_files_figures(photo_folder, tmp_path):
+    args = ["analyze", "resnet18", "--images", str(photo_folder), "--input-size", "3", "32", "32"]
+    refused = CliRunner().invoke(main, args + ["--original", "resnet18", "--layer", "layer1.0", "--plot",
+                                               str(tmp_path / "figs")])
+    assert refused.exit_code == 2 and "--original is for a ghostify file" in refused.stderr
