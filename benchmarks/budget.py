@@ -48,7 +48,7 @@ def flops_table(args: argparse.Namespace) -> None:
     print("| model | plan | FLOPs fraction | s used / convs kept | top-1 | agreement | logit error |")
     print("|---|---|---|---|---|---|---|")
     for name in args.models:
-        model = reference(name, data[0], data[1])
+        model = reference(name, "digits", data[0], data[1])
         for s in (2, 4):
             torch.manual_seed(0)
             uniform = ghostify.convert(model, s=s, **calibration)
