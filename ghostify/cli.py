@@ -241,6 +241,9 @@ def main(debug: bool) -> None:
               help="--init reconstruct: time budget for tuning all blocks (default: none).")
 @click.option("--recon-network", is_flag=True,
               help="--init reconstruct: then tune every Ghost module together on the model's output.")
+@click.option("--recon-mix", type=click.FloatRange(0, 1), metavar="P",
+              help="--init reconstruct: take each element of a block's tuning input from the original model with "
+                   "probability P (QDrop; default 0).")
 @click.option("--form", type=click.Choice(["ghostnet", "linear"]), default="ghostnet", show_default=True,
               help="ghostnet: a conv and the batch norm after it become one Ghost module (folds exactly at deploy); "
                    "linear: the norm stays after a linear Ghost module.")
@@ -261,8 +264,8 @@ def main(debug: bool) -> None:
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
 def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_size, weights, init, calib_data,
-            calib_samples, recon_steps, recon_seconds, recon_network, form, runtime, runtime_batch, target_flops,
-            target_latency, as_json, trust_source, arch, device, force, output) -> None:
+            calib_samples, recon_steps, recon_seconds, recon_network, recon_mix, form, runtime, runtime_batch,
+            target_flops, target_latency, as_json, trust_source, arch, device, force, output) -> None:
     """Convert MODEL's Conv2d layers to Ghost modules, print the report, write OUT."""
     from .files import check_output
 
@@ -273,9 +276,10 @@ def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_s
         raise ValueError(f"--init {init} needs --calib-data PATH (an image folder or a .pt tensor file)")
     if init not in DATA_METHODS and calib_data is not None:
         raise ValueError(f"--calib-data is only used by --init calibrate or reconstruct, got --init {init}")
-    if init != "reconstruct" and (recon_steps is not None or recon_seconds is not None or recon_network):
-        raise ValueError("--recon-steps, --recon-seconds and --recon-network are only used by --init reconstruct, "
-                         f"got --init {init}")
+    if init != "reconstruct" and (recon_steps is not None or recon_seconds is not None or recon_network
+                                  or recon_mix is not None):
+        raise ValueError("--recon-steps, --recon-seconds, --recon-network and --recon-mix are only used by --init "
+                         f"reconstruct, got --init {init}")
     import ghostify
 
     from .serialization import load_model
@@ -299,7 +303,7 @@ def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_s
                                  exclude=exclude or None, include_stem=include_stem, example_inputs=inputs, init=init,
                                  calibration_data=calibration, calibration_samples=calib_samples,
                                  absorb_norm=form == "ghostnet", reconstruct_seconds=recon_seconds,
-                                 reconstruct_network=recon_network,
+                                 reconstruct_network=recon_network, reconstruct_mix=recon_mix or 0.0,
                                  runtime=runtime, runtime_batch=runtime_batch, target_flops=target_flops,
                                  target_latency=target_latency,
                                  **({} if recon_steps is None else {"reconstruct_steps": recon_steps}))

@@ -240,7 +240,7 @@ def finetune(
     dataset, val = as_dataset(data), as_dataset(val_data if val_data is not None else data)
     _, device = placement(student)
     rank, world = _distributed(device)
-    teacher = teacher.to(device).eval().requires_grad_(False)
+    teacher = teacher.to(device)
     student.train()
     generator = torch.Generator().manual_seed(seed)
     sampler = (DistributedSampler(dataset, world, rank, shuffle=True, seed=seed) if world > 1
@@ -269,6 +269,8 @@ def finetune(
         history.epochs = [Epoch(**row) for row in state["history"]]
     autocast = (lambda: torch.autocast(device.type, torch.bfloat16 if device.type == "cpu" else torch.float16)) \
         if amp else nullcontext
+    modes = [(module, module.training) for module in teacher.modules()]
+    teacher.eval()  # it runs without gradients and in eval mode; its flags come back afterwards
     try:
         with progress("epoch {description}, loss {loss:.4f}, {rate:.0f} images/s", show=rank == 0) as bar:
             for epoch in range(start_epoch, epochs):
@@ -313,6 +315,8 @@ def finetune(
     finally:
         if features is not None:
             features.close()
+        for module, training in modes:
+            module.training = training
     result.ghostify_finetune = history
     return result
 

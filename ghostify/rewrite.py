@@ -286,6 +286,7 @@ def convert(
     reconstruct_steps: int = RECONSTRUCT_STEPS,
     reconstruct_seconds: Optional[float] = None,
     reconstruct_network: bool = False,
+    reconstruct_mix: float = 0.0,
     runtime: Optional[str] = None,
     runtime_batch: int = 1,
     target_flops: Optional[float] = None,
@@ -319,6 +320,8 @@ def convert(
         reconstruct_seconds: for ``"reconstruct"``, a time budget for tuning all blocks (None: no limit).
         reconstruct_network: for ``"reconstruct"``, after the blocks tune every Ghost module together on the
             model's output against the original's (``reconstruct_steps`` more steps; single-input models).
+        reconstruct_mix: for ``"reconstruct"``, the probability that each element of a block's tuning input
+            comes from the original model's input to that block instead of the converted model's (QDrop).
         runtime: ``"torch"``, ``"onnxruntime"`` or ``"inductor"``: time each layer alone as a conv and as a
             Ghost module in that runtime's deploy form (``latency.layer_times``) and keep the layers a Ghost
             module does not make faster as convs, reported as skipped with both times. None: no timing.
@@ -355,6 +358,8 @@ def convert(
     elif calibration_data is not None:
         raise ValueError(f"calibration_data is only used by init='calibrate' or 'reconstruct', got init={init!r}")
     _check_budget(s, target_flops, target_latency, runtime)
+    if not 0 <= reconstruct_mix <= 1:
+        raise ValueError(f"reconstruct_mix is a probability in [0, 1], got {reconstruct_mix!r}")
     _validate(s, check_ratio, "s")
     _validate(d, check_cheap_kernel, "d")
     _validate(primary_kernel, _check_kernel, "primary_kernel")
@@ -403,7 +408,7 @@ def convert(
     if isinstance(earlier, ConversionResult):  # converting a converted model: its plan must replay the earlier one
         result.replaced = copy.deepcopy(earlier.replaced) + result.replaced
     done = initialise(init, swapped, {row.name: row for row in replaced}, converted, model, batches, inputs,
-                      reconstruct_steps, reconstruct_seconds, reconstruct_network)
+                      reconstruct_steps, reconstruct_seconds, reconstruct_network, reconstruct_mix)
     for row in replaced:
         fitted = done.layers.get(row.name)
         if fitted is not None:

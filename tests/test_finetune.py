@@ -37,6 +37,7 @@ def test_distillation_without_labels_brings_predictions_back(converted):
     assert [row.epoch for row in student.ghostify_finetune.epochs] == [1, 2, 3]
     assert student.ghostify_finetune.epochs[-1].top1 is None  # no labels, no top-1
     assert not teacher.training
+    assert all(p.requires_grad for p in teacher.parameters())  # frozen by no_grad, not by changing the model
     for name, value in teacher.state_dict().items():
         torch.testing.assert_close(value, teacher_state[name], msg=name)
 
@@ -160,3 +161,14 @@ def test_cli_finetune_a_file_converted_from_a_python_object_with_arch(tmp_path):
     assert done.exit_code == 0, done.stderr
     tuned = ghostify.load(str(tmp_path / "t.pt"), model=torchvision.models.resnet18())
     assert not torch.equal(tuned.fc.weight, teacher.fc.weight)  # trained, and written as a ghostify file
+
+
+def test_a_teacher_in_training_mode_is_used_in_eval_mode_and_given_back_unchanged(converted):
+    ghost, model, x = converted
+    teacher = copy.deepcopy(model).train()
+    state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    ghostify.finetune(copy.deepcopy(ghost), teacher, x[:128], epochs=1)
+    assert all(module.training for module in teacher.modules())
+    assert all(p.requires_grad for p in teacher.parameters())
+    for name, value in teacher.state_dict().items():  # eval mode while distilling: no batch-norm updates
+        torch.testing.assert_close(value, state[name], msg=name)

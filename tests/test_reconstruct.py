@@ -1,6 +1,7 @@
 """``init="reconstruct"``: blocks found from the module tree, each tuned on its output error against the
 original's same block; never worse than ``calibrate`` on the block, closer to the original's outputs."""
 
+import pytest
 import torch
 import torchvision
 from click.testing import CliRunner
@@ -80,6 +81,27 @@ def test_the_keep_decision_is_made_on_inputs_the_tuning_did_not_see():
     assert not torch.equal(block.weight, torch.zeros(4, 4)) and block.weight.grad is None
 
 
+@pytest.mark.parametrize("mix", [0.0, 0.5, 1.0])
+def test_qdrop_mixing_takes_tuning_inputs_from_the_original_with_probability_mix(mix):
+    """The converted model's inputs are all -1, the original's all +1: the share of +1 among the elements the
+    block is tuned on is ``mix``; the held-out check still reads the converted inputs only."""
+    block = nn.Linear(4, 4)
+    seen = []
+    block.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()) if torch.is_grad_enabled()
+                                    else None)
+    x, clean = -torch.ones(50, 4), torch.ones(50, 4)
+    blockwise._tune(block, x, torch.randn(50, 4), steps=40, deadline=None, generator=torch.Generator(),
+                    original=clean, mix=mix)
+    share = (torch.cat(seen) > 0).float().mean().item()
+    assert abs(share - mix) < 0.05, share
+
+
+def test_mix_is_a_probability(digits_model):
+    model, x = digits_model
+    with pytest.raises(ValueError, match=r"reconstruct_mix is a probability in \[0, 1\], got 1.5"):
+        ghostify.convert(model, init="reconstruct", calibration_data=x[:16], reconstruct_mix=1.5)
+
+
 def test_the_network_stage_brings_held_out_outputs_closer(digits_model):
     model, x = digits_model
     calibration, held_out = x[:256], x[-300:]
@@ -110,7 +132,7 @@ def test_cli_reconstruct_and_its_options(tmp_path):
     out = tmp_path / "g.pt"
     args = ["convert", "resnet18", "--input-size", "3", "32", "32", "--calib-data", str(tmp_path / "calib.pt")]
     result = CliRunner().invoke(main, [*args, "--init", "reconstruct", "--recon-steps", "3", "--recon-seconds", "60",
-                                       "--recon-network", "-o", str(out)])
+                                       "--recon-network", "--recon-mix", "0.5", "-o", str(out)])
     assert result.exit_code == 0, result.stderr
     assert any(line.startswith("reconstructing the whole network") and "[5/5, " in line
                for line in result.stderr.splitlines()), result.stderr  # 4 blocks, then the network

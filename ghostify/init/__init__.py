@@ -78,6 +78,7 @@ def initialise(
     reconstruct_steps: int = RECONSTRUCT_STEPS,
     reconstruct_seconds: Optional[float] = None,
     reconstruct_network: bool = False,
+    reconstruct_mix: float = 0.0,
 ) -> Initialised:
     """Set the weights of each ``(name, conv, ghost)`` in ``swapped`` (modules of ``model``) by method ``init``.
 
@@ -93,6 +94,7 @@ def initialise(
         reconstruct_steps, reconstruct_seconds: Adam steps per block, and a time budget for all blocks
             (``"reconstruct"``).
         reconstruct_network: after the blocks, tune all Ghost modules together on the model's output.
+        reconstruct_mix: QDrop's probability of taking a block's tuning input from the original model.
 
     Returns:
         Each layer's measured error and gather, and notes on how they were measured (or why nothing was done).
@@ -134,7 +136,8 @@ def initialise(
         found = find_blocks(model, sorted(once), tuple(x[:1] for x in batches[0]))
         norms = {name: layers[name].norm for name in found if name in layers and layers[name].norm}
         notes["reconstruct"] = summary(reconstruct(model, original, found, batches, reconstruct_steps,
-                                                   reconstruct_seconds, norms, reconstruct_network))
+                                                   reconstruct_seconds, norms, reconstruct_network,
+                                                   reconstruct_mix))
     data = init in DATA_METHODS
     measured = [tuple(x[:ERROR_SAMPLES] for x in batches[0])] if data else [tuple(example_inputs)]
     paths = {id(module): path for path, module in model.named_modules()}

@@ -8,6 +8,7 @@ above it that runs once, maps one tensor to one tensor and holds at most ``MAX_L
 layer with no such module is its own block. Each block's weights are tuned with Adam on the relative MSE of
 its output over most of the calibration inputs, and kept only where that error went down on the rest
 (``HELD_OUT``), which guards against fitting a few hundred images better than the model generalises.
+With ``mix``, the tuning inputs are partly the original model's (QDrop's input mixing).
 Optionally (``network``) the converted layers of the whole network are then tuned together on the model's
 output against the original's (the network-level stage of MiR), with the same rule.
 """
@@ -78,16 +79,23 @@ def _relative(block: nn.Module, x: torch.Tensor, y: torch.Tensor, energy: float)
 
 
 def _tune(block: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, deadline: Optional[float],
-          generator: torch.Generator, params: Optional[List[torch.Tensor]] = None) -> Tuple[float, float]:
+          generator: torch.Generator, params: Optional[List[torch.Tensor]] = None,
+          original: Optional[torch.Tensor] = None, mix: float = 0.0) -> Tuple[float, float]:
     """Adam on ``block``'s weights (or ``params``) to bring ``block(x)`` to ``y`` on all but the last
     ``HELD_OUT`` of ``x``; the weights stay only if the error on those fell (on all of ``x`` when there are
-    fewer than 10). Returns the error on them before and after."""
+    fewer than 10). Returns the error on them before and after.
+
+    ``original``: the original model's input to the block (same shape as ``x``); each tuning step then takes
+    each input element from it with probability ``mix`` (QDrop), so the block learns from both the converted
+    model's inputs and clean ones. The keep decision always uses ``x``, what the block will see.
+    """
     params = params if params is not None else [p for p in block.parameters() if p.is_floating_point()]
     saved = [p.detach().clone() for p in params]
     held = int(len(x) * HELD_OUT) if len(x) >= 10 else 0
     fit = slice(0, len(x) - held)
     check = slice(len(x) - held, len(x)) if held else fit
     x, y, x_check, y_check = x[fit], y[fit], x[check], y[check]
+    original = original[fit] if original is not None else None
     energy = (y_check - y_check.mean(0, keepdim=True)).square().sum(dtype=torch.float64).item()  # ||y - mean||^2
     before = _relative(block, x_check, y_check, energy)
     scale = (y - y.mean(0, keepdim=True)).square().mean().item() or 1.0
@@ -98,7 +106,11 @@ def _tune(block: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, deadli
             if deadline is not None and time.monotonic() > deadline:
                 break
             pick = torch.randint(len(x), (min(BATCH, len(x)),), generator=generator).to(x.device)
-            loss = (block(x[pick]) - y[pick]).square().mean() / scale
+            batch = x[pick]
+            if original is not None and mix > 0:
+                clean = torch.rand(batch.shape, generator=generator).to(batch.device) < mix
+                batch = torch.where(clean, original[pick], batch)
+            loss = (block(batch) - y[pick]).square().mean() / scale
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -115,7 +127,8 @@ def _tune(block: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, deadli
 
 def reconstruct(model: nn.Module, original: nn.Module, blocks: Sequence[str], batches: Sequence[Batch],
                 steps: int = STEPS, seconds: Optional[float] = None,
-                targets: Optional[Mapping[str, str]] = None, network: bool = False) -> Dict[str, Tuple[float, float]]:
+                targets: Optional[Mapping[str, str]] = None, network: bool = False,
+                mix: float = 0.0) -> Dict[str, Tuple[float, float]]:
     """Tune each block of ``model`` (paths in run order, ``find_blocks``) towards ``original``'s same block.
 
     Args:
@@ -125,6 +138,8 @@ def reconstruct(model: nn.Module, original: nn.Module, blocks: Sequence[str], ba
         seconds: a time budget for all blocks together (each block gets its share); None for no limit.
         network: then tune the weights of every Ghost module together on the model's output (``steps`` more
             steps; a model with several inputs or a non-tensor output is left out), recorded as ``NETWORK``.
+        mix: the probability with which each element of a block's tuning inputs comes from the original
+            model's input to that block instead of the converted model's (QDrop); 0: the converted model's only.
 
     Returns:
         Each block's relative output error before and after, on the held-out calibration inputs.
@@ -134,14 +149,16 @@ def reconstruct(model: nn.Module, original: nn.Module, blocks: Sequence[str], ba
     done: Dict[str, Tuple[float, float]] = {}
     with evaluating(model), evaluating(original), loss_progress("reconstructing", "block error") as bar:
         task = bar.add_task("", total=len(blocks) + network, loss=UNKNOWN)
-        inputs, outputs = activations(model, batches, blocks), activations(original, batches, theirs.values())
+        inputs = activations(model, batches, blocks)
+        outputs = activations(original, batches, {*theirs.values(), *blocks})
         for index, path in enumerate(blocks):
             bar.update(task, description=f"block {index + 1}/{len(blocks)} {path}")
             ours = model.get_submodule(path)
             x = torch.cat(inputs.input_of(ours))
+            clean = torch.cat(outputs.input_of(original.get_submodule(path))) if mix > 0 else None
             y = torch.cat(outputs.output_of(original.get_submodule(theirs[path])))
             deadline = None if seconds is None else start + seconds * (index + 1) / (len(blocks) + network)
-            done[path] = _tune(ours, x, y, steps, deadline, generator)
+            done[path] = _tune(ours, x, y, steps, deadline, generator, original=clean, mix=mix)
             bar.update(task, advance=1, loss=done[path][1])
         if network and all(len(batch) == 1 for batch in batches):
             bar.update(task, description="the whole network")
