@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from .files import atomic_write
 from .progress import UNKNOWN, progress
 from .serialization import save
-from .trace import placement
+from .trace import eval_mode, placement
 
 
 @dataclass
@@ -139,30 +139,36 @@ class Features:
         device = placement(student)[1]
         self.orders = [torch.tensor(row.order, device=device) for row in rows]
         self.maps: Dict[str, List[torch.Tensor]] = {"student": [], "teacher": []}
+        self.recording = False
         self._handles = [module.register_forward_hook(self._keep(side))
                          for row in rows for side, module in (("student", student.get_submodule(row.name)),
                                                               ("teacher", teacher.get_submodule(row.norm or row.name)))]
 
     def _keep(self, side: str):
         def hook(module, args, output):
-            self.maps[side].append(output)
+            if self.recording:  # training steps only: an evaluation pass keeps nothing
+                self.maps[side].append(output)
         return hook
 
-    def clear(self) -> None:
-        self.maps = {"student": [], "teacher": []}
+    def record(self) -> None:
+        """Keep the layers' outputs of the next forward of each model, for ``loss``."""
+        self.maps, self.recording = {"student": [], "teacher": []}, True
 
     def loss(self) -> torch.Tensor:
-        """The mean relative MSE over the layers, from one forward of each model since ``clear``."""
+        """The mean relative MSE over the layers, from the forwards since ``record``."""
         pairs = zip(self.maps["student"], self.maps["teacher"], self.orders)
         terms = [F.mse_loss(ours.float(), theirs.float().index_select(1, order)) /
                  theirs.float().var().clamp_min(1e-12) for ours, theirs, order in pairs]
-        self.clear()
+        self.maps, self.recording = {"student": [], "teacher": []}, False
         return torch.stack(terms).mean()
 
-    def close(self) -> None:
+    def __enter__(self) -> "Features":
+        return self
+
+    def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
-        self.clear()
+        self.maps, self.recording = {"student": [], "teacher": []}, False
 
 
 def _distributed(device: torch.device) -> Tuple[int, int]:
@@ -269,9 +275,8 @@ def finetune(
         history.epochs = [Epoch(**row) for row in state["history"]]
     autocast = (lambda: torch.autocast(device.type, torch.bfloat16 if device.type == "cpu" else torch.float16)) \
         if amp else nullcontext
-    modes = [(module, module.training) for module in teacher.modules()]
-    teacher.eval()  # it runs without gradients and in eval mode; its flags come back afterwards
-    try:
+    # the teacher runs in eval mode (and without gradients); its flags come back afterwards
+    with eval_mode(teacher), features if features is not None else nullcontext():
         with progress("epoch {description}, loss {loss:.4f}, {rate:.0f} images/s", show=rank == 0) as bar:
             for epoch in range(start_epoch, epochs):
                 if world > 1:
@@ -285,7 +290,7 @@ def finetune(
                     x, y = _split(batch)
                     x = x.to(device)
                     if features is not None:
-                        features.clear()
+                        features.record()
                     with torch.no_grad(), autocast():
                         target = teacher(x).float()
                     with autocast():
@@ -312,11 +317,6 @@ def finetune(
                     _checkpoint(result, student, optimizer, schedule, ema, history, output, state_path)
                 if world > 1:
                     dist.barrier()
-    finally:
-        if features is not None:
-            features.close()
-        for module, training in modes:
-            module.training = training
     result.ghostify_finetune = history
     return result
 

@@ -64,16 +64,22 @@ def random_inputs(model: nn.Module, *shapes: Sequence[int]) -> Tuple[torch.Tenso
 
 
 @contextmanager
-def evaluating(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` in eval mode and without gradients; every module's training flag is restored afterwards."""
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode; every module's training flag is restored afterwards."""
     flags = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
-        with torch.no_grad():
-            yield model
+        yield model
     finally:
         for module, training in flags:
             module.training = training
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode and without gradients; every module's training flag is restored afterwards."""
+    with eval_mode(model), torch.no_grad():
+        yield model
 
 
 class GhostLeafTracer(fx.Tracer):

@@ -13,13 +13,10 @@ from ghostify.distillation import Features
 
 
 def _feature_loss(student, teacher, x) -> float:
-    features = Features(student, teacher)
-    try:
-        with torch.no_grad():
-            student(x), teacher(x)
+    with Features(student, teacher) as features, torch.no_grad():
+        features.record()
+        student(x), teacher(x)
         return features.loss().item()
-    finally:
-        features.close()
 
 
 @pytest.fixture(scope="module")
