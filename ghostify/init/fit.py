@@ -222,7 +222,7 @@ def blocks(n: int, s: int) -> List[slice]:
     channels; a wider one splits into nearly equal runs of whole groups of ``s`` (the last takes the rest).
 
     A ghost then comes from an intrinsic map of its own run, so pairing and choosing cost grows linearly past
-    ``WIDE`` instead of quadratically (a 3712-channel RegNet layer pairs 4x faster), at the price of partners
+    ``WIDE`` instead of quadratically (two runs: half the pair products), at the price of partners
     in other runs.
     """
     if n <= WIDE:
