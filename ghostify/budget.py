@@ -13,7 +13,6 @@ that is reachable, before any fitting.
 
 from __future__ import annotations
 
-import copy
 import math
 import statistics
 from dataclasses import dataclass
@@ -24,12 +23,11 @@ import torch
 from torch import nn
 
 from .count import Counts
-from .init.channels import couple
+from .init.channels import Group, couple
 from .init.datafree import bn_gain
-from .init.fit import choose, explained, filter_pairing, unexplained
+from .init.fit import Grain, choose, explained, filter_pairing, unexplained
 from .init.measure import record
 from .latency import layer_times, model_ms
-from .plan import apply_plan
 from .progress import progress as progress_display
 from .redundancy import IMAGES, RATIOS, ghost_maps, layer_errors
 from .trace import evaluating
@@ -46,25 +44,33 @@ class Option:
     error: float
 
 
-def conv_flops(entry: Mapping, s: Optional[int]) -> float:
+def conv_flops(entry: Mapping, s: Optional[int], grain: Optional[Grain] = None) -> float:
     """Multiply-adds of a planned layer at batch 1 as a conv (``s`` None) or as a Ghost module with ratio ``s``
-    (primary conv, then the depthwise cheap conv over all ``m * (s - 1)`` ghosts it computes), as fvcore counts."""
+    (primary conv, then the depthwise cheap conv over all ``m * (s - 1)`` ghosts it computes), as fvcore counts;
+    ``grain``: a grouped conv reads the layer, which then has whole groups of intrinsic maps."""
     positions = math.prod(entry["output_shape"][2:]) * entry.get("calls", 1)
     n, c, kernel = entry["out_channels"], entry["in_channels"], entry["kernel_size"]
     if s is None:
         return positions * n * c * math.prod(kernel)
-    m = -(-n // s)
+    m = -(-n // s) if grain is None else grain.intrinsic(n, s)
     return positions * (m * c * math.prod(entry["primary_kernel"]) + m * (s - 1) * entry["d"] ** len(kernel))
 
 
-def fit_errors(conv: nn.Module, norm: Optional[nn.Module], entry: Mapping, ratios: Sequence[int] = RATIOS
-               ) -> Dict[int, float]:
+def _intrinsic(entry: Mapping, s: int, grain: Optional[Grain]) -> Optional[int]:
+    """A plan row's ``intrinsic`` at ratio ``s``: None unless whole groups need more than ``ceil(n / s)``."""
+    n = entry["out_channels"]
+    return None if grain is None or grain.intrinsic(n, s) == -(-n // s) else grain.intrinsic(n, s)
+
+
+def fit_errors(conv: nn.Module, norm: Optional[nn.Module], entry: Mapping, ratios: Sequence[int] = RATIOS,
+               grain: Optional[Grain] = None) -> Dict[int, float]:
     """The data-free error of making ``conv`` a Ghost module at each ratio (its channel choice as ``copy`` makes
-    it, weighted through the norm that follows, if any)."""
+    it, in whole groups with a ``grain``, weighted through the norm that follows, if any)."""
     pairing, _ = filter_pairing(conv.weight.detach().float().cpu(), entry["primary_kernel"], conv.dilation,
                                 conv.stride, entry["d"], bn_gain(norm, conv.out_channels))
     fraction = explained(pairing)
-    return {s: unexplained(pairing, choose([pairing], s), fraction) for s in ratios if s <= conv.out_channels}
+    return {s: unexplained(pairing, choose([pairing], s, grain=grain), fraction)
+            for s in ratios if s <= conv.out_channels}
 
 
 def map_errors(model: nn.Module, entries: Sequence[Mapping], norms: Mapping[str, Optional[str]],
@@ -192,35 +198,37 @@ def _fill(options: Mapping[Hashable, Sequence[Option]], chosen: Dict[Hashable, O
 
 
 def _errors(model: nn.Module, entries: Sequence[Mapping], norms: Mapping[str, Optional[str]],
-            progress: bool) -> Dict[str, Dict[int, float]]:
+            progress: bool, grains: Mapping[str, Grain]) -> Dict[str, Dict[int, float]]:
     """``fit_errors`` of every planned layer."""
     errors = {}
     with progress_display("fitting {description}", show=progress) as bar, torch.no_grad():
         task = bar.add_task("each layer at s = 2..5", total=len(entries)) if bar else None
         for entry in entries:
             norm = model.get_submodule(norms[entry["name"]]) if norms.get(entry["name"]) else None
-            errors[entry["name"]] = fit_errors(model.get_submodule(entry["name"]), norm, entry)
+            errors[entry["name"]] = fit_errors(model.get_submodule(entry["name"]), norm, entry,
+                                               grain=grains.get(entry["name"]))
             if bar:
                 bar.advance(task)
     return errors
 
 
-def _groups(model: nn.Module, entries: Sequence[Mapping], inputs: Sequence[torch.Tensor]) -> List[List[str]]:
+def _groups(model: nn.Module, entries: Sequence[Mapping], inputs: Sequence[torch.Tensor]) -> List[Group]:
     """The planned layers that write into one tensor, which must share s to share a channel order (else their
-    Ghost modules keep gathers): ``init.channels`` groups of the model with every planned layer converted."""
-    trial = copy.deepcopy(model)
-    apply_plan(trial, [{**entry, "s": 2, "gather": False} for entry in entries])
-    return [group.members for group in couple(trial, [entry["name"] for entry in entries], inputs).groups]
+    Ghost modules keep gathers), and how grouped convs reading them constrain it: ``init.channels`` groups."""
+    return couple(model, [entry["name"] for entry in entries], inputs).groups
 
 
 def _costs(model: nn.Module, entries: Sequence[Mapping], inputs: Sequence[torch.Tensor], target_flops: Optional[float],
-           runtime: Optional[str], batch: int) -> Tuple[Dict[str, Dict[Optional[int], float]], float, str]:
+           runtime: Optional[str], batch: int,
+           grains: Mapping[str, Grain]) -> Tuple[Dict[str, Dict[Optional[int], float]], float, str]:
     """Each layer's cost as a conv (key None) and at each ratio, the original model's total and the unit."""
     ratios = {entry["name"]: [s for s in RATIOS if s <= entry["out_channels"]] for entry in entries}
     if target_flops is not None:
         total = Counts(model, tuple(inputs)).conv_linear_flops
-        return {e["name"]: {s: conv_flops(e, s) for s in [None, *ratios[e["name"]]]} for e in entries}, total, "FLOPs"
-    variants = [{**entry, "s": s} for entry in entries for s in ratios[entry["name"]]]
+        return {e["name"]: {s: conv_flops(e, s, grains.get(e["name"])) for s in [None, *ratios[e["name"]]]}
+                for e in entries}, total, "FLOPs"
+    variants = [{**entry, "s": s, "intrinsic": _intrinsic(entry, s, grains.get(entry["name"]))}
+                for entry in entries for s in ratios[entry["name"]]]
     times = layer_times(model, variants, runtime=runtime, batch=batch, progress=True)
     costs: Dict[str, Dict[Optional[int], float]] = {}
     dense: Dict[str, List[float]] = {}
@@ -251,9 +259,11 @@ def plan(model: nn.Module, entries: Sequence[Mapping], norms: Mapping[str, Optio
         ValueError: the budget cannot be met even with every layer at s = 5.
     """
     target = target_flops if target_flops is not None else target_latency
-    costs, total, unit = _costs(model, entries, inputs, target_flops, runtime, batch)
+    found = _groups(model, entries, inputs)
+    grains = {name: group.grain for group in found if group.grain and group.blocked is None for name in group.members}
+    costs, total, unit = _costs(model, entries, inputs, target_flops, runtime, batch, grains)
     fixed = total - sum(cost[None] for cost in costs.values())
-    groups = _groups(model, entries, inputs)
+    groups = [group.members for group in found]
     shared = {tuple(group): [s for s in costs[group[0]] if all(s in costs[name] for name in group)]
               for group in groups}
     cheapest = fixed + sum(min(sum(costs[name][s] for name in group) for s in ratios)
@@ -263,7 +273,7 @@ def plan(model: nn.Module, entries: Sequence[Mapping], norms: Mapping[str, Optio
         raise ValueError(f"{what}={target} is unreachable: with every convertible layer at its cheapest ratio the "
                          f"model keeps {cheapest / total:.3f} of its {unit}; ask for more")
     errors = output_errors(model, entries, norms, batches, progress=progress) if batches else \
-        _errors(model, entries, norms, progress)
+        _errors(model, entries, norms, progress, grains)
     options = {group: [Option(s, sum(costs[n][s] for n in group), sum(errors[n][s] if s else 0.0 for n in group))
                        for s in ratios] for group, ratios in shared.items()}
     chosen = search(options, target * total - fixed)

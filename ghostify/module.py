@@ -102,6 +102,8 @@ class GhostModule(nn.Module):
         stride, padding, dilation, bias, padding_mode: as in ``nn.Conv2d``; the primary conv uses them so the
             output's spatial size equals the original conv's.
         s: ghost ratio; ``m = ceil(n / s)`` intrinsic maps, ``s - 1`` ghosts each.
+        intrinsic_channels: ``m`` when it must be more than ``ceil(n / s)`` (and less than ``n``), e.g. a
+            multiple of the group width of a grouped conv that reads the output; the last ghosts are then unused.
         d: kernel of the depthwise cheap operation (odd).
         primary_kernel: kernel of the primary conv (default ``kernel_size``); padding is adjusted to match.
         inner_bn: put ``norm_layer`` after the primary conv and the cheap operation.
@@ -134,6 +136,7 @@ class GhostModule(nn.Module):
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
         dim: int = 2,
+        intrinsic_channels: Optional[int] = None,
     ) -> None:
         super().__init__()
         self.s, self.d = check_ratio(s), check_cheap_kernel(d)
@@ -146,7 +149,11 @@ class GhostModule(nn.Module):
         kernel_size = _tuple(kernel_size, "kernel_size", dim)
         primary_kernel = kernel_size if primary_kernel is None else _tuple(primary_kernel, "primary_kernel", dim)
         self.out_channels = out_channels
-        self.intrinsic_channels = math.ceil(out_channels / s)
+        least = math.ceil(out_channels / s)
+        if intrinsic_channels is not None and not least <= intrinsic_channels < out_channels:
+            raise ValueError(f"intrinsic_channels must be in [ceil(n / s), n) = [{least}, {out_channels}), "
+                             f"got {intrinsic_channels}")
+        self.intrinsic_channels = least if intrinsic_channels is None else int(intrinsic_channels)
         self.ghost_channels = self.intrinsic_channels * (s - 1)
         factory = {"device": device, "dtype": dtype}
         m = self.intrinsic_channels
@@ -245,4 +252,6 @@ class GhostModule(nn.Module):
     def extra_repr(self) -> str:
         gather = ", gather" if self.out_index is not None else ""
         dim = f", dim={self.dim}" if self.dim != 2 else ""
-        return f"out_channels={self.out_channels}, s={self.s}, d={self.d}{dim}{gather}"
+        m = self.intrinsic_channels
+        wider = f", intrinsic_channels={m}" if m != math.ceil(self.out_channels / self.s) else ""
+        return f"out_channels={self.out_channels}, s={self.s}, d={self.d}{wider}{dim}{gather}"

@@ -1,8 +1,8 @@
 """Replaying a conversion plan: each planned conv of a model swapped for a fresh Ghost module.
 
 A plan is a list of per-layer rows (``ConversionResult.plan()``: name, s, d, primary kernel, the norm taken
-in, gather). ``convert`` makes one and replays it; ``load`` replays a saved one before loading the weights;
-``layer_times`` replays one row on a single layer to time it.
+in, gather, intrinsic count). ``convert`` makes one and replays it; ``load`` replays a saved one before loading
+the weights; ``layer_times`` replays one row on a single layer to time it.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ def apply_plan(model: nn.Module, plan: Iterable[Mapping[str, Any]],
         inner = {} if norm is None else {"inner_bn": True, "norm_layer": partial(
             NORMS[dim], eps=norm.eps, momentum=norm.momentum)}
         ghost = GhostModule.from_conv(conv, s=entry["s"], d=entry["d"], primary_kernel=tuple(entry["primary_kernel"]),
-                                      **inner, **({} if fill else {"device": "meta"}))
+                                      intrinsic_channels=entry.get("intrinsic"), **inner,
+                                      **({} if fill else {"device": "meta"}))
         if not fill:
             ghost.to_empty(device=conv.weight.device)
             for module in ghost.modules():

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import budget
-from .init import DATA_METHODS, RECONSTRUCT_STEPS, check_calibration, check_init, initialise
+from .init import DATA_METHODS, RECONSTRUCT_STEPS, check_calibration, check_init, initialise, intrinsic
 from .latency import layer_times
 from .module import CONVS, GhostModule, _tuple, check_cheap_kernel, check_ratio, conv_dim, primary_padding
 from .plan import apply_plan
@@ -51,6 +51,7 @@ class Replaced:
     ghost_ms: Optional[float] = None
     why: Optional[str] = None  # with a budget: why this s
     order: Optional[List[int]] = None  # original channel of each output (the order readers absorbed); None: unknown
+    intrinsic: Optional[int] = None  # m, when more than ceil(n / s) (whole groups of a grouped conv reading it)
 
 
 @dataclass
@@ -77,7 +78,7 @@ class ConversionResult:
     def plan(self) -> List[Dict[str, Any]]:
         """The per-layer settings that rebuild the converted architecture from the original one."""
         return [{"name": r.name, "s": r.s, "d": r.d, "primary_kernel": list(r.primary_kernel), "norm": r.norm,
-                 "gather": r.gather} for r in self.replaced]
+                 "gather": r.gather, "intrinsic": r.intrinsic} for r in self.replaced]
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -395,6 +396,8 @@ def convert(
         skipped += slower
     skipped += [Skipped(name, "F.conv", "functional convolution call; only conv modules are replaced")
                 for name in analysis.functional]
+    for name, m in intrinsic(converted, {row.name: row for row in replaced}, inputs).items():
+        next(row for row in replaced if row.name == name).intrinsic = m  # whole groups for a grouped conv reader
     result = ConversionResult(analysis.method, replaced, skipped, [_shape(x) for x in inputs], init,
                               source=getattr(model, "ghostify_source", None))
     if not replaced:

@@ -133,8 +133,7 @@ def test_target_flops_is_met_within_two_percent(name, target):
     result = converted.ghostify_result
     assert len({row.s for row in result.replaced}) > 1 or any("budget" in row.reason for row in result.skipped)
     assert all(row.why and "FLOPs budget" in row.why for row in result.replaced)
-    if not name.startswith("regnet"):  # RegNet's grouped convs read their inputs in fixed groups: gathers
-        assert not any(row.gather for row in result.replaced)  # layers writing into one tensor share s
+    assert not any(row.gather for row in result.replaced)  # layers writing into one tensor share s
 
 
 def test_unreachable_target_fails_before_any_fit(monkeypatch):

@@ -14,21 +14,30 @@ def _exact_ghost_filters(model: nn.Module, generator: torch.Generator) -> None:
     """Rewrite every dense conv (beyond the stem) of ``model``, in place, as an exact s = 2, d = 1 Ghost layer.
 
     Layers with the same width share which channels are intrinsic and which copies which (layers writing into
-    one tensor must share a channel choice), each with its own filters and copy scales.
+    one tensor must share a channel choice), each with its own filters and copy scales. A layer read by a
+    grouped conv (RegNet's ``f.a``, read by ``f.b``) copies whole groups, ``ceil(groups / 2)`` of them intrinsic.
     """
     structure = {}
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
-    for conv in convs[1:]:
-        n = conv.out_channels
-        if n not in structure:
-            order = torch.randperm(n, generator=generator)
-            m = -(-n // 2)
-            structure[n] = (order[:m], order[m:], torch.randperm(m, generator=generator)[: n - m])  # one ghost each
-        intrinsic, ghosts, source = structure[n]
+    named = dict(model.named_modules())
+    widths = {name.replace(".f.b.", ".f.a."): module.in_channels // module.groups for name, module in named.items()
+              if isinstance(module, nn.Conv2d) and 1 < module.groups < module.in_channels}
+    convs = [(name, m) for name, m in named.items() if isinstance(m, nn.Conv2d) and m.groups == 1]
+    for name, conv in convs[1:]:
+        n, width = conv.out_channels, widths.get(name, 1)
+        if (n, width) not in structure:
+            groups = torch.randperm(n // width, generator=generator)
+            m = -(-len(groups) // 2)
+            source = torch.randperm(m, generator=generator)[: len(groups) - m]  # one ghost group each
+            channels = torch.arange(n).view(-1, width)
+            ghosts, copied = channels[groups[m:]].flatten(), channels[groups[:m][source]]
+            if width > 1:  # shuffled within each copied group
+                copied = copied.gather(1, torch.stack([torch.randperm(width, generator=generator) for _ in source]))
+            structure[n, width] = (ghosts, copied.flatten())
+        ghosts, copied = structure[n, width]
         weight = torch.randn(conv.weight.shape, generator=generator) / conv.weight[0].numel() ** 0.5
         scale = (torch.rand(len(ghosts), generator=generator) + 0.5) * torch.sign(torch.randn(len(ghosts),
                                                                                               generator=generator))
-        weight[ghosts] = scale.view(-1, 1, 1, 1) * weight[intrinsic[source]]
+        weight[ghosts] = scale.view(-1, 1, 1, 1) * weight[copied]
         conv.weight.data.copy_(weight)
 
 

@@ -32,7 +32,7 @@ DATA_METHODS = ("calibrate", "reconstruct")  # the initialisers that need calibr
 ERROR_SAMPLES = 16  # calibration inputs the reported per-layer errors are measured on
 
 __all__ = ["DATA_METHODS", "METHODS", "RECONSTRUCT_STEPS", "Fitted", "Initialised", "check_init", "check_calibration",
-           "initialise", "layer_errors"]
+           "initialise", "intrinsic", "layer_errors"]
 
 
 @dataclass
@@ -65,6 +65,39 @@ def _blocked_by_ratio(group: Group, layers: Mapping[str, Any]) -> None:
     ratios = sorted({layers[name].s for name in group.members})
     if group.blocked is None and len(ratios) > 1:
         group.blocked = f"writes into a tensor with layers of other s ({', '.join(map(str, ratios))})"
+
+
+def _check_grain(group: Group, items: Mapping[str, Tuple[nn.Module, GhostModule]]) -> None:
+    """Block a group read by a grouped conv whose modules were not built in its whole groups (``intrinsic``)."""
+    if group.blocked is None and group.grain is not None:
+        for name in group.members:
+            ghost = items[name][1]
+            if ghost.intrinsic_channels != group.grain.intrinsic(ghost.out_channels, ghost.s):
+                group.blocked = (f"read by a grouped conv (groups of {group.grain.width}) but built with "
+                                 f"{ghost.intrinsic_channels} intrinsic maps, not whole groups")
+                return
+
+
+def intrinsic(model: nn.Module, layers: Mapping[str, Any], example_inputs: Sequence[torch.Tensor]) -> Dict[str, int]:
+    """The intrinsic map count of each layer to convert (``layers``: plans by name) whose output a grouped conv
+    reads, where it must differ from ``ceil(n / s)``: whole groups (``fit.Grain``), so the order is free.
+
+    ``model`` is the model before conversion; a model without grouped convs is not traced.
+    """
+    grouped = any(isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups < module.in_channels
+                  for module in model.modules())
+    if not grouped or not layers:
+        return {}
+    counts = {}
+    for group in couple(model, list(layers), example_inputs).groups:
+        _blocked_by_ratio(group, layers)
+        if group.blocked is None and group.grain is not None:
+            for name in group.members:
+                row = layers[name]
+                m = group.grain.intrinsic(row.out_channels, row.s)
+                if m != -(-row.out_channels // row.s):
+                    counts[name] = m
+    return counts
 
 
 def initialise(
@@ -114,9 +147,11 @@ def initialise(
     items = {name: (conv, ghost) for name, conv, ghost in swapped}
     choices: Dict[str, Choice] = {}
     for group in coupling.groups:
+        _check_grain(group, items)
+        grain = group.grain if group.blocked is None else None
         for names in [group.members] if group.blocked is None else [[name] for name in group.members]:
             problems = [filter_problem(*items[name], bns[name]) for name in names]
-            choice = choose([pairing for pairing, _ in problems], layers[names[0]].s)
+            choice = choose([pairing for pairing, _ in problems], layers[names[0]].s, grain=grain)
             for name, problem in zip(names, problems):
                 copy_layer(*items[name], bns[name], problem, choice)
                 choices[name] = choice
@@ -130,8 +165,10 @@ def initialise(
         once = {name for name, row in layers.items() if row.calls == 1}  # shared layers keep the copy fit
         shared = {name: group.members for group in coupling.groups if group.blocked is None
                   and len(group.members) > 1 for name in group.members}
+        grains = {name: group.grain for group in coupling.groups if group.blocked is None and group.grain
+                  for name in group.members}
         choices.update(calibrate(model, original, [item for item in swapped if item[0] in once], bns, means,
-                                 batches, shared, {name: ghost for name, _, ghost in swapped}))
+                                 batches, shared, {name: ghost for name, _, ghost in swapped}, grains))
     if init == "reconstruct":
         found = find_blocks(model, sorted(once), tuple(x[:1] for x in batches[0]))
         norms = {name: layers[name].norm for name in found if name in layers and layers[name].norm}

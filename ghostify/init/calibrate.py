@@ -24,7 +24,7 @@ from ..trace import evaluating
 from .activations import activations
 from .data import Batch
 from .datafree import bn_gain, bn_scale, write
-from .fit import Choice, Pairing, choose, restrict, solve
+from .fit import Choice, Grain, Pairing, choose, restrict, solve
 
 ROWS = 16384
 PAIR_ROWS = 2048
@@ -129,13 +129,14 @@ def _fit_cheap(ghost: GhostModule, choice: Choice, z: torch.Tensor, y: torch.Ten
 
 
 def fit_layer(conv: nn.Module, ghost: GhostModule, bn: Optional[nn.Module], mean: Optional[torch.Tensor],
-              x: torch.Tensor, y: torch.Tensor, seed: int = 0, choice: Optional[Choice] = None) -> Tuple[Choice, float]:
+              x: torch.Tensor, y: torch.Tensor, seed: int = 0, choice: Optional[Choice] = None,
+              grain: Optional[Grain] = None) -> Tuple[Choice, float]:
     """Refit ``ghost`` so that, on input ``x``, it outputs ``conv``'s original outputs ``y``.
 
     ``bn`` is the batch norm reading the layer, if any: the original one when ``ghost`` has taken it in (its
     inner norms get its statistics; ``y`` stays the conv's output), else the converted model's, which gets back
     its original running ``mean`` before it absorbs the new offsets. ``choice`` fixes the channel choice (a
-    group's shared one); by default it is chosen from ``y``.
+    group's shared one); by default it is chosen from ``y``, in whole groups with a ``grain``.
 
     Returns:
         The channel choice and the relative MSE of the fitted layer on ``x``.
@@ -143,7 +144,7 @@ def fit_layer(conv: nn.Module, ghost: GhostModule, bn: Optional[nn.Module], mean
     generator = torch.Generator().manual_seed(seed)
     offset = conv.bias is not None or bn is not None
     if choice is None:
-        choice = choose([map_pairing(ghost, y, bn_gain(bn, conv.out_channels), generator)], ghost.s)
+        choice = choose([map_pairing(ghost, y, bn_gain(bn, conv.out_channels), generator)], ghost.s, grain=grain)
     primary, intrinsic_offset = _fit_primary(conv, ghost, choice, x, y, offset, generator)
     inner = ghost.inner_norms is not None
     per_channel = (1, -1, *[1] * ghost.dim)
@@ -202,18 +203,18 @@ class _Targets:
 
 
 def shared_choice(targets: _Targets, layers: Sequence[Tuple[str, GhostModule, Optional[nn.Module]]],
-                  seed: int) -> Choice:
+                  seed: int, grain: Optional[Grain] = None) -> Choice:
     """One channel choice for layers that write into the same tensor, from all their original outputs."""
     generator = torch.Generator().manual_seed(seed)
     pairings = [map_pairing(ghost, targets.get(name)[1], bn_gain(bn, ghost.out_channels), generator)
                 for name, ghost, bn in layers]
-    return choose(pairings, layers[0][1].s)
+    return choose(pairings, layers[0][1].s, grain=grain)
 
 
 def calibrate(model: nn.Module, original: nn.Module, swapped: List[Tuple[str, nn.Module, GhostModule]],
               bns: Dict[str, Optional[nn.Module]], means: Dict[str, torch.Tensor],
               batches: Sequence[Batch], groups: Dict[str, List[str]],
-              ghosts: Dict[str, GhostModule]) -> Dict[str, Choice]:
+              ghosts: Dict[str, GhostModule], grains: Optional[Dict[str, Grain]] = None) -> Dict[str, Choice]:
     """Refit each swapped layer of ``model`` in run order (``fit_layer``); returns each layer's channel choice.
 
     The converted model's inputs to each layer and the original's outputs come from ``activations``: one
@@ -224,8 +225,10 @@ def calibrate(model: nn.Module, original: nn.Module, swapped: List[Tuple[str, nn
         batches: calibration inputs (``check_calibration``).
         groups: for layers that must share a channel choice, the names of all the layers sharing it.
         ghosts: every converted layer's Ghost module by name (group members may not be in ``swapped``).
+        grains: the layers a grouped conv reads, with how it constrains their choice (``fit.Grain``).
     """
     choices: Dict[str, Choice] = {}
+    grains = grains or {}
     with evaluating(model), evaluating(original), loss_progress("calibrating", "fit error") as bar:
         task = bar.add_task("", total=len(swapped), loss=UNKNOWN)
         inputs = activations(model, batches)
@@ -235,13 +238,14 @@ def calibrate(model: nn.Module, original: nn.Module, swapped: List[Tuple[str, nn
             bar.update(task, description=f"layer {step + 1}/{len(swapped)} {name}")
             if name in groups and name not in choices:
                 members = [(member, ghosts[member], bns[member]) for member in groups[name]]
-                choices.update(dict.fromkeys(groups[name], shared_choice(targets, members, seed=step)))
+                choice = shared_choice(targets, members, seed=step, grain=grains.get(name))
+                choices.update(dict.fromkeys(groups[name], choice))
                 targets.drop([member for member in groups[name] if member not in fitted])
             index, y = targets.get(name)
             x = _take(inputs.input_of(ghost), index)
             targets.drop([name])
             choice, loss = fit_layer(conv, ghost, bns[name], means.get(name), x, y, seed=step,
-                                     choice=choices.get(name))
+                                     choice=choices.get(name), grain=grains.get(name))
             choices[name] = choice
             bar.update(task, advance=1, loss=loss)
     return choices

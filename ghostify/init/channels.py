@@ -26,6 +26,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..module import GhostModule, conv_dim
 from ..trace import GhostLeafTracer, evaluating, module_calls, sole_norm
+from .fit import Grain
 
 _PER_CHANNEL = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.ELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid,
                 nn.Tanh, nn.Hardtanh, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
@@ -117,10 +118,12 @@ class Layout:
 
 @dataclass
 class Group:
-    """Converted layers whose outputs share one channel order; ``blocked`` says why they keep a gather."""
+    """Converted layers whose outputs share one channel order; ``blocked`` says why they keep a gather;
+    ``grain``: how grouped convs reading their output constrain that order (``fit.Grain``)."""
 
     members: List[str]
     blocked: Optional[str] = None
+    grain: Optional[Grain] = None
 
 
 @dataclass
@@ -139,6 +142,7 @@ class Coupling:
     bn: Dict[str, Optional[nn.Module]]
     uses: List[Tuple[str, nn.Module, Layout]] = field(default_factory=list)
     roots: Dict[str, Space] = field(default_factory=dict)
+    grouped: List[Tuple[nn.Module, Space, Space]] = field(default_factory=list)
 
     @classmethod
     def isolated(cls, names: Sequence[str], reason: str) -> "Coupling":
@@ -154,6 +158,14 @@ class Coupling:
         by_space = {id(self.roots[group.members[0]]): orders[group.members[0]].cpu()
                     for group in self.groups if group.blocked is None and group.members[0] in self.roots}
         with torch.no_grad():
+            for conv, source, target in self.grouped:  # before the uses: a grouped conv may order its outputs
+                order, out = by_space.get(id(source.root())), by_space.get(id(target.root()))
+                if order is not None or out is not None:
+                    derived = _permute_grouped(conv, order, out)
+                    if derived is not None:
+                        by_space[id(target.root())] = derived
+                        for writer in target.root().writers:
+                            _permute_output(writer, derived)
             for role, module, layout in self.uses:
                 index = layout.permutation(by_space)
                 if index is not None:
@@ -179,6 +191,33 @@ def _permute_input(role: str, module: nn.Module, index: torch.Tensor) -> None:
     conv.weight.copy_(conv.weight[:, index.to(conv.weight.device)])
 
 
+def _permute_grouped(conv: nn.Module, order: Optional[torch.Tensor],
+                     out: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Make grouped ``conv`` read its input in ``order`` and write its output in ``out`` (None: the original
+    order). Both keep whole groups (``fit.Grain``); a group moved on the input moves its outputs alike, which
+    is the output order returned when ``out`` is None (None: nothing moved).
+
+    Raises:
+        ValueError: the orders split a group, or move a group on one side only.
+    """
+    width, out_width = conv.in_channels // conv.groups, conv.out_channels // conv.groups
+    order = torch.arange(conv.in_channels) if order is None else order
+    blocks = order.view(conv.groups, width)
+    source = blocks[:, 0] // width  # the original group each run of inputs holds
+    derived = (source[:, None] * out_width + torch.arange(out_width)).flatten()
+    target = derived if out is None else out
+    if not torch.equal(blocks // width, source[:, None].expand_as(blocks)) or not torch.equal(
+            target // out_width, derived // out_width):
+        raise ValueError(f"channel orders that split or move the groups of {conv} reached it")
+    within = (blocks - source[:, None] * width).repeat_interleave(out_width, 0)  # per output: its inputs' order
+    device = conv.weight.device
+    index = within.to(device).view(*within.shape, *[1] * (conv.weight.dim() - 2))
+    conv.weight.copy_(conv.weight[target.to(device)].gather(1, index.expand(-1, -1, *conv.weight.shape[2:])))
+    if conv.bias is not None:
+        conv.bias.copy_(conv.bias[target.to(device)])
+    return None if out is not None or torch.equal(derived, torch.arange(len(derived))) else derived
+
+
 def _permute_output(conv: nn.Module, order: torch.Tensor) -> None:
     for tensor in (conv.weight, conv.bias):
         if tensor is not None:
@@ -201,6 +240,7 @@ class _Walker:
         self.layouts: Dict[fx.Node, Layout] = {}
         self.roots: Dict[str, Space] = {}
         self.uses: List[Tuple[str, nn.Module, Layout]] = []
+        self.grouped: List[Tuple[nn.Module, Space, Space]] = []  # (grouped conv, the space it reads, its output's)
         self.per_channel_functions = _PER_CHANNEL_FUNCTIONS | _per_channel_extras()
 
     def fresh(self, node: fx.Node, blocked: Optional[str]) -> Layout:
@@ -251,20 +291,23 @@ class _Walker:
             self.uses.append(("reader", module, layout))
             out = self.fresh(node, None)
             space = out.spaces[0]
-            if isinstance(module, GhostModule):
-                if node.target in self.names:
-                    space.members.append(node.target)
-                    self.roots[node.target], self.nodes[node.target] = space, node
-                else:
-                    space.blocked = f"made by {_describe(node)}"
+            if node.target in self.names:  # a Ghost module, or the conv that becomes one
+                space.members.append(node.target)
+                self.roots[node.target], self.nodes[node.target] = space, node
+            elif isinstance(module, GhostModule):
+                space.blocked = f"made by {_describe(node)}"
             else:
                 space.writers.append(module)
             return out
         depthwise = dim is not None and module.groups == module.in_channels == module.out_channels
         if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and not depthwise:
-            layout.block(f"read by grouped conv {node.target} (groups={module.groups}), which mixes channels "
-                         "within fixed groups")
-            return None
+            if dim is None or not once or layout.repeat != 1 or len(layout.spaces) != 1:
+                layout.block(f"read by grouped conv {node.target} (groups={module.groups}), which mixes "
+                             "channels within fixed groups")
+                return None
+            out = self.fresh(node, None)
+            self.grouped.append((module, layout.spaces[0], out.spaces[0]))
+            return out
         if depthwise or isinstance(module, nn.modules.batchnorm._BatchNorm):
             if not once or layout.repeat != 1:
                 return None
@@ -372,17 +415,47 @@ def couple(model: nn.Module, names: Sequence[str], example_inputs: Sequence[torc
     walker = _Walker(gm, names)
     for node in gm.graph.nodes:
         walker.visit(node)
+    grains = _grains(walker.grouped)
     groups: Dict[int, Group] = {}
     for name in names:
         root = walker.roots[name].root() if name in walker.roots else None
         if root is None:
             groups[id(name)] = Group([name], "runs more than once")
             continue
-        groups.setdefault(id(root), Group(list(root.members), root.blocked))
+        groups.setdefault(id(root), Group(list(root.members), root.blocked, grains.get(id(root))))
         walker.roots[name] = root
     bn = {name: None for name in names}
     for name, node in walker.nodes.items():
         norm = sole_norm(node, walker.modules, walker.calls, walker.modules[name].out_channels)
         bn[name] = walker.modules[norm] if norm is not None else None
-    return Coupling(list(groups.values()), bn, walker.uses, walker.roots)
+    return Coupling(list(groups.values()), bn, walker.uses, walker.roots, walker.grouped)
 
+
+def _grains(grouped: Sequence[Tuple[nn.Module, Space, Space]]) -> Dict[int, Grain]:
+    """Per space a grouped conv reads or a converted layer writes beside one, the ``Grain`` its order must keep
+    (blocking the space when none can).
+
+    A grouped conv's filters can take any order within each group, of its inputs and of its outputs alike;
+    whole groups may move only together on both sides. So its input's groups move freely when its output's
+    order is its alone (no converted layer or other grouped conv writes it, and nothing needs the original
+    order there); otherwise the groups stay in place on both sides.
+    """
+    sources = {id(source.root()) for _, source, _ in grouped}
+    targets: Dict[int, int] = {}
+    for _, _, target in grouped:
+        targets[id(target.root())] = targets.get(id(target.root()), 0) + 1
+    grains: Dict[int, Grain] = {}
+
+    def need(space: Space, width: int, fixed: bool) -> None:
+        known = grains.get(id(space))
+        if known is not None and known.width != width:
+            space.block(f"its channels are read or written by grouped convs in groups of {known.width} and {width}")
+        grains[id(space)] = Grain(width, fixed or (known is not None and known.fixed))
+
+    for conv, source, target in grouped:
+        root, out = source.root(), target.root()
+        fixed = bool(out.members) or out.blocked is not None or id(out) in sources or targets[id(out)] > 1
+        need(root, conv.in_channels // conv.groups, fixed)
+        if out.members:
+            need(out, conv.out_channels // conv.groups, True)
+    return grains

@@ -246,9 +246,27 @@ def _merge(choices: Sequence[Choice], spans: Sequence[slice], n: int, s: int) ->
     return Choice(intrinsic, slots[: n - m], s)
 
 
-def choose(pairings: Sequence[Pairing], s: int, rounds: int = 1) -> Choice:
+@dataclass(frozen=True)
+class Grain:
+    """How a grouped conv that reads a layer's output constrains its channel choice.
+
+    The reader takes its input in runs of ``width`` channels, one run per group, so each run of the module's
+    outputs must hold one whole original group (in any order within: the reader permutes its filters).
+    Whole groups are then intrinsic or ghosts, and the module has ``width * ceil(groups / s)`` intrinsic maps.
+    ``fixed``: the groups must also stay in place (the reader's outputs cannot take a permutation).
+    """
+
+    width: int
+    fixed: bool = False
+
+    def intrinsic(self, n: int, s: int) -> int:
+        """The module's intrinsic map count for ``n`` outputs."""
+        return self.width * -(-(n // self.width) // s)
+
+
+def choose(pairings: Sequence[Pairing], s: int, rounds: int = 1, grain: Optional[Grain] = None) -> Choice:
     """Pick ``ceil(n / s)`` intrinsic channels and assign every other channel to one, by fit; a layer wider
-    than ``WIDE`` does so within each of its ``blocks``.
+    than ``WIDE`` does so within each of its ``blocks``; with a ``grain``, whole groups (``_choose_groups``).
 
     An intrinsic channel is reproduced exactly; a ghost ``t`` of ``i`` loses ``weight * energy * (1 -
     explained)``. Several pairings (layers that write into one tensor and so must share a channel order)
@@ -259,16 +277,28 @@ def choose(pairings: Sequence[Pairing], s: int, rounds: int = 1) -> Choice:
     0.1% of the layers' energy on average) with about 40% fewer assignments.
     """
     n = len(pairings[0].energy)
+    if grain is not None and grain.width > 1:
+        return _choose_groups(*_scores(pairings), s, rounds, grain)
     spans = blocks(n, s)
     if len(spans) > 1:
         return _merge([_choose([p.part(span) for p in pairings], s, rounds) for span in spans], spans, n, s)
     return _choose(pairings, s, rounds)
 
 
-def _choose(pairings: Sequence[Pairing], s: int, rounds: int) -> Choice:
-    """``choose`` on one run of channels."""
+def _scores(pairings: Sequence[Pairing]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Each channel's weighted energy ``value`` and ``gain[i, t]``, what a ghost of ``i`` keeps of target ``t``."""
     value = sum((p.weight * p.energy).float() for p in pairings)
     gain = sum(explained(p).fill_diagonal_(0) * (p.weight * p.energy).float()[None, :] for p in pairings)
+    return value, gain
+
+
+def _choose(pairings: Sequence[Pairing], s: int, rounds: int) -> Choice:
+    """``choose`` on one run of channels."""
+    return _pick(*_scores(pairings), s, rounds)
+
+
+def _pick(value: torch.Tensor, gain: torch.Tensor, s: int, rounds: int) -> Choice:
+    """``choose`` from the scores of ``_scores``: intrinsic items, and the ghost items in ghost-major slots."""
     fraction = gain / value.clamp_min(torch.finfo(value.dtype).tiny)[None, :]
     m = -(-len(value) // s)
     intrinsic, slot_ghost, owner = _assign(gain, torch.tensor(_select(fraction.numpy(), value.numpy(), m, s)))
@@ -283,6 +313,39 @@ def _choose(pairings: Sequence[Pairing], s: int, rounds: int) -> Choice:
     ghost = torch.empty_like(slot_ghost)
     ghost[rank * m + owner] = slot_ghost
     return Choice(intrinsic, ghost, s)
+
+
+def _choose_groups(value: torch.Tensor, gain: torch.Tensor, s: int, rounds: int, grain: Grain) -> Choice:
+    """``choose`` in whole groups of ``grain.width`` channels (a grouped conv reads the layer).
+
+    A ghost group ``b`` of intrinsic group ``a`` pairs their channels one to one, the pairing with the most
+    gain (Hungarian); the groups themselves are chosen as ``choose`` chooses channels, from those group
+    gains, or kept in place (``grain.fixed``: the first ``ceil(g / s)`` groups intrinsic, group ``m + j`` a
+    ghost of group ``j mod m``).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    width = grain.width
+    g = len(value) // width
+    channels = torch.arange(len(value)).view(g, width)
+    per_group = gain.view(g, width, g, width).transpose(1, 2).double()  # [a, b]: channels of a -> channels of b
+    m = -(-g // s)
+    if grain.fixed:
+        intrinsic = torch.arange(m)
+        ghost = torch.arange(m, g)
+    else:
+        group_gain = torch.zeros(g, g, dtype=torch.float32)
+        for a, b in itertools.permutations(range(g), 2):
+            rows, cols = linear_sum_assignment(-per_group[a, b].numpy())
+            group_gain[a, b] = float(per_group[a, b][rows, cols].sum())
+        picked = _pick(value.view(g, width).sum(1), group_gain, min(s, g), rounds)  # g < s: one intrinsic group
+        intrinsic, ghost = picked.intrinsic, picked.ghost
+    owner = intrinsic[torch.arange(len(ghost)) % m]
+    runs = []
+    for a, b in zip(owner.tolist(), ghost.tolist()):
+        _, cols = linear_sum_assignment(-per_group[a, b].numpy())  # rows come back in order 0..width-1
+        runs.append(channels[b][torch.as_tensor(cols)])
+    return Choice(channels[intrinsic].flatten(), torch.cat(runs) if runs else channels[:0].flatten(), s)
 
 
 Taps = Optional[Tuple[slice, slice]]
