@@ -10,6 +10,7 @@ comparison, on this CPU), measured the same way: speed-up = baseline ms / GhostN
     python benchmarks/latency.py --tables zoo
     python benchmarks/latency.py --timed --models mobilenet_v2 --s 2   # only layers timed faster, per runtime/batch
     python benchmarks/latency.py --tables profile --models resnet50 --s 2 --batches 16   # where the time goes
+    python benchmarks/latency.py --tables align --models mobilenet_v2 --s 2 --runtimes onnxruntime   # align 16 vs 1
 """
 
 from __future__ import annotations
@@ -63,6 +64,23 @@ def converted_table(args: argparse.Namespace) -> None:
                     print_rows(args, original, converted, runtime, [name, s, layers, runtime], [batch])
 
 
+def align_table(args: argparse.Namespace) -> None:
+    """Each model converted with ``align=1`` (``ceil(n / s)`` intrinsic maps) against ``align=--align``
+    (parts on SIMD-block boundaries where the width allows), interleaved: speed-up = align 1 ms / aligned ms."""
+    print(f"| model | s | layers changed | runtime | batch | align 1 ms | align {args.align} ms | speed-up | "
+          "FLOPs ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    options = {"d": args.d, "init": args.init, "absorb_norm": args.form == "ghostnet"}
+    for name in args.models:
+        original = torchvision.models.get_model(name).eval()
+        for s in args.s:
+            plain = ghostify.convert(original, s=s, align=1, **options).eval()
+            aligned = ghostify.convert(original, s=s, align=args.align, **options).eval()
+            changed = sum(row.intrinsic is not None for row in aligned.ghostify_result.replaced)
+            for runtime in args.runtimes:
+                print_rows(args, plain, aligned, runtime, [name, s, changed, runtime])
+
+
 def zoo_table(args: argparse.Namespace) -> None:
     """GhostNet 1.0x (built with Ghost modules) against torchvision baselines of similar or larger cost."""
     ghostnet = get_model("ghostnet_100").eval()
@@ -109,7 +127,8 @@ def main() -> None:
                         help="Ghost module form: norm taken in (convert's default) or a linear module before it")
     parser.add_argument("--timed", action="store_true",
                         help="convert only the layers timed faster as Ghost modules (convert --runtime), per row")
-    parser.add_argument("--tables", nargs="+", choices=["converted", "zoo", "profile"],
+    parser.add_argument("--align", type=int, default=16, help="--tables align: the alignment to compare with 1")
+    parser.add_argument("--tables", nargs="+", choices=["converted", "zoo", "profile", "align"],
                         default=["converted", "zoo"])
     args = parser.parse_args()
 
@@ -123,6 +142,8 @@ def main() -> None:
         zoo_table(args)
     if "profile" in args.tables:
         profile_table(args)
+    if "align" in args.tables:
+        align_table(args)
 
 
 if __name__ == "__main__":

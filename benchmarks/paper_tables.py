@@ -170,7 +170,7 @@ def measure(setting: Setting) -> Measured:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             net = ghostify.convert(model, s=setting.s, d=setting.d, include_stem=setting.include_stem,
-                                   example_inputs=x, init="random")
+                                   example_inputs=x, init="random", align=1)  # the paper's m = ceil(n / s)
     counts = ghostify.Counts(net, (x,))
     return Measured(counts.params, counts.conv_linear_flops, counts.flops,
                     arithmetic(model, x, setting.s, setting.d, setting.include_stem))

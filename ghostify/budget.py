@@ -28,6 +28,7 @@ from .init.datafree import bn_gain
 from .init.fit import Grain, choose, explained, filter_pairing, unexplained
 from .init.measure import record
 from .latency import layer_times, model_ms
+from .module import intrinsic_count
 from .progress import progress as progress_display
 from .redundancy import IMAGES, RATIOS, ghost_maps, layer_errors
 from .trace import evaluating
@@ -44,33 +45,36 @@ class Option:
     error: float
 
 
-def conv_flops(entry: Mapping, s: Optional[int], grain: Optional[Grain] = None) -> float:
+def conv_flops(entry: Mapping, s: Optional[int], m: Optional[int] = None) -> float:
     """Multiply-adds of a planned layer at batch 1 as a conv (``s`` None) or as a Ghost module with ratio ``s``
-    (primary conv, then the depthwise cheap conv over all ``m * (s - 1)`` ghosts it computes), as fvcore counts;
-    ``grain``: a grouped conv reads the layer, which then has whole groups of intrinsic maps."""
+    and ``m`` intrinsic maps (default ``ceil(n / s)``): the primary conv, then the depthwise cheap conv over
+    all ``m * (s - 1)`` ghosts it computes, as fvcore counts."""
     positions = math.prod(entry["output_shape"][2:]) * entry.get("calls", 1)
     n, c, kernel = entry["out_channels"], entry["in_channels"], entry["kernel_size"]
     if s is None:
         return positions * n * c * math.prod(kernel)
-    m = -(-n // s) if grain is None else grain.intrinsic(n, s)
+    m = -(-n // s) if m is None else m
     return positions * (m * c * math.prod(entry["primary_kernel"]) + m * (s - 1) * entry["d"] ** len(kernel))
 
 
-def _intrinsic(entry: Mapping, s: int, grain: Optional[Grain]) -> Optional[int]:
-    """A plan row's ``intrinsic`` at ratio ``s``: None unless whole groups need more than ``ceil(n / s)``."""
+def _intrinsic(entry: Mapping, s: int, grain: Optional[Grain], align: int) -> Optional[int]:
+    """A plan row's ``intrinsic`` at ratio ``s`` as ``convert`` sets it: None when ``ceil(n / s)``."""
     n = entry["out_channels"]
-    return None if grain is None or grain.intrinsic(n, s) == -(-n // s) else grain.intrinsic(n, s)
+    m = intrinsic_count(n, s, grain.width if grain else 1, align)
+    return None if m == -(-n // s) else m
 
 
 def fit_errors(conv: nn.Module, norm: Optional[nn.Module], entry: Mapping, ratios: Sequence[int] = RATIOS,
-               grain: Optional[Grain] = None) -> Dict[int, float]:
+               grain: Optional[Grain] = None, align: int = 1) -> Dict[int, float]:
     """The data-free error of making ``conv`` a Ghost module at each ratio (its channel choice as ``copy`` makes
-    it, in whole groups with a ``grain``, weighted through the norm that follows, if any)."""
+    it, in whole groups with a ``grain``, with ``convert``'s intrinsic map count for ``align``, weighted through
+    the norm that follows, if any)."""
     pairing, _ = filter_pairing(conv.weight.detach().float().cpu(), entry["primary_kernel"], conv.dilation,
                                 conv.stride, entry["d"], bn_gain(norm, conv.out_channels))
     fraction = explained(pairing)
-    return {s: unexplained(pairing, choose([pairing], s, grain=grain), fraction)
-            for s in ratios if s <= conv.out_channels}
+    n, width = conv.out_channels, grain.width if grain else 1
+    return {s: unexplained(pairing, choose([pairing], s, grain=grain, m=intrinsic_count(n, s, width, align)),
+                           fraction) for s in ratios if s <= n}
 
 
 def map_errors(model: nn.Module, entries: Sequence[Mapping], norms: Mapping[str, Optional[str]],
@@ -198,7 +202,7 @@ def _fill(options: Mapping[Hashable, Sequence[Option]], chosen: Dict[Hashable, O
 
 
 def _errors(model: nn.Module, entries: Sequence[Mapping], norms: Mapping[str, Optional[str]],
-            progress: bool, grains: Mapping[str, Grain]) -> Dict[str, Dict[int, float]]:
+            progress: bool, grains: Mapping[str, Grain], align: int) -> Dict[str, Dict[int, float]]:
     """``fit_errors`` of every planned layer."""
     errors = {}
     with progress_display("fitting {description}", show=progress) as bar, torch.no_grad():
@@ -206,7 +210,7 @@ def _errors(model: nn.Module, entries: Sequence[Mapping], norms: Mapping[str, Op
         for entry in entries:
             norm = model.get_submodule(norms[entry["name"]]) if norms.get(entry["name"]) else None
             errors[entry["name"]] = fit_errors(model.get_submodule(entry["name"]), norm, entry,
-                                               grain=grains.get(entry["name"]))
+                                               grain=grains.get(entry["name"]), align=align)
             if bar:
                 bar.advance(task)
     return errors
@@ -220,14 +224,14 @@ def _groups(model: nn.Module, entries: Sequence[Mapping], inputs: Sequence[torch
 
 def _costs(model: nn.Module, entries: Sequence[Mapping], inputs: Sequence[torch.Tensor], target_flops: Optional[float],
            runtime: Optional[str], batch: int,
-           grains: Mapping[str, Grain]) -> Tuple[Dict[str, Dict[Optional[int], float]], float, str]:
+           grains: Mapping[str, Grain], align: int) -> Tuple[Dict[str, Dict[Optional[int], float]], float, str]:
     """Each layer's cost as a conv (key None) and at each ratio, the original model's total and the unit."""
     ratios = {entry["name"]: [s for s in RATIOS if s <= entry["out_channels"]] for entry in entries}
     if target_flops is not None:
         total = Counts(model, tuple(inputs)).conv_linear_flops
-        return {e["name"]: {s: conv_flops(e, s, grains.get(e["name"])) for s in [None, *ratios[e["name"]]]}
-                for e in entries}, total, "FLOPs"
-    variants = [{**entry, "s": s, "intrinsic": _intrinsic(entry, s, grains.get(entry["name"]))}
+        return {e["name"]: {s: conv_flops(e, s, s and _intrinsic(e, s, grains.get(e["name"]), align))
+                            for s in [None, *ratios[e["name"]]]} for e in entries}, total, "FLOPs"
+    variants = [{**entry, "s": s, "intrinsic": _intrinsic(entry, s, grains.get(entry["name"]), align)}
                 for entry in entries for s in ratios[entry["name"]]]
     times = layer_times(model, variants, runtime=runtime, batch=batch, progress=True)
     costs: Dict[str, Dict[Optional[int], float]] = {}
@@ -244,7 +248,8 @@ def _costs(model: nn.Module, entries: Sequence[Mapping], inputs: Sequence[torch.
 def plan(model: nn.Module, entries: Sequence[Mapping], norms: Mapping[str, Optional[str]],
          inputs: Sequence[torch.Tensor], *, target_flops: Optional[float] = None,
          target_latency: Optional[float] = None, runtime: Optional[str] = None, batch: int = 1,
-         batches: Optional[Sequence[Tuple[torch.Tensor, ...]]] = None, progress: bool = False) -> Dict[str, Option]:
+         batches: Optional[Sequence[Tuple[torch.Tensor, ...]]] = None, align: int = 1,
+         progress: bool = False) -> Dict[str, Option]:
     """Each planned layer's option under a budget: ``target_flops`` of the original's conv + linear
     multiply-adds, or ``target_latency`` of its latency in ``runtime`` at ``batch`` (layers timed alone, the
     rest of the model as measured). Layers that write into one tensor get one option.
@@ -254,6 +259,7 @@ def plan(model: nn.Module, entries: Sequence[Mapping], norms: Mapping[str, Optio
         norms: the norm after each layer (its gain weighs the fit error), or None.
         batches: calibration inputs: errors measured at the model's output (``output_errors``) instead of on
             the layers' filters (``fit_errors``).
+        align: ``convert``'s ``align``, which the modules' intrinsic map counts follow.
 
     Raises:
         ValueError: the budget cannot be met even with every layer at s = 5.
@@ -261,7 +267,7 @@ def plan(model: nn.Module, entries: Sequence[Mapping], norms: Mapping[str, Optio
     target = target_flops if target_flops is not None else target_latency
     found = _groups(model, entries, inputs)
     grains = {name: group.grain for group in found if group.grain and group.blocked is None for name in group.members}
-    costs, total, unit = _costs(model, entries, inputs, target_flops, runtime, batch, grains)
+    costs, total, unit = _costs(model, entries, inputs, target_flops, runtime, batch, grains, align)
     fixed = total - sum(cost[None] for cost in costs.values())
     groups = [group.members for group in found]
     shared = {tuple(group): [s for s in costs[group[0]] if all(s in costs[name] for name in group)]
@@ -273,7 +279,7 @@ def plan(model: nn.Module, entries: Sequence[Mapping], norms: Mapping[str, Optio
         raise ValueError(f"{what}={target} is unreachable: with every convertible layer at its cheapest ratio the "
                          f"model keeps {cheapest / total:.3f} of its {unit}; ask for more")
     errors = output_errors(model, entries, norms, batches, progress=progress) if batches else \
-        _errors(model, entries, norms, progress, grains)
+        _errors(model, entries, norms, progress, grains, align)
     options = {group: [Option(s, sum(costs[n][s] for n in group), sum(errors[n][s] if s else 0.0 for n in group))
                        for s in ratios] for group, ratios in shared.items()}
     chosen = search(options, target * total - fixed)

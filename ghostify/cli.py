@@ -257,6 +257,9 @@ def main(debug: bool) -> None:
                    "the least in the layers' fits.")
 @click.option("--target-latency", type=click.FloatRange(0, 1, min_open=True), metavar="F",
               help="The same for this fraction of the latency in --runtime at --runtime-batch, layers timed there.")
+@click.option("--align", type=click.IntRange(min=1), metavar="N",
+              help="Make intrinsic maps and ghost runs multiples of N channels where a layer's width allows "
+                   "(runtimes' SIMD blocks); 1: ceil(n / s) intrinsic maps. Default: ghostify.convert's.")
 @JSON
 @TRUST_SOURCE
 @ARCH
@@ -265,7 +268,7 @@ def main(debug: bool) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
 def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_size, weights, init, calib_data,
             calib_samples, recon_steps, recon_seconds, recon_network, recon_mix, form, runtime, runtime_batch,
-            target_flops, target_latency, as_json, trust_source, arch, device, force, output) -> None:
+            target_flops, target_latency, align, as_json, trust_source, arch, device, force, output) -> None:
     """Convert MODEL's Conv2d layers to Ghost modules, print the report, write OUT."""
     from .files import check_output
 
@@ -305,7 +308,7 @@ def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_s
                                  absorb_norm=form == "ghostnet", reconstruct_seconds=recon_seconds,
                                  reconstruct_network=recon_network, reconstruct_mix=recon_mix or 0.0,
                                  runtime=runtime, runtime_batch=runtime_batch, target_flops=target_flops,
-                                 target_latency=target_latency,
+                                 target_latency=target_latency, **({} if align is None else {"align": align}),
                                  **({} if recon_steps is None else {"reconstruct_steps": recon_steps}))
         report = ghostify.report(source, ghost, inputs, name=model)
     ghostify.save(ghost, output, overwrite=True)

@@ -43,6 +43,17 @@ def check_ratio(s: int) -> int:
     return s
 
 
+def intrinsic_count(n: int, s: int, width: int = 1, align: int = 1) -> int:
+    """The fewest intrinsic maps, at least ``ceil(n / s)``, in whole groups of ``width`` channels (a grouped
+    conv reads the output), that also split the ``n`` outputs at multiples of ``align`` channels where ``n``
+    allows it: a multiple of both below ``n`` (runtimes keep a concatenation in their SIMD-blocked layout only
+    when every part is a multiple of the block)."""
+    unit = math.lcm(width, align)
+    if n % unit == 0 and unit * -(-(n // unit) // s) < n:
+        return unit * -(-(n // unit) // s)
+    return width * -(-(n // width) // s)
+
+
 def check_cheap_kernel(d: int) -> int:
     """Validate the cheap-operation kernel ``d`` (an odd integer >= 1)."""
     if isinstance(d, bool) or not isinstance(d, int) or d < 1 or d % 2 == 0:

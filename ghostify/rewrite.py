@@ -17,14 +17,24 @@ import torch
 from torch import nn
 
 from . import budget
-from .init import DATA_METHODS, RECONSTRUCT_STEPS, check_calibration, check_init, initialise, intrinsic
+from .init import DATA_METHODS, RECONSTRUCT_STEPS, check_calibration, check_init, grouped_widths, initialise
 from .latency import layer_times
-from .module import CONVS, GhostModule, _tuple, check_cheap_kernel, check_ratio, conv_dim, primary_padding
+from .module import (
+    CONVS,
+    GhostModule,
+    _tuple,
+    check_cheap_kernel,
+    check_ratio,
+    conv_dim,
+    intrinsic_count,
+    primary_padding,
+)
 from .plan import apply_plan
 from .trace import ConvSite, _shape, analyse, placement, random_inputs
 
 PerLayer = Union[Any, Mapping[str, Any]]
 FASTER = 0.1  # with convert(runtime=...), a Ghost module must be this much faster than the conv, timed alone
+ALIGN = 16  # convert(align=...): channels each part of a module's output is a multiple of, where the width allows
 
 
 @dataclass
@@ -51,7 +61,7 @@ class Replaced:
     ghost_ms: Optional[float] = None
     why: Optional[str] = None  # with a budget: why this s
     order: Optional[List[int]] = None  # original channel of each output (the order readers absorbed); None: unknown
-    intrinsic: Optional[int] = None  # m, when more than ceil(n / s) (whole groups of a grouped conv reading it)
+    intrinsic: Optional[int] = None  # m, when more than ceil(n / s) (whole groups, aligned parts)
 
 
 @dataclass
@@ -251,11 +261,11 @@ def _check_budget(s: PerLayer, target_flops: Optional[float], target_latency: Op
 
 
 def _budgeted(model: nn.Module, rows: List[Replaced], norms: Dict[str, Optional[str]], inputs, batches,
-              target_flops, target_latency, runtime, batch) -> Tuple[List[Replaced], List[Skipped]]:
+              target_flops, target_latency, runtime, batch, align) -> Tuple[List[Replaced], List[Skipped]]:
     """``rows`` with each layer's s from the budget (``budget.plan``), and the layers it keeps as convs."""
     chosen = budget.plan(model, [asdict(row) for row in rows], norms, inputs, target_flops=target_flops,
                          target_latency=target_latency, runtime=runtime, batch=batch, batches=batches,
-                         progress=True)
+                         align=align, progress=True)
     unit = "FLOPs" if target_flops is not None else f"latency ({runtime}, batch {batch})"
     converted, kept = [], []
     for row in rows:
@@ -268,6 +278,24 @@ def _budgeted(model: nn.Module, rows: List[Replaced], norms: Dict[str, Optional[
         row.why = f"{unit} budget: s={option.s}, loss {option.error:.3g} ({budget.error_source(batches)})"
         converted.append(row)
     return converted, kept
+
+
+def _set_intrinsic(model: nn.Module, rows: List[Replaced], inputs, align: int, result: ConversionResult) -> None:
+    """Each row's intrinsic map count: whole groups of a grouped conv that reads it, parts aligned to ``align``
+    channels where its width allows (``intrinsic_count``); a note names the layers left unaligned."""
+    widths = grouped_widths(model, {row.name: row for row in rows}, inputs)
+    unaligned = []
+    for row in rows:
+        n = row.out_channels
+        m = intrinsic_count(n, row.s, widths.get(row.name, 1), align)
+        row.intrinsic = None if m == -(-n // row.s) else m
+        if m % align or n % align:
+            unaligned.append(row.name)
+    if unaligned and align > 1:
+        result.notes["unaligned"] = (f"{len(unaligned)} of {len(rows)} layers have parts off the {align}-channel "
+                                     f"blocks (their width is not a multiple of {align}, or no multiple of {align} "
+                                     f"intrinsic maps fits): {', '.join(unaligned[:3])}"
+                                     + (" ..." if len(unaligned) > 3 else ""))
 
 
 def convert(
@@ -292,6 +320,7 @@ def convert(
     runtime_batch: int = 1,
     target_flops: Optional[float] = None,
     target_latency: Optional[float] = None,
+    align: int = ALIGN,
 ) -> nn.Module:
     """Return a copy of ``model`` with its dense convolutions (Conv1d, Conv2d, Conv3d) replaced by Ghost modules.
 
@@ -332,6 +361,9 @@ def convert(
             the layers' data-free fit (``ghostify.budget``); layers writing into one tensor share s.
         target_latency: the same with a latency budget, a fraction of the original's latency in ``runtime``
             at ``runtime_batch``, each option's cost timed there layer by layer.
+        align: make each module's intrinsic maps and ghost runs multiples of this many channels where the
+            layer's width allows it (``module.intrinsic_count``), so runtimes keep the concatenation in their
+            SIMD-blocked layout; the conversion notes name the layers it does not fit. 1: ``ceil(n / s)``.
 
     Returns:
         The converted model, with ``ghostify_result`` (a ``ConversionResult``) listing what was replaced
@@ -359,6 +391,8 @@ def convert(
     elif calibration_data is not None:
         raise ValueError(f"calibration_data is only used by init='calibrate' or 'reconstruct', got init={init!r}")
     _check_budget(s, target_flops, target_latency, runtime)
+    if isinstance(align, bool) or not isinstance(align, int) or align < 1:
+        raise ValueError(f"align must be a positive integer (channels), got {align!r}")
     if not 0 <= reconstruct_mix <= 1:
         raise ValueError(f"reconstruct_mix is a probability in [0, 1], got {reconstruct_mix!r}")
     _validate(s, check_ratio, "s")
@@ -389,17 +423,16 @@ def convert(
     if (target_flops is not None or target_latency is not None) and replaced:
         norms = {site.name: site.norm for site in analysis.sites}
         replaced, kept = _budgeted(model, replaced, norms, inputs, batches, target_flops, target_latency, runtime,
-                                   runtime_batch)
+                                   runtime_batch, align)
         skipped += kept
     elif runtime is not None and replaced:
         replaced, slower = _keep_faster(model, replaced, runtime, runtime_batch)
         skipped += slower
     skipped += [Skipped(name, "F.conv", "functional convolution call; only conv modules are replaced")
                 for name in analysis.functional]
-    for name, m in intrinsic(converted, {row.name: row for row in replaced}, inputs).items():
-        next(row for row in replaced if row.name == name).intrinsic = m  # whole groups for a grouped conv reader
     result = ConversionResult(analysis.method, replaced, skipped, [_shape(x) for x in inputs], init,
                               source=getattr(model, "ghostify_source", None))
+    _set_intrinsic(converted, replaced, inputs, align, result)
     if not replaced:
         reasons = sorted({row.reason for row in skipped})
         warnings.warn(f"no convolution was converted (the model is unchanged): {'; '.join(reasons[:3])}"

@@ -183,3 +183,15 @@ def test_console_script_in_subprocess(tmp_path):
 def test_missing_output_folder_fails_before_any_work(tmp_path):
     result = invoke("convert", "resnet18", *SMALL, "-o", tmp_path / "no" / "such" / "g.pt")
     assert_one_line_error(result, "folder does not exist")
+
+
+def test_convert_align_sets_the_intrinsic_counts(tmp_path):
+    """resnet18 at s = 3: 64-wide layers get 32 intrinsic maps by default (16-channel blocks), 22 with --align 1."""
+    counts = {}
+    for align in (None, 1):
+        out = tmp_path / f"align{align}.pt"
+        extra = [] if align is None else ["--align", align]
+        assert invoke("convert", "resnet18", *SMALL, "--s", 3, "--init", "random", *extra, "-o", out).exit_code == 0
+        counts[align] = ghostify.load(out).layer1[0].conv1.intrinsic_channels
+    assert counts == {None: 32, 1: 22}
+    assert_one_line_error(invoke("convert", "resnet18", *SMALL, "--align", 0, "-o", tmp_path / "x.pt"), "--align")

@@ -32,7 +32,7 @@ DATA_METHODS = ("calibrate", "reconstruct")  # the initialisers that need calibr
 ERROR_SAMPLES = 16  # calibration inputs the reported per-layer errors are measured on
 
 __all__ = ["DATA_METHODS", "METHODS", "RECONSTRUCT_STEPS", "Fitted", "Initialised", "check_init", "check_calibration",
-           "initialise", "intrinsic", "layer_errors"]
+           "grouped_widths", "initialise", "layer_errors"]
 
 
 @dataclass
@@ -72,32 +72,27 @@ def _check_grain(group: Group, items: Mapping[str, Tuple[nn.Module, GhostModule]
     if group.blocked is None and group.grain is not None:
         for name in group.members:
             ghost = items[name][1]
-            if ghost.intrinsic_channels != group.grain.intrinsic(ghost.out_channels, ghost.s):
+            if ghost.intrinsic_channels % group.grain.width:
                 group.blocked = (f"read by a grouped conv (groups of {group.grain.width}) but built with "
                                  f"{ghost.intrinsic_channels} intrinsic maps, not whole groups")
                 return
 
 
-def intrinsic(model: nn.Module, layers: Mapping[str, Any], example_inputs: Sequence[torch.Tensor]) -> Dict[str, int]:
-    """The intrinsic map count of each layer to convert (``layers``: plans by name) whose output a grouped conv
-    reads, where it must differ from ``ceil(n / s)``: whole groups (``fit.Grain``), so the order is free.
-
-    ``model`` is the model before conversion; a model without grouped convs is not traced.
-    """
+def grouped_widths(model: nn.Module, layers: Mapping[str, Any], example_inputs: Sequence[torch.Tensor]
+                   ) -> Dict[str, int]:
+    """The group width of the grouped conv that reads each layer to convert (``layers``: plans by name, of
+    ``model`` before conversion), where the layer can then choose in whole groups (``fit.Grain``); a model
+    without grouped convs is not traced."""
     grouped = any(isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups < module.in_channels
                   for module in model.modules())
     if not grouped or not layers:
         return {}
-    counts = {}
+    widths = {}
     for group in couple(model, list(layers), example_inputs).groups:
         _blocked_by_ratio(group, layers)
         if group.blocked is None and group.grain is not None:
-            for name in group.members:
-                row = layers[name]
-                m = group.grain.intrinsic(row.out_channels, row.s)
-                if m != -(-row.out_channels // row.s):
-                    counts[name] = m
-    return counts
+            widths.update(dict.fromkeys(group.members, group.grain.width))
+    return widths
 
 
 def initialise(
@@ -150,13 +145,17 @@ def initialise(
         _check_grain(group, items)
         grain = group.grain if group.blocked is None else None
         for names in [group.members] if group.blocked is None else [[name] for name in group.members]:
-            problems = [filter_problem(*items[name], bns[name]) for name in names]
-            choice = choose([pairing for pairing, _ in problems], layers[names[0]].s, grain=grain)
+            problems = [filter_problem(*items[name], bns[name], grain) for name in names]
+            choice = choose([pairing for pairing, _ in problems], layers[names[0]].s, grain=grain,
+                            m=items[names[0]][1].intrinsic_channels)
             for name, problem in zip(names, problems):
                 copy_layer(*items[name], bns[name], problem, choice)
                 choices[name] = choice
     notes = {}
-    wide = [name for name, conv, ghost in swapped if len(blocks(conv.out_channels, ghost.s)) > 1]
+    grains = {name: group.grain for group in coupling.groups if group.blocked is None and group.grain
+              for name in group.members}
+    wide = [name for name, conv, ghost in swapped
+            if len(blocks(conv.out_channels, ghost.s, ghost.intrinsic_channels, grains.get(name))) > 1]
     if wide:
         notes["wide layers"] = (f"{len(wide)} layers wider than {WIDE} channels chose each ghost's intrinsic map "
                                 f"within its run of channels, not the whole layer (faster): {', '.join(wide[:3])}"
@@ -165,8 +164,6 @@ def initialise(
         once = {name for name, row in layers.items() if row.calls == 1}  # shared layers keep the copy fit
         shared = {name: group.members for group in coupling.groups if group.blocked is None
                   and len(group.members) > 1 for name in group.members}
-        grains = {name: group.grain for group in coupling.groups if group.blocked is None and group.grain
-                  for name in group.members}
         choices.update(calibrate(model, original, [item for item in swapped if item[0] in once], bns, means,
                                  batches, shared, {name: ghost for name, _, ghost in swapped}, grains))
     if init == "reconstruct":

@@ -144,7 +144,8 @@ def fit_layer(conv: nn.Module, ghost: GhostModule, bn: Optional[nn.Module], mean
     generator = torch.Generator().manual_seed(seed)
     offset = conv.bias is not None or bn is not None
     if choice is None:
-        choice = choose([map_pairing(ghost, y, bn_gain(bn, conv.out_channels), generator)], ghost.s, grain=grain)
+        choice = choose([map_pairing(ghost, y, bn_gain(bn, conv.out_channels), generator)], ghost.s, grain=grain,
+                        m=ghost.intrinsic_channels)
     primary, intrinsic_offset = _fit_primary(conv, ghost, choice, x, y, offset, generator)
     inner = ghost.inner_norms is not None
     per_channel = (1, -1, *[1] * ghost.dim)
@@ -208,7 +209,7 @@ def shared_choice(targets: _Targets, layers: Sequence[Tuple[str, GhostModule, Op
     generator = torch.Generator().manual_seed(seed)
     pairings = [map_pairing(ghost, targets.get(name)[1], bn_gain(bn, ghost.out_channels), generator)
                 for name, ghost, bn in layers]
-    return choose(pairings, layers[0][1].s, grain=grain)
+    return choose(pairings, layers[0][1].s, grain=grain, m=layers[0][1].intrinsic_channels)
 
 
 def calibrate(model: nn.Module, original: nn.Module, swapped: List[Tuple[str, nn.Module, GhostModule]],

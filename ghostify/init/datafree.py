@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..module import GhostModule
-from .fit import Choice, Pairing, blocks, filter_pairing, solve
+from .fit import Choice, Grain, Pairing, blocks, filter_pairing, solve
 
 VARIANCE_FLOOR = 1e-4
 
@@ -83,10 +83,13 @@ def write(ghost: GhostModule, choice: Choice, primary: torch.Tensor, cheap: torc
     ghost.set_out_index(choice.out_index())
 
 
-def filter_problem(conv: nn.Module, ghost: GhostModule, bn: Optional[nn.Module]) -> Tuple[Pairing, torch.Tensor]:
-    """The data-free ghost problem of ``conv`` (``fit.filter_pairing``) and its primary filters."""
+def filter_problem(conv: nn.Module, ghost: GhostModule, bn: Optional[nn.Module],
+                   grain: Optional[Grain] = None) -> Tuple[Pairing, torch.Tensor]:
+    """The data-free ghost problem of ``conv`` (``fit.filter_pairing``, within the runs ``choose`` will choose
+    in) and its primary filters."""
+    spans = blocks(conv.out_channels, ghost.s, ghost.intrinsic_channels, grain)
     return filter_pairing(conv.weight.detach().cpu(), ghost.primary_conv.kernel_size, conv.dilation, conv.stride,
-                          ghost.d, bn_gain(bn, conv.out_channels), blocks(conv.out_channels, ghost.s))
+                          ghost.d, bn_gain(bn, conv.out_channels), spans)
 
 
 def copy_layer(conv: nn.Module, ghost: GhostModule, bn: Optional[nn.Module],

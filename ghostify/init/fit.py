@@ -83,6 +83,21 @@ class Choice:
         return index
 
 
+@dataclass(frozen=True)
+class Grain:
+    """How a grouped conv that reads a layer's output constrains its channel choice.
+
+    The reader takes its input in runs of ``width`` channels, one run per group, so each run of the module's
+    outputs must hold one whole original group (in any order within: the reader permutes its filters).
+    Whole groups are then intrinsic or ghosts, so the module's intrinsic maps are whole groups
+    (``module.intrinsic_count``).
+    ``fixed``: the groups must also stay in place (the reader's outputs cannot take a permutation).
+    """
+
+    width: int
+    fixed: bool = False
+
+
 def _regularised(gram: torch.Tensor) -> torch.Tensor:
     """``gram`` plus a ridge relative to its scale, so dead filters or flat maps still solve."""
     q = gram.shape[-1]
@@ -129,6 +144,7 @@ def _select(fraction: np.ndarray, value: np.ndarray, m: int, s: int) -> List[int
     choice then marks those ghosts as explained that well, so redundant copies of one filter are not all
     chosen. Gains only shrink as more is explained, so stale gains are upper bounds (lazy evaluation).
     """
+    s = min(s, len(value))  # fewer items than s: every other one can be a partner
     covered = np.zeros(len(value))
     others = np.empty(len(value))  # reused by every evaluation
 
@@ -217,15 +233,16 @@ def _swap(gain: torch.Tensor, value: torch.Tensor, intrinsic: torch.Tensor, slot
     return len(groups) > 0
 
 
-def blocks(n: int, s: int) -> List[slice]:
+def blocks(n: int, s: int, m: Optional[int] = None, grain: Optional[Grain] = None) -> List[slice]:
     """The runs of channels a layer of ``n`` outputs chooses its ghosts within: the whole layer up to ``WIDE``
-    channels; a wider one splits into nearly equal runs of whole groups of ``s`` (the last takes the rest).
+    channels; a wider one splits into nearly equal runs of whole groups of ``s`` (the last takes the rest),
+    unless it has more than ``ceil(n / s)`` intrinsic maps (``m``) or chooses in whole groups (``grain``).
 
     A ghost then comes from an intrinsic map of its own run, so pairing and choosing cost grows linearly past
     ``WIDE`` instead of quadratically (two runs: half the pair products), at the price of partners
     in other runs.
     """
-    if n <= WIDE:
+    if n <= WIDE or (m is not None and m != -(-n // s)) or (grain is not None and grain.width > 1):
         return [slice(0, n)]
     per = s * math.ceil(math.ceil(n / s) / math.ceil(n / WIDE))  # whole groups of s, nearly equal runs
     return [slice(start, min(start + per, n)) for start in range(0, n, per)]
@@ -246,27 +263,11 @@ def _merge(choices: Sequence[Choice], spans: Sequence[slice], n: int, s: int) ->
     return Choice(intrinsic, slots[: n - m], s)
 
 
-@dataclass(frozen=True)
-class Grain:
-    """How a grouped conv that reads a layer's output constrains its channel choice.
-
-    The reader takes its input in runs of ``width`` channels, one run per group, so each run of the module's
-    outputs must hold one whole original group (in any order within: the reader permutes its filters).
-    Whole groups are then intrinsic or ghosts, and the module has ``width * ceil(groups / s)`` intrinsic maps.
-    ``fixed``: the groups must also stay in place (the reader's outputs cannot take a permutation).
-    """
-
-    width: int
-    fixed: bool = False
-
-    def intrinsic(self, n: int, s: int) -> int:
-        """The module's intrinsic map count for ``n`` outputs."""
-        return self.width * -(-(n // self.width) // s)
-
-
-def choose(pairings: Sequence[Pairing], s: int, rounds: int = 1, grain: Optional[Grain] = None) -> Choice:
-    """Pick ``ceil(n / s)`` intrinsic channels and assign every other channel to one, by fit; a layer wider
-    than ``WIDE`` does so within each of its ``blocks``; with a ``grain``, whole groups (``_choose_groups``).
+def choose(pairings: Sequence[Pairing], s: int, rounds: int = 1, grain: Optional[Grain] = None,
+           m: Optional[int] = None) -> Choice:
+    """Pick ``m`` (default ``ceil(n / s)``) intrinsic channels and assign every other channel to one, by fit;
+    a layer wider than ``WIDE`` does so within each of its ``blocks``; with a ``grain``, whole groups
+    (``_choose_groups``).
 
     An intrinsic channel is reproduced exactly; a ghost ``t`` of ``i`` loses ``weight * energy * (1 -
     explained)``. Several pairings (layers that write into one tensor and so must share a channel order)
@@ -277,12 +278,13 @@ def choose(pairings: Sequence[Pairing], s: int, rounds: int = 1, grain: Optional
     0.1% of the layers' energy on average) with about 40% fewer assignments.
     """
     n = len(pairings[0].energy)
+    m = -(-n // s) if m is None else m
     if grain is not None and grain.width > 1:
-        return _choose_groups(*_scores(pairings), s, rounds, grain)
-    spans = blocks(n, s)
+        return _choose_groups(*_scores(pairings), s, rounds, grain, m)
+    spans = blocks(n, s, m)
     if len(spans) > 1:
         return _merge([_choose([p.part(span) for p in pairings], s, rounds) for span in spans], spans, n, s)
-    return _choose(pairings, s, rounds)
+    return _pick(*_scores(pairings), s, rounds, m)
 
 
 def _scores(pairings: Sequence[Pairing]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -294,13 +296,13 @@ def _scores(pairings: Sequence[Pairing]) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def _choose(pairings: Sequence[Pairing], s: int, rounds: int) -> Choice:
     """``choose`` on one run of channels."""
-    return _pick(*_scores(pairings), s, rounds)
+    return _pick(*_scores(pairings), s, rounds, -(-len(pairings[0].energy) // s))
 
 
-def _pick(value: torch.Tensor, gain: torch.Tensor, s: int, rounds: int) -> Choice:
-    """``choose`` from the scores of ``_scores``: intrinsic items, and the ghost items in ghost-major slots."""
+def _pick(value: torch.Tensor, gain: torch.Tensor, s: int, rounds: int, m: int) -> Choice:
+    """``choose`` from the scores of ``_scores``: ``m`` intrinsic items, and the ghost items in ghost-major
+    slots."""
     fraction = gain / value.clamp_min(torch.finfo(value.dtype).tiny)[None, :]
-    m = -(-len(value) // s)
     intrinsic, slot_ghost, owner = _assign(gain, torch.tensor(_select(fraction.numpy(), value.numpy(), m, s)))
     tol = 1e-6 * gain.max().clamp_min(1e-30).item()
     for _ in range(rounds):
@@ -315,13 +317,13 @@ def _pick(value: torch.Tensor, gain: torch.Tensor, s: int, rounds: int) -> Choic
     return Choice(intrinsic, ghost, s)
 
 
-def _choose_groups(value: torch.Tensor, gain: torch.Tensor, s: int, rounds: int, grain: Grain) -> Choice:
+def _choose_groups(value: torch.Tensor, gain: torch.Tensor, s: int, rounds: int, grain: Grain, m: int) -> Choice:
     """``choose`` in whole groups of ``grain.width`` channels (a grouped conv reads the layer).
 
     A ghost group ``b`` of intrinsic group ``a`` pairs their channels one to one, the pairing with the most
     gain (Hungarian); the groups themselves are chosen as ``choose`` chooses channels, from those group
-    gains, or kept in place (``grain.fixed``: the first ``ceil(g / s)`` groups intrinsic, group ``m + j`` a
-    ghost of group ``j mod m``).
+    gains, or kept in place (``grain.fixed``: the first ``m / width`` groups intrinsic, then each ghost group
+    made from the intrinsic group at its place modulo that).
     """
     from scipy.optimize import linear_sum_assignment
 
@@ -329,7 +331,7 @@ def _choose_groups(value: torch.Tensor, gain: torch.Tensor, s: int, rounds: int,
     g = len(value) // width
     channels = torch.arange(len(value)).view(g, width)
     per_group = gain.view(g, width, g, width).transpose(1, 2).double()  # [a, b]: channels of a -> channels of b
-    m = -(-g // s)
+    m = m // width
     if grain.fixed:
         intrinsic = torch.arange(m)
         ghost = torch.arange(m, g)
@@ -338,7 +340,7 @@ def _choose_groups(value: torch.Tensor, gain: torch.Tensor, s: int, rounds: int,
         for a, b in itertools.permutations(range(g), 2):
             rows, cols = linear_sum_assignment(-per_group[a, b].numpy())
             group_gain[a, b] = float(per_group[a, b][rows, cols].sum())
-        picked = _pick(value.view(g, width).sum(1), group_gain, min(s, g), rounds)  # g < s: one intrinsic group
+        picked = _pick(value.view(g, width).sum(1), group_gain, s, rounds, m)
         intrinsic, ghost = picked.intrinsic, picked.ghost
     owner = intrinsic[torch.arange(len(ghost)) % m]
     runs = []
