@@ -288,7 +288,7 @@ def deploy(model: nn.Module, *, runtime: str = "torch", compile: bool = True) ->
     if runtime != "onnxruntime":
         _channels_last(deployed)
         result.memory_format = "channels_last"
-    deployed.eval()
+    deployed.eval().requires_grad_(False)  # inference only; the epilogue's out= ops cannot record gradients
     if runtime == "inductor" and compile:
         deployed = torch.compile(deployed, dynamic=False, options={"freezing": True})
     for attr in ("ghostify_result", "ghostify_source"):

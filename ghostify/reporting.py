@@ -201,7 +201,8 @@ def _describe(row) -> Tuple[str, str]:
     if row.norm:
         original += " + BN"
     gather = " +gather" if row.gather else ""
-    return original, f"Ghost s={row.s} d={row.d} k={'x'.join(map(str, pk))}{gather}"
+    wider = f" m={row.intrinsic}" if row.intrinsic else ""  # more intrinsic maps than ceil(n / s)
+    return original, f"Ghost s={row.s} d={row.d} k={'x'.join(map(str, pk))}{wider}{gather}"
 
 
 def _is_ghost(model: nn.Module, name: str) -> bool:

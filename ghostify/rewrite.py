@@ -280,10 +280,9 @@ def _budgeted(model: nn.Module, rows: List[Replaced], norms: Dict[str, Optional[
     return converted, kept
 
 
-def _set_intrinsic(model: nn.Module, rows: List[Replaced], inputs, align: int, result: ConversionResult) -> None:
-    """Each row's intrinsic map count: whole groups of a grouped conv that reads it, parts aligned to ``align``
-    channels where its width allows (``intrinsic_count``); a note names the layers left unaligned."""
-    widths = grouped_widths(model, {row.name: row for row in rows}, inputs)
+def _set_intrinsic(rows: List[Replaced], widths: Mapping[str, int], align: int) -> Optional[str]:
+    """Each row's intrinsic map count: whole groups of the grouped conv that reads it (``widths``), parts on
+    ``align``-channel blocks where its width allows (``intrinsic_count``); a note naming the unaligned layers."""
     unaligned = []
     for row in rows:
         n = row.out_channels
@@ -291,11 +290,11 @@ def _set_intrinsic(model: nn.Module, rows: List[Replaced], inputs, align: int, r
         row.intrinsic = None if m == -(-n // row.s) else m
         if m % align or n % align:
             unaligned.append(row.name)
-    if unaligned and align > 1:
-        result.notes["unaligned"] = (f"{len(unaligned)} of {len(rows)} layers have parts off the {align}-channel "
-                                     f"blocks (their width is not a multiple of {align}, or no multiple of {align} "
-                                     f"intrinsic maps fits): {', '.join(unaligned[:3])}"
-                                     + (" ..." if len(unaligned) > 3 else ""))
+    if not unaligned or align == 1:
+        return None
+    return (f"{len(unaligned)} of {len(rows)} layers have parts off the {align}-channel blocks (their width is "
+            f"not a multiple of {align}, or no multiple of {align} intrinsic maps fits): {', '.join(unaligned[:3])}"
+            + (" ..." if len(unaligned) > 3 else ""))
 
 
 def convert(
@@ -420,6 +419,8 @@ def convert(
     decisions = [_choose(site, opts) for site in analysis.sites]
     replaced = [r for r in decisions if isinstance(r, Replaced)]
     skipped = [r for r in decisions if isinstance(r, Skipped)]
+    widths = grouped_widths(converted, {row.name: row for row in replaced}, inputs)
+    _set_intrinsic(replaced, widths, align)  # layer timings build the modules convert builds
     if (target_flops is not None or target_latency is not None) and replaced:
         norms = {site.name: site.norm for site in analysis.sites}
         replaced, kept = _budgeted(model, replaced, norms, inputs, batches, target_flops, target_latency, runtime,
@@ -432,7 +433,9 @@ def convert(
                 for name in analysis.functional]
     result = ConversionResult(analysis.method, replaced, skipped, [_shape(x) for x in inputs], init,
                               source=getattr(model, "ghostify_source", None))
-    _set_intrinsic(converted, replaced, inputs, align, result)
+    unaligned = _set_intrinsic(replaced, widths, align)  # a budget may have changed s
+    if unaligned:
+        result.notes["unaligned"] = unaligned
     if not replaced:
         reasons = sorted({row.reason for row in skipped})
         warnings.warn(f"no convolution was converted (the model is unchanged): {'; '.join(reasons[:3])}"

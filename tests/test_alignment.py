@@ -61,6 +61,7 @@ def test_aligned_module_is_wider_exact_and_round_trips(tmp_path):
     assert (rows["a"].intrinsic, ghost.a.intrinsic_channels) == (32, 32)  # 24 would be off the 16-channel block
     assert (rows["b"].intrinsic, ghost.b.intrinsic_channels) == (None, 12)  # 24 wide: cannot align
     assert rows["a"].error < 1e-10 and not rows["a"].gather  # the planted copies are still found
+    assert ghostify.report(model, ghost, (x[:1],)).layers[0].replacement.endswith(" m=32")
     note = ghost.ghostify_result.notes["unaligned"]
     assert note.startswith("1 of 2 layers") and "b" in note.split(": ")[-1]
     exact = ghostify.convert(model, s=2, d=1, include="a", include_stem=True, align=16, example_inputs=x[:1]).eval()

@@ -164,6 +164,10 @@ def test_resnet_epilogues_take_every_residual_add_and_relu():
     left = [node.target for node in deployed.graph.nodes if node.op != "call_module" and node.op != "placeholder"]
     assert not any("add" in str(target) for target in left)
     assert_same_outputs(ghost, deployed)
+    out = deployed(SMALL)  # outside torch.no_grad(): the deploy form is inference-only, its weights frozen
+    assert not out.requires_grad and not any(p.requires_grad for p in deployed.parameters())
+    with torch.no_grad():
+        assert torch.equal(out, deployed(SMALL))
 
 
 class BroadcastShortcut(nn.Module):
