@@ -138,6 +138,24 @@ def test_torchvision_model_has_no_gather_and_matches_the_gathered_model(name):
         assert torch.allclose(deployed(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
 
 
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "vgg16", "densenet121", "mobilenet_v2"])
+def test_calibrated_model_has_no_gather_and_matches_the_gathered_model(name):
+    """``calibrate`` refits every layer with its own channel choice; the order is still absorbed everywhere."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 64, 64)
+    model = _settled(torchvision.models.get_model(name), torch.randn(4, 3, 64, 64))
+    options = {"s": 2, "example_inputs": x[:1], "init": "calibrate", "calibration_data": x}
+    ghost = ghostify.convert(model, **options).eval()
+    assert not [row.name for row in ghost.ghostify_result.replaced if row.gather]
+    reference = _gathered(model, **options).eval()
+    deployed = ghostify.deploy(ghost)
+    assert not any("index_select" in str(node.target) for node in deployed.graph.nodes)
+    with torch.no_grad():
+        expected = reference(x[:2])
+        assert torch.allclose(ghost(x[:2]), expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
+        assert torch.allclose(deployed(x[:2]), expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
+
+
 def test_training_mode_model_is_grouped_as_it_runs_in_eval():
     """Inception-v3 in training mode has an auxiliary branch that does not run in eval mode (and fails at
     224x224); the channel analysis traces the eval graph, so every layer still shares a gather-free order."""
