@@ -23,12 +23,13 @@ import torch
 from torch import nn
 
 from .count import Counts
-from .init.channels import Group, couple
+from .init.channels import Group, couple, layer_grains
 from .init.datafree import bn_gain
 from .init.fit import Grain, choose, explained, filter_pairing, unexplained
 from .init.measure import record
 from .latency import layer_times, model_ms
 from .module import intrinsic_count
+from .plan import planned_intrinsic
 from .progress import progress as progress_display
 from .redundancy import IMAGES, RATIOS, ghost_maps, layer_errors
 from .trace import evaluating
@@ -58,10 +59,8 @@ def conv_flops(entry: Mapping, s: Optional[int], m: Optional[int] = None) -> flo
 
 
 def _intrinsic(entry: Mapping, s: int, grain: Optional[Grain], align: int) -> Optional[int]:
-    """A plan row's ``intrinsic`` at ratio ``s`` as ``convert`` sets it: None when ``ceil(n / s)``."""
-    n = entry["out_channels"]
-    m = intrinsic_count(n, s, grain.width if grain else 1, align)
-    return None if m == -(-n // s) else m
+    """A plan row's ``intrinsic`` at ratio ``s``, as ``convert`` sets it."""
+    return planned_intrinsic(entry["out_channels"], s, grain.width if grain else 1, align)
 
 
 def fit_errors(conv: nn.Module, norm: Optional[nn.Module], entry: Mapping, ratios: Sequence[int] = RATIOS,
@@ -266,7 +265,7 @@ def plan(model: nn.Module, entries: Sequence[Mapping], norms: Mapping[str, Optio
     """
     target = target_flops if target_flops is not None else target_latency
     found = _groups(model, entries, inputs)
-    grains = {name: group.grain for group in found if group.grain and group.blocked is None for name in group.members}
+    grains = layer_grains(found)
     costs, total, unit = _costs(model, entries, inputs, target_flops, runtime, batch, grains, align)
     fixed = total - sum(cost[None] for cost in costs.values())
     groups = [group.members for group in found]

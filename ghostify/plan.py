@@ -13,7 +13,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from .module import NORMS, GhostModule, conv_dim
+from .module import NORMS, GhostModule, conv_dim, intrinsic_count
 
 
 def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -23,6 +23,13 @@ def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     else:  # torch 2.2 - 2.4
         parent, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent), child, module)
+
+
+def planned_intrinsic(n: int, s: int, width: int = 1, align: int = 1) -> Optional[int]:
+    """A plan row's ``intrinsic`` for ``n`` outputs at ratio ``s`` (``module.intrinsic_count``): None when it is
+    the default ``ceil(n / s)``."""
+    m = intrinsic_count(n, s, width, align)
+    return None if m == -(-n // s) else m
 
 
 def apply_plan(model: nn.Module, plan: Iterable[Mapping[str, Any]],

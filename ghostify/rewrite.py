@@ -26,10 +26,9 @@ from .module import (
     check_cheap_kernel,
     check_ratio,
     conv_dim,
-    intrinsic_count,
     primary_padding,
 )
-from .plan import apply_plan
+from .plan import apply_plan, planned_intrinsic
 from .trace import ConvSite, _shape, analyse, placement, random_inputs
 
 PerLayer = Union[Any, Mapping[str, Any]]
@@ -286,8 +285,8 @@ def _set_intrinsic(rows: List[Replaced], widths: Mapping[str, int], align: int) 
     unaligned = []
     for row in rows:
         n = row.out_channels
-        m = intrinsic_count(n, row.s, widths.get(row.name, 1), align)
-        row.intrinsic = None if m == -(-n // row.s) else m
+        row.intrinsic = planned_intrinsic(n, row.s, widths.get(row.name, 1), align)
+        m = row.intrinsic or -(-n // row.s)
         if m % align or n % align:
             unaligned.append(row.name)
     if not unaligned or align == 1:

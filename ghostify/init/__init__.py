@@ -21,7 +21,7 @@ from ..module import GhostModule
 from .blockwise import STEPS as RECONSTRUCT_STEPS
 from .blockwise import find_blocks, reconstruct, summary
 from .calibrate import calibrate
-from .channels import Group, couple
+from .channels import Group, couple, layer_grains
 from .data import check_calibration
 from .datafree import copy_layer, filter_problem
 from .fit import WIDE, Choice, blocks, choose
@@ -87,12 +87,10 @@ def grouped_widths(model: nn.Module, layers: Mapping[str, Any], example_inputs: 
                   for module in model.modules())
     if not grouped or not layers:
         return {}
-    widths = {}
-    for group in couple(model, list(layers), example_inputs).groups:
+    groups = couple(model, list(layers), example_inputs).groups
+    for group in groups:
         _blocked_by_ratio(group, layers)
-        if group.blocked is None and group.grain is not None:
-            widths.update(dict.fromkeys(group.members, group.grain.width))
-    return widths
+    return {name: grain.width for name, grain in layer_grains(groups).items()}
 
 
 def initialise(
@@ -152,8 +150,7 @@ def initialise(
                 copy_layer(*items[name], bns[name], problem, choice)
                 choices[name] = choice
     notes = {}
-    grains = {name: group.grain for group in coupling.groups if group.blocked is None and group.grain
-              for name in group.members}
+    grains = layer_grains(coupling.groups)
     wide = [name for name, conv, ghost in swapped
             if len(blocks(conv.out_channels, ghost.s, ghost.intrinsic_channels, grains.get(name))) > 1]
     if wide:

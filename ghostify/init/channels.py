@@ -431,6 +431,11 @@ def couple(model: nn.Module, names: Sequence[str], example_inputs: Sequence[torc
     return Coupling(list(groups.values()), bn, walker.uses, walker.roots, walker.grouped)
 
 
+def layer_grains(groups: Sequence[Group]) -> Dict[str, Grain]:
+    """The ``Grain`` of each layer whose group keeps no gather and is read by a grouped conv."""
+    return {name: group.grain for group in groups if group.blocked is None and group.grain for name in group.members}
+
+
 def _grains(grouped: Sequence[Tuple[nn.Module, Space, Space]]) -> Dict[int, Grain]:
     """Per space a grouped conv reads or a converted layer writes beside one, the ``Grain`` its order must keep
     (blocking the space when none can).
