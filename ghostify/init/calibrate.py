@@ -75,20 +75,36 @@ def _design(conv: nn.Module, x: torch.Tensor, y: torch.Tensor, limit: int, gener
     return _patches(conv, x, rows).float(), y.movedim(1, -1)[tuple(rows.T)].float()
 
 
-def _ones(a: torch.Tensor) -> torch.Tensor:
-    return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], -1)
+def _spd_solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``matrix^-1 rhs`` for a symmetric positive definite ``matrix`` (Cholesky: half the work of LU), LU where
+    rounding made it indefinite."""
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    return torch.cholesky_solve(rhs, factor) if info.item() == 0 else torch.linalg.solve(matrix, rhs)
 
 
-def _ridge(a: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """``argmin ||a @ delta - residual||^2 + lam ||delta||^2``, lam relative to ``a``'s scale; primal or dual form."""
+def _ridge(a: torch.Tensor, residual: torch.Tensor, offset: bool) -> torch.Tensor:
+    """``argmin ||[a, 1] @ delta - residual||^2 + lam ||delta||^2``, lam relative to ``[a, 1]``'s scale; the column
+    of ones (a last row of ``delta``) only with ``offset``; primal or dual form.
+
+    The ones column is never built: its products are ``a``'s column sums and the row count (a copy of ``a``
+    costs as much as a product on the wide layers). Products in float32 (4x faster than float64 there), the
+    solve in float64.
+    """
     rows, cols = a.shape
     a, residual = a.float(), residual.float()
-    lam = PRIOR * a.square().sum(dtype=torch.float64) / cols
-    if rows >= cols:  # products in float32 (4x faster than float64 on wide layers), the solve in float64
-        eye = torch.eye(cols, dtype=torch.float64, device=a.device)
-        return torch.linalg.solve((a.T @ a).double() + lam * eye, (a.T @ residual).double())
-    eye = torch.eye(rows, dtype=torch.float64, device=a.device)
-    return a.T.double() @ torch.linalg.solve((a @ a.T).double() + lam * eye, residual.double())
+    if rows >= cols + offset:
+        gram, cross = (a.T @ a).double(), (a.T @ residual).double()
+        if offset:
+            sums = a.sum(0, dtype=torch.float64)
+            gram = torch.cat([torch.cat([gram, sums[:, None]], 1), torch.cat([sums, sums.new_tensor([rows])])[None]])
+            cross = torch.cat([cross, residual.sum(0, dtype=torch.float64)[None]])
+        lam = PRIOR * gram.trace() / (cols + offset)
+        return _spd_solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype, device=gram.device), cross)
+    kernel = (a @ a.T).double() + offset
+    lam = PRIOR * kernel.trace() / (cols + offset)
+    dual = _spd_solve(kernel + lam * torch.eye(rows, dtype=kernel.dtype, device=kernel.device), residual.double())
+    delta = a.T.double() @ dual
+    return torch.cat([delta, dual.sum(0, keepdim=True)]) if offset else delta
 
 
 def map_pairing(ghost: GhostModule, y: torch.Tensor, gain: torch.Tensor, generator: torch.Generator) -> Pairing:
@@ -107,24 +123,28 @@ def _fit_primary(conv: nn.Module, ghost: GhostModule, choice: Choice, x, y, offs
                      ghost.d)[choice.intrinsic].flatten(1).T
     bias = conv.bias.detach().float()[choice.intrinsic] if conv.bias is not None else prior.new_zeros(prior.shape[1])
     a, targets = _design(ghost.primary_conv, x, y[:, choice.intrinsic], ROWS, generator)
-    if offset:
-        a, prior = _ones(a), torch.cat([prior, bias[None]])
-    fitted = prior.double() + _ridge(a, targets - a @ prior)
-    weights = fitted[: prior.shape[0] - offset].T.reshape(ghost.primary_conv.weight.shape)
+    fitted = torch.cat([prior, bias[None]]).double() if offset else prior.double()
+    fitted += _ridge(a, targets - a @ prior - (bias if offset else 0), offset)
+    weights = fitted[: prior.shape[0]].T.reshape(ghost.primary_conv.weight.shape)
     return weights, (fitted[-1] if offset else bias.double())
 
 
 def _fit_cheap(ghost: GhostModule, choice: Choice, z: torch.Tensor, y: torch.Tensor, offset: bool, generator):
     """Cheap kernels ``(kept, d, ..., d)`` and ghost offsets ``(kept,)`` fitted on the new intrinsic maps ``z``."""
-    q = ghost.d ** ghost.dim
+    q, m, kept = ghost.d ** ghost.dim, z.shape[1], len(choice.ghost)
     patches, targets = _design(ghost.cheap_conv, z, y, ROWS, generator)
-    shifted = patches.view(len(patches), z.shape[1], q)
-    if offset:
-        shifted = _ones(shifted)
-    source = shifted[:, choice.owner]
-    cross = torch.einsum("rou,ro->ou", source, targets[:, choice.ghost])
-    gram = torch.einsum("riu,riv->iuv", shifted, shifted)[choice.owner]
-    h = solve(cross, gram)
+    shifted = patches.view(len(patches), m, q)
+    # slot k * m + i reads intrinsic map i: the targets in runs of m, each run against all maps at once
+    runs = targets.new_zeros(len(targets), -(-kept // m) * m)
+    runs[:, :kept] = targets[:, choice.ghost]
+    cross = torch.einsum("riu,rki->kiu", shifted, runs.view(len(runs), -1, m)).flatten(0, 1)[:kept]
+    gram = torch.einsum("riu,riv->iuv", shifted, shifted)
+    if offset:  # a column of ones beside each map's taps
+        sums = shifted.sum(0)
+        gram = torch.cat([torch.cat([gram, sums[:, :, None]], 2),
+                          torch.cat([sums, sums.new_full((m, 1), len(shifted))], 1)[:, None]], 1)
+        cross = torch.cat([cross, runs.sum(0).view(-1, 1)[:kept]], 1)
+    h = solve(cross, gram[choice.owner])
     return h[:, :q].view(-1, *[ghost.d] * ghost.dim), (h[:, q] if offset else torch.zeros(len(h), dtype=h.dtype))
 
 
