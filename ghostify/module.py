@@ -208,6 +208,8 @@ class GhostModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         intrinsic = self.primary(x)
         ghosts = self.cheap(intrinsic if self.s == 2 else intrinsic.repeat(1, self.s - 1, *[1] * self.dim))
+        if self.out_index is not None and intrinsic.shape[1] + ghosts.shape[1] == self.out_channels:
+            return self._gathered(intrinsic, ghosts)
         out = torch.cat([intrinsic, ghosts], dim=1)
         if self.out_index is not None:
             return out.index_select(1, self.out_index)
@@ -215,17 +217,31 @@ class GhostModule(nn.Module):
             out = out[:, : self.out_channels]
         return out
 
+    def _gathered(self, intrinsic: torch.Tensor, ghosts: torch.Tensor) -> torch.Tensor:
+        """``cat([intrinsic, ghosts])[:, out_index]`` when that is a permutation (no map left out), each half
+        copied straight to its channels: one pass over the output instead of two (a ``cat``, then a gather)."""
+        n, m = self.out_channels, intrinsic.shape[1]
+        channel = torch.empty_like(self.out_index)  # the output channel of each of [intrinsic, ghosts]
+        channel[self.out_index] = torch.arange(n, device=channel.device)
+        out = intrinsic.new_empty(intrinsic.shape[0], n, *intrinsic.shape[2:])
+        out.index_copy_(1, channel[:m], intrinsic)
+        return out.index_copy_(1, channel[m:], ghosts)
+
     def set_out_index(self, index: Optional[torch.Tensor]) -> None:
         """Reorder the outputs: output channel ``c`` becomes map ``index[c]`` of [intrinsic, ghosts]; None: no gather.
 
         Initialisers use this when the ghosts they fit come out in another order than the original conv's
-        channels and no consuming layer can absorb the permutation; it costs one ``index_select`` per call.
+        channels and no consuming layer can absorb the permutation; it costs a scattered copy per call.
         """
         if index is not None:
             index = torch.as_tensor(index, dtype=torch.long, device=self.primary_conv.weight.device)
-            if index.shape != (self.out_channels,):
-                raise ValueError(f"out_index must hold {self.out_channels} channel indices, "
-                                 f"got shape {tuple(index.shape)}")
+            maps = self.intrinsic_channels + self.ghost_channels
+            if index.shape != (self.out_channels,) or not (index.is_meta or (
+                    len(index.unique()) == len(index) and 0 <= int(index.min()) and int(index.max()) < maps)):
+                raise ValueError(f"out_index must hold {self.out_channels} distinct indices of the module's "
+                                 f"{maps} maps, got {tuple(index.shape)}" + (" with repeats or out of range"
+                                                                           if index.shape == (self.out_channels,)
+                                                                           else ""))
         self.out_index = index
 
     @classmethod

@@ -88,6 +88,36 @@ def test_ghosts_are_ghost_major():
     torch.testing.assert_close(ghost(x), expected)
 
 
+@pytest.mark.parametrize("n,s,intrinsic", [(8, 2, None), (9, 3, None), (10, 3, None), (7, 4, None), (16, 3, 8)])
+def test_gather_puts_each_map_at_its_channel(n, s, intrinsic):
+    # out_index[c] names the map of [intrinsic, ghosts] that channel c gets: equal to cat-then-index_select,
+    # in values and in gradients, whether it uses every map (n = m * s: a scatter) or leaves some out
+    torch.manual_seed(0)
+    module = GhostModule(3, n, 3, s=s, intrinsic_channels=intrinsic)
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    first = module.primary(x)
+    plain = torch.cat([first, module.cheap(first.repeat(1, s - 1, 1, 1))], 1)  # every map, none cut
+    index = torch.randperm(module.intrinsic_channels * s)[:n]  # any n of the maps: all of them when m * s = n
+    module.set_out_index(index)
+    out = module(x)
+    assert torch.equal(out, plain[:, index])
+    weights = torch.randn_like(out)
+    (grad,) = torch.autograd.grad((out * weights).sum(), x)
+    (expected,) = torch.autograd.grad((plain[:, index] * weights).sum(), x)
+    assert torch.allclose(grad, expected, atol=1e-6)
+
+
+def test_out_index_must_pick_distinct_maps():
+    module = GhostModule(3, 5, 3, s=3)  # 2 intrinsic maps, 4 ghost maps, 5 outputs
+    module.set_out_index(torch.tensor([5, 0, 1, 3, 2]))  # any 5 of the 6 maps
+    with pytest.raises(ValueError, match="5 distinct indices of the module's 6 maps, got \\(5,\\) with repeats"):
+        module.set_out_index(torch.tensor([0, 1, 2, 3, 3]))
+    with pytest.raises(ValueError, match="out of range"):
+        module.set_out_index(torch.tensor([0, 1, 2, 3, 6]))
+    with pytest.raises(ValueError, match="got \\(4,\\)$"):
+        module.set_out_index(torch.arange(4))
+
+
 def test_from_conv_keeps_bias_padding_mode_dtype_device():
     conv = nn.Conv2d(3, 8, (3, 5), stride=(2, 1), padding=(1, 2), dilation=1, bias=True,
                      padding_mode="reflect", dtype=torch.float64)
