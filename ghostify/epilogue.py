@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .module import layout
 from .trace import module_calls
 
 _RELUS = {F.relu, torch.relu, torch.relu_, "relu", "relu_"}
@@ -37,10 +38,8 @@ def assemble(parts: Sequence[torch.Tensor], residual: Optional[torch.Tensor], re
     if functional:
         outs = [part if r is None else part + r for part, r in zip(parts, shortcuts)]
         return torch.cat([torch.relu(out) if relu else out for out in outs], 1)
-    layout = torch.channels_last if first.dim() == 4 and first.is_contiguous(
-        memory_format=torch.channels_last) else torch.contiguous_format
     out = torch.empty((first.shape[0], sum(widths), *first.shape[2:]), dtype=first.dtype, device=first.device,
-                      memory_format=layout)
+                      memory_format=layout(first))
     for part, r, target in zip(parts, shortcuts, out.split(widths, 1)):
         if r is not None and relu and (part.is_cuda or part.dtype in (torch.float32, torch.float64)):
             torch.ops.aten._add_relu.out(part, r, out=target)

@@ -94,6 +94,14 @@ def primary_padding(
     return tuple(result)
 
 
+def layout(x: torch.Tensor) -> torch.memory_format:
+    """The memory format a new tensor shaped like ``x`` should take to match it: channels-last where ``x`` is."""
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    if x.dim() in formats and not x.is_contiguous() and x.is_contiguous(memory_format=formats[x.dim()]):
+        return formats[x.dim()]
+    return torch.contiguous_format
+
+
 class GhostModule(nn.Module):
     """``n`` output maps from ``ceil(n / s)`` intrinsic maps plus cheap depthwise ``d x d`` ghosts.
 
@@ -223,7 +231,8 @@ class GhostModule(nn.Module):
         n, m = self.out_channels, intrinsic.shape[1]
         channel = torch.empty_like(self.out_index)  # the output channel of each of [intrinsic, ghosts]
         channel[self.out_index] = torch.arange(n, device=channel.device)
-        out = intrinsic.new_empty(intrinsic.shape[0], n, *intrinsic.shape[2:])
+        out = torch.empty((intrinsic.shape[0], n, *intrinsic.shape[2:]), dtype=intrinsic.dtype,
+                          device=intrinsic.device, memory_format=layout(intrinsic))
         out.index_copy_(1, channel[:m], intrinsic)
         return out.index_copy_(1, channel[m:], ghosts)
 

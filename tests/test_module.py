@@ -107,6 +107,18 @@ def test_gather_puts_each_map_at_its_channel(n, s, intrinsic):
     assert torch.allclose(grad, expected, atol=1e-6)
 
 
+def test_gather_keeps_channels_last():
+    torch.manual_seed(0)
+    module = GhostModule(3, 8, 3).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 6, 6)
+    index = torch.randperm(8)
+    plain = module(x)
+    module.set_out_index(index)
+    out = module(x.contiguous(memory_format=torch.channels_last))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, plain[:, index])
+
+
 def test_out_index_must_pick_distinct_maps():
     module = GhostModule(3, 5, 3, s=3)  # 2 intrinsic maps, 4 ghost maps, 5 outputs
     module.set_out_index(torch.tensor([5, 0, 1, 3, 2]))  # any 5 of the 6 maps

@@ -32,6 +32,14 @@ PRIOR = 1e-2
 SPREAD = 4
 
 
+def _channels_last(batch: Batch) -> Batch:
+    """A batch's images channels-last, a layout the layers keep: oneDNN's fastest on the CPU (ResNet-50's
+    forward passes about 1.5x faster on 2 cores), and the fits then gather whole runs of channels."""
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    return tuple(x.contiguous(memory_format=formats[x.dim()]) if isinstance(x, torch.Tensor) and x.dim() in formats
+                 else x for x in batch)
+
+
 def _pick(count: int, pixels: int, limit: int, generator: torch.Generator) -> torch.Tensor:
     """Which of ``count`` images a layer's fits read: all of them, or a random subset with ``SPREAD`` times more
     output ``pixels`` than the ``limit`` rows drawn from them (early, large layers need a few images only)."""
@@ -252,6 +260,7 @@ def calibrate(model: nn.Module, original: nn.Module, swapped: List[Tuple[str, nn
     grains = grains or {}
     with evaluating(model), evaluating(original), loss_progress("calibrating", "fit error") as bar:
         task = bar.add_task("", total=len(swapped), loss=UNKNOWN)
+        batches = [_channels_last(batch) for batch in batches]
         inputs = activations(model, batches)
         fitted = [name for name, _, _ in swapped]
         targets = _Targets(original, fitted + list(groups), batches)
