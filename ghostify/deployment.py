@@ -19,7 +19,7 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
 from .epilogue import assemble, fuse_epilogues
-from .module import NORMS, GhostModule, conv_dim
+from .module import NORMS, GhostModule, channels_last, conv_dim
 from .plan import set_module
 from .trace import GhostLeafTracer, module_calls
 
@@ -222,11 +222,9 @@ def _drop_identities(gm: fx.GraphModule) -> None:
 def _channels_last(model: nn.Module) -> None:
     """Store 4-D (2-D conv) weights channels-last and 5-D (3-D conv) weights channels-last-3d, in place;
     ``Module.to(memory_format=...)`` refuses a model that has both kinds, or any 5-D weight."""
-    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
-            if tensor.dim() in formats:
-                tensor.data = tensor.data.contiguous(memory_format=formats[tensor.dim()])
+            tensor.data = channels_last(tensor.data)
 
 
 def deploy(model: nn.Module, *, runtime: str = "torch", compile: bool = True) -> nn.Module:

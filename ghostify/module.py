@@ -94,11 +94,19 @@ def primary_padding(
     return tuple(result)
 
 
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}  # by tensor rank: 2-D and 3-D maps
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` channels-last (oneDNN's fastest layout on the CPU) when it is a batch of 2-D or 3-D maps or
+    filters; other tensors as they are."""
+    return x.contiguous(memory_format=CHANNELS_LAST[x.dim()]) if x.dim() in CHANNELS_LAST else x
+
+
 def layout(x: torch.Tensor) -> torch.memory_format:
     """The memory format a new tensor shaped like ``x`` should take to match it: channels-last where ``x`` is."""
-    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
-    if x.dim() in formats and not x.is_contiguous() and x.is_contiguous(memory_format=formats[x.dim()]):
-        return formats[x.dim()]
+    if x.dim() in CHANNELS_LAST and not x.is_contiguous() and x.is_contiguous(memory_format=CHANNELS_LAST[x.dim()]):
+        return CHANNELS_LAST[x.dim()]
     return torch.contiguous_format
 
 
@@ -216,12 +224,13 @@ class GhostModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         intrinsic = self.primary(x)
         ghosts = self.cheap(intrinsic if self.s == 2 else intrinsic.repeat(1, self.s - 1, *[1] * self.dim))
-        if self.out_index is not None and intrinsic.shape[1] + ghosts.shape[1] == self.out_channels:
+        every_map = self.intrinsic_channels * self.s == self.out_channels
+        if self.out_index is not None and every_map:
             return self._gathered(intrinsic, ghosts)
         out = torch.cat([intrinsic, ghosts], dim=1)
         if self.out_index is not None:
             return out.index_select(1, self.out_index)
-        if self.intrinsic_channels * self.s != self.out_channels:
+        if not every_map:
             out = out[:, : self.out_channels]
         return out
 
