@@ -10,7 +10,7 @@ from torch import nn
 import ghostify
 from ghostify.init import activations as activations_module
 from ghostify.init.activations import Frontier, Replay, activations
-from ghostify.init.calibrate import _design
+from ghostify.init.calibrate import _design, taps_last
 
 
 def _batches(count=3, size=32):
@@ -103,7 +103,8 @@ def test_frontier_and_replay_calibrate_the_same_model(monkeypatch):
 
 @pytest.mark.parametrize("dim, kernel, stride, dilation, padding, mode", [
     (2, 3, 1, 1, 1, "zeros"), (2, 3, 2, 2, 2, "zeros"), (2, (1, 5), (2, 1), 1, (0, 2), "reflect"),
-    (1, 5, 2, 1, 2, "zeros"), (3, 3, 1, 1, 1, "circular")])
+    (1, 5, 2, 1, 2, "zeros"), (3, 3, 1, 1, 1, "circular"), (2, 4, 1, 1, "same", "zeros"),
+    (2, 3, 1, 2, "same", "replicate")])
 def test_design_rows_reproduce_the_conv(dim, kernel, stride, dilation, padding, mode):
     conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dim - 1](4, 6, kernel, stride=stride, dilation=dilation,
                                                       padding=padding, padding_mode=mode, bias=False)
@@ -112,4 +113,4 @@ def test_design_rows_reproduce_the_conv(dim, kernel, stride, dilation, padding, 
         y = conv(x)
         patches, targets = _design(conv, x, y, 50, torch.Generator().manual_seed(0))
     assert len(patches) == min(50, y[:, 0].numel())
-    torch.testing.assert_close(patches @ conv.weight.flatten(1).T, targets, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(patches @ taps_last(conv.weight).T, targets, atol=1e-5, rtol=1e-5)

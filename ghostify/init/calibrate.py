@@ -56,16 +56,35 @@ def _take(values: Sequence[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def _source(index: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """The input pixel a (possibly padded) position ``index`` along a dimension of ``size`` reads, for each
+    padding mode (``zeros``: clamped, the caller zeroes what lies outside)."""
+    if mode == "circular":
+        return index.remainder(size)
+    if mode == "reflect":
+        return (size - 1) - ((size - 1) - index.abs()).abs()
+    return index.clamp(0, size - 1)
+
+
 def _patches(conv: nn.Module, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``(R, C * prod(kernel))``: the input patches ``conv`` reads at ``rows`` (``(R, 1 + dims)``: image index,
-    then output position), channel-major like ``conv.weight.flatten(1)``. Only the sampled patches are
-    gathered, in any number of spatial dimensions."""
-    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-    padded = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode).movedim(1, -1)
+    """``(R, prod(kernel) * C)``: the input patches ``conv`` reads at ``rows`` (``(R, 1 + dims)``: image index,
+    then output position), tap-major like ``taps_last(conv.weight)``. Only the sampled pixels are read, as
+    whole runs of channels (no padded copy of ``x``), in any number of spatial dimensions."""
+    size = torch.tensor(x.shape[2:])
+    before = torch.tensor(conv._reversed_padding_repeated_twice[::2][::-1])  # padding before, per dimension
     taps = torch.cartesian_prod(*[torch.arange(k) * step for k, step in zip(conv.kernel_size, conv.dilation)])
-    coords = (rows[:, None, 1:] * torch.tensor(conv.stride) + taps.view(1, -1, len(conv.kernel_size)))
-    picked = padded[(rows[:, :1].expand(-1, coords.shape[1]), *coords.unbind(-1))]  # (R, taps, C)
-    return picked.transpose(1, 2).flatten(1)
+    coords = rows[:, None, 1:] * torch.tensor(conv.stride) + taps.view(1, -1, len(conv.kernel_size)) - before
+    outside = ((coords < 0) | (coords >= size)).any(-1)  # (R, taps)
+    source = [_source(c, n, conv.padding_mode) for c, n in zip(coords.unbind(-1), size.tolist())]
+    picked = x.movedim(1, -1)[(rows[:, :1].expand(-1, coords.shape[1]), *source)]  # (R, taps, C)
+    if conv.padding_mode == "zeros" and outside.any():
+        picked[outside] = 0
+    return picked.flatten(1)
+
+
+def taps_last(weight: torch.Tensor) -> torch.Tensor:
+    """``(n, prod(kernel) * c)``: filters in the tap-major order of ``_patches``' columns."""
+    return weight.movedim(1, -1).flatten(1)
 
 
 def _design(conv: nn.Module, x: torch.Tensor, y: torch.Tensor, limit: int, generator: torch.Generator):
@@ -113,25 +132,33 @@ def _ridge(a: torch.Tensor, residual: torch.Tensor, offset: bool) -> torch.Tenso
     return torch.cat([delta, dual.sum(0, keepdim=True)]) if offset else delta
 
 
+def _per_channel(patches: torch.Tensor, q: int) -> torch.Tensor:
+    """``(R, C, q)``: tap-major patches of a depthwise op regrouped channel by channel, the layout whose
+    per-channel products run as batched matrix products without further copies."""
+    return patches.view(len(patches), q, -1).transpose(1, 2).contiguous()
+
+
 def map_pairing(ghost: GhostModule, y: torch.Tensor, gain: torch.Tensor, generator: torch.Generator) -> Pairing:
     """The ghost problem on the original output maps ``y`` (centred), for ``fit.choose``."""
     n, q = y.shape[1], ghost.d ** ghost.dim
     patches, targets = _design(ghost.cheap_conv, y, y, PAIR_ROWS, generator)
-    shifted = patches.view(len(patches), n, q)
-    shifted, targets = shifted - shifted.mean(0), targets - targets.mean(0)
-    return Pairing(torch.einsum("riu,rt->itu", shifted, targets), torch.einsum("riu,riv->iuv", shifted, shifted),
+    patches, targets = patches - patches.mean(0), targets - targets.mean(0)
+    cross = (patches.T @ targets).view(q, n, n).permute(1, 2, 0)  # one product: [i, t, u]
+    shifted = _per_channel(patches, q)
+    return Pairing(cross, torch.einsum("riu,riv->iuv", shifted, shifted),
                    targets.square().sum(0), gain)
 
 
 def _fit_primary(conv: nn.Module, ghost: GhostModule, choice: Choice, x, y, offset: bool, generator):
     """Primary filters ``(m, c, *kernel)`` and intrinsic offsets ``(m,)``, ridge-fitted towards the original filters."""
-    prior = restrict(conv.weight.detach().float(), ghost.primary_conv.kernel_size, conv.dilation, conv.stride,
-                     ghost.d)[choice.intrinsic].flatten(1).T
+    prior = taps_last(restrict(conv.weight.detach().float(), ghost.primary_conv.kernel_size, conv.dilation,
+                               conv.stride, ghost.d)[choice.intrinsic]).T
     bias = conv.bias.detach().float()[choice.intrinsic] if conv.bias is not None else prior.new_zeros(prior.shape[1])
     a, targets = _design(ghost.primary_conv, x, y[:, choice.intrinsic], ROWS, generator)
     fitted = torch.cat([prior, bias[None]]).double() if offset else prior.double()
     fitted += _ridge(a, targets - a @ prior - (bias if offset else 0), offset)
-    weights = fitted[: prior.shape[0]].T.reshape(ghost.primary_conv.weight.shape)
+    shape = ghost.primary_conv.weight.shape
+    weights = fitted[: prior.shape[0]].T.reshape(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
     return weights, (fitted[-1] if offset else bias.double())
 
 
@@ -139,7 +166,7 @@ def _fit_cheap(ghost: GhostModule, choice: Choice, z: torch.Tensor, y: torch.Ten
     """Cheap kernels ``(kept, d, ..., d)`` and ghost offsets ``(kept,)`` fitted on the new intrinsic maps ``z``."""
     q, m, kept = ghost.d ** ghost.dim, z.shape[1], len(choice.ghost)
     patches, targets = _design(ghost.cheap_conv, z, y, ROWS, generator)
-    shifted = patches.view(len(patches), m, q)
+    shifted = _per_channel(patches, q)
     # slot k * m + i reads intrinsic map i: the targets in runs of m, each run against all maps at once
     runs = targets.new_zeros(len(targets), -(-kept // m) * m)
     runs[:, :kept] = targets[:, choice.ghost]
