@@ -130,33 +130,30 @@ def unexplained(pairing: Pairing, choice: Choice, fraction: Optional[torch.Tenso
     return float(lost.clamp_min(0) / value.sum().clamp_min(torch.finfo(torch.float64).tiny))
 
 
-def _partners(others: np.ndarray, s: int) -> np.ndarray:
-    """Indices of the ``s - 1`` largest ``others`` (an argmax when ``s == 2``, the common case)."""
-    if s == 2:
-        return np.array([others.argmax()])
-    return np.argpartition(-others, s - 2)[: s - 1]
-
-
-def _select(fraction: np.ndarray, value: np.ndarray, m: int, s: int) -> List[int]:
+def _select(fraction: np.ndarray, weighted: np.ndarray, value: np.ndarray, m: int, s: int) -> List[int]:
     """Greedy (lazy) choice of ``m`` intrinsic channels by marginal gain, most valuable first.
 
-    Choosing ``i`` gains its own unexplained value plus what it adds for its ``s - 1`` best ghosts; each
-    choice then marks those ghosts as explained that well, so redundant copies of one filter are not all
-    chosen. Gains only shrink as more is explained, so stale gains are upper bounds (lazy evaluation).
+    Choosing ``i`` gains its own unexplained value plus what it adds for its ``s - 1`` best ghosts (``weighted
+    = fraction * value``, less what is already explained); each choice then marks those ghosts as explained
+    that well, so redundant copies of one filter are not all chosen. Gains only shrink as more is explained,
+    so stale gains are upper bounds (lazy evaluation).
     """
     s = min(s, len(value))  # fewer items than s: every other one can be a partner
     covered = np.zeros(len(value))
+    explained_value = np.zeros(len(value))  # covered * value
     others = np.empty(len(value))  # reused by every evaluation
 
     def marginal(i: int):
-        np.subtract(fraction[i], covered, out=others)
-        np.maximum(others, 0, out=others)
-        np.multiply(others, value, out=others)
+        np.subtract(weighted[i], explained_value, out=others)
         others[i] = 0
-        partners = _partners(others, s)
-        return value[i] * (1 - covered[i]) + others[partners].sum(), partners
+        own = value[i] * (1 - covered[i])
+        if s == 2:  # the common case: one partner, an argmax
+            partner = int(others.argmax())
+            return own + max(others[partner], 0.0), [partner]
+        partners = np.argpartition(-others, s - 2)[: s - 1]
+        return own + np.maximum(others[partners], 0).sum(), partners
 
-    heap = [(-gain, i) for i, gain in enumerate(value + np.partition(fraction * value, -s, axis=1)[:, -s:].sum(1))]
+    heap = [(-gain, i) for i, gain in enumerate(value + np.partition(weighted, -s, axis=1)[:, -s:].sum(1))]
     heapq.heapify(heap)
     chosen: List[int] = []
     while len(chosen) < m:
@@ -168,6 +165,7 @@ def _select(fraction: np.ndarray, value: np.ndarray, m: int, s: int) -> List[int
         chosen.append(i)
         covered[partners] = np.maximum(covered[partners], fraction[i, partners])
         covered[i] = 1
+        explained_value[partners], explained_value[i] = covered[partners] * value[partners], value[i]
     return chosen
 
 
@@ -303,7 +301,8 @@ def _pick(value: torch.Tensor, gain: torch.Tensor, s: int, rounds: int, m: int) 
     """``choose`` from the scores of ``_scores``: ``m`` intrinsic items, and the ghost items in ghost-major
     slots."""
     fraction = gain / value.clamp_min(torch.finfo(value.dtype).tiny)[None, :]
-    intrinsic, slot_ghost, owner = _assign(gain, torch.tensor(_select(fraction.numpy(), value.numpy(), m, s)))
+    chosen = _select(fraction.numpy(), gain.double().numpy(), value.numpy(), m, s)
+    intrinsic, slot_ghost, owner = _assign(gain, torch.tensor(chosen))
     tol = 1e-6 * gain.max().clamp_min(1e-30).item()
     for _ in range(rounds):
         if not _swap(gain, value, intrinsic, slot_ghost, owner, s, tol):
