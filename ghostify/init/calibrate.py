@@ -74,11 +74,10 @@ def _patches(conv: nn.Module, x: torch.Tensor, rows: torch.Tensor) -> torch.Tens
     before = torch.tensor(conv._reversed_padding_repeated_twice[::2][::-1])  # padding before, per dimension
     taps = torch.cartesian_prod(*[torch.arange(k) * step for k, step in zip(conv.kernel_size, conv.dilation)])
     coords = rows[:, None, 1:] * torch.tensor(conv.stride) + taps.view(1, -1, len(conv.kernel_size)) - before
-    outside = ((coords < 0) | (coords >= size)).any(-1)  # (R, taps)
     source = [_source(c, n, conv.padding_mode) for c, n in zip(coords.unbind(-1), size.tolist())]
     picked = x.movedim(1, -1)[(rows[:, :1].expand(-1, coords.shape[1]), *source)]  # (R, taps, C)
-    if conv.padding_mode == "zeros" and outside.any():
-        picked[outside] = 0
+    if conv.padding_mode == "zeros":
+        picked[((coords < 0) | (coords >= size)).any(-1)] = 0  # taps on the zero padding
     return picked.flatten(1)
 
 

@@ -130,23 +130,22 @@ def unexplained(pairing: Pairing, choice: Choice, fraction: Optional[torch.Tenso
     return float(lost.clamp_min(0) / value.sum().clamp_min(torch.finfo(torch.float64).tiny))
 
 
-def _select(fraction: np.ndarray, weighted: np.ndarray, value: np.ndarray, m: int, s: int) -> List[int]:
+def _select(weighted: np.ndarray, value: np.ndarray, m: int, s: int) -> List[int]:
     """Greedy (lazy) choice of ``m`` intrinsic channels by marginal gain, most valuable first.
 
-    Choosing ``i`` gains its own unexplained value plus what it adds for its ``s - 1`` best ghosts (``weighted
-    = fraction * value``, less what is already explained); each choice then marks those ghosts as explained
-    that well, so redundant copies of one filter are not all chosen. Gains only shrink as more is explained,
-    so stale gains are upper bounds (lazy evaluation).
+    ``weighted[i, t]``: the value a ghost of ``i`` keeps of target ``t``. Choosing ``i`` gains its own
+    unexplained value plus what it adds for its ``s - 1`` best ghosts over what is already explained; each
+    choice then marks those ghosts as explained that well, so redundant copies of one filter are not all
+    chosen. Gains only shrink as more is explained, so stale gains are upper bounds (lazy evaluation).
     """
     s = min(s, len(value))  # fewer items than s: every other one can be a partner
-    covered = np.zeros(len(value))
-    explained_value = np.zeros(len(value))  # covered * value
+    explained_value = np.zeros(len(value))
     others = np.empty(len(value))  # reused by every evaluation
 
     def marginal(i: int):
         np.subtract(weighted[i], explained_value, out=others)
         others[i] = 0
-        own = value[i] * (1 - covered[i])
+        own = value[i] - explained_value[i]
         if s == 2:  # the common case: one partner, an argmax
             partner = int(others.argmax())
             return own + max(others[partner], 0.0), [partner]
@@ -163,9 +162,8 @@ def _select(fraction: np.ndarray, weighted: np.ndarray, value: np.ndarray, m: in
             heapq.heappush(heap, (-gain, i))
             continue
         chosen.append(i)
-        covered[partners] = np.maximum(covered[partners], fraction[i, partners])
-        covered[i] = 1
-        explained_value[partners], explained_value[i] = covered[partners] * value[partners], value[i]
+        explained_value[partners] = np.maximum(explained_value[partners], weighted[i, partners])
+        explained_value[i] = value[i]
     return chosen
 
 
@@ -300,8 +298,7 @@ def _choose(pairings: Sequence[Pairing], s: int, rounds: int) -> Choice:
 def _pick(value: torch.Tensor, gain: torch.Tensor, s: int, rounds: int, m: int) -> Choice:
     """``choose`` from the scores of ``_scores``: ``m`` intrinsic items, and the ghost items in ghost-major
     slots."""
-    fraction = gain / value.clamp_min(torch.finfo(value.dtype).tiny)[None, :]
-    chosen = _select(fraction.numpy(), gain.double().numpy(), value.numpy(), m, s)
+    chosen = _select(gain.double().numpy(), value.double().numpy(), m, s)
     intrinsic, slot_ghost, owner = _assign(gain, torch.tensor(chosen))
     tol = 1e-6 * gain.max().clamp_min(1e-30).item()
     for _ in range(rounds):
