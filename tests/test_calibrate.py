@@ -35,7 +35,8 @@ def test_cli_calibrate_from_tensor_file_reports_errors(tmp_path):
     assert result.exit_code == 0, result.stderr
     layers = json.loads(result.stdout)["layers"]
     progress = [line for line in result.stderr.splitlines() if line.startswith("calibrating")]
-    assert f"[{len(layers)}/{len(layers)}, " in progress[-1], progress  # plain lines: stderr is not a terminal
+    steps = len(layers) + 1  # and the head, fc
+    assert f"[{steps}/{steps}, " in progress[-1], progress  # plain lines: stderr is not a terminal
     assert "fit error - [0/" in progress[0], progress[0]  # nothing measured yet: "-", not "nan"
     assert all(layer["reconstruction_error"] is not None for layer in layers)
     assert ghostify.load(out).ghostify_result.init == "calibrate"

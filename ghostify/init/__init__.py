@@ -20,7 +20,7 @@ from torch import nn
 from ..module import GhostModule
 from .blockwise import STEPS as RECONSTRUCT_STEPS
 from .blockwise import find_blocks, reconstruct, summary
-from .calibrate import calibrate
+from .calibrate import calibrate, refit_heads
 from .channels import Group, couple, layer_grains
 from .data import check_calibration
 from .datafree import copy_layer, filter_problem
@@ -157,18 +157,26 @@ def initialise(
         notes["wide layers"] = (f"{len(wide)} layers wider than {WIDE} channels chose each ghost's intrinsic map "
                                 f"within its run of channels, not the whole layer (faster): {', '.join(wide[:3])}"
                                 + (" ..." if len(wide) > 3 else ""))
+    refitted = []
     if init in DATA_METHODS:
         once = {name for name, row in layers.items() if row.calls == 1}  # shared layers keep the copy fit
         shared = {name: group.members for group in coupling.groups if group.blocked is None
                   and len(group.members) > 1 for name in group.members}
-        choices.update(calibrate(model, original, [item for item in swapped if item[0] in once], bns, means,
-                                 batches, shared, {name: ghost for name, _, ghost in swapped}, grains))
+        fits, refitted = calibrate(model, original, [item for item in swapped if item[0] in once], bns, means,
+                                   batches, shared, {name: ghost for name, _, ghost in swapped}, grains,
+                                   head=init == "calibrate")  # else after the blocks are tuned
+        choices.update(fits)
+        if refitted:
+            notes["head"] = (f"{', '.join(refitted)} (nn.Linear after the last Ghost module) refitted to the "
+                             "original's outputs, to correct what the Ghost modules still miss")
     if init == "reconstruct":
         found = find_blocks(model, sorted(once), tuple(x[:1] for x in batches[0]))
         norms = {name: layers[name].norm for name in found if name in layers and layers[name].norm}
         notes["reconstruct"] = summary(reconstruct(model, original, found, batches, reconstruct_steps,
                                                    reconstruct_seconds, norms, reconstruct_network,
                                                    reconstruct_mix))
+        if refitted:  # on what the tuned blocks give them
+            refit_heads(model, original, refitted, batches)
     data = init in DATA_METHODS
     measured = [tuple(x[:ERROR_SAMPLES] for x in batches[0])] if data else [tuple(example_inputs)]
     paths = {id(module): path for path, module in model.named_modules()}

@@ -12,6 +12,7 @@ maps the new primary conv makes.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -25,6 +26,7 @@ from .activations import activations
 from .data import Batch
 from .datafree import bn_gain, bn_scale, write
 from .fit import Choice, Grain, Pairing, choose, restrict, solve
+from .measure import record
 
 ROWS = 16384
 PAIR_ROWS = 2048
@@ -131,6 +133,14 @@ def _ridge(a: torch.Tensor, residual: torch.Tensor, offset: bool) -> torch.Tenso
     return torch.cat([delta, dual.sum(0, keepdim=True)]) if offset else delta
 
 
+def _ridge_towards(prior: torch.Tensor, bias: torch.Tensor, a: torch.Tensor, targets: torch.Tensor,
+                   offset: bool) -> torch.Tensor:
+    """``(cols [+ 1], outputs)``: weights ``prior`` (``(cols, outputs)``, and ``bias`` as a last row with
+    ``offset``) moved by the ridge fit (``_ridge``) of what they leave of ``a -> targets``."""
+    fitted = torch.cat([prior, bias[None]]).double() if offset else prior.double()
+    return fitted + _ridge(a, targets - a @ prior - (bias if offset else 0), offset)
+
+
 def _per_channel(patches: torch.Tensor, q: int) -> torch.Tensor:
     """``(R, C, q)``: tap-major patches of a depthwise op regrouped channel by channel, the layout whose
     per-channel products run as batched matrix products without further copies."""
@@ -154,8 +164,7 @@ def _fit_primary(conv: nn.Module, ghost: GhostModule, choice: Choice, x, y, offs
                                conv.stride, ghost.d)[choice.intrinsic]).T
     bias = conv.bias.detach().float()[choice.intrinsic] if conv.bias is not None else prior.new_zeros(prior.shape[1])
     a, targets = _design(ghost.primary_conv, x, y[:, choice.intrinsic], ROWS, generator)
-    fitted = torch.cat([prior, bias[None]]).double() if offset else prior.double()
-    fitted += _ridge(a, targets - a @ prior - (bias if offset else 0), offset)
+    fitted = _ridge_towards(prior, bias, a, targets, offset)
     shape = ghost.primary_conv.weight.shape
     weights = fitted[: prior.shape[0]].T.reshape(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
     return weights, (fitted[-1] if offset else bias.double())
@@ -226,6 +235,38 @@ def fit_layer(conv: nn.Module, ghost: GhostModule, bn: Optional[nn.Module], mean
     return choice, ((out - y).square().sum() / y.square().sum().clamp_min(1e-30)).item()
 
 
+def heads(model: nn.Module, converted: Sequence[str], inputs: Batch) -> List[str]:
+    """The ``nn.Linear`` layers of ``model`` that run once each after the last call of any ``converted`` layer
+    (a classifier head): no refitted layer comes after them to correct the converted layers' remaining error,
+    so ``calibrate`` refits them too. Layers whose weights another module shares are left alone."""
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not linears or not converted:
+        return []
+    calls: List[str] = []
+    record(model, [*converted, *linears], lambda name, out: calls.append(name), [inputs])
+    last = max((i for i, name in enumerate(calls) if name in set(converted)), default=len(calls))
+    counts = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    return [name for name in dict.fromkeys(calls[last + 1:]) if calls.count(name) == 1
+            and all(counts[id(p)] == 1 for p in model.get_submodule(name).parameters())]
+
+
+def fit_linear(linear: nn.Linear, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> float:
+    """Refit ``linear`` (ridge towards its own weights) so that, on inputs ``x``, it outputs ``y``; returns the
+    relative MSE of the refitted layer on ``x``."""
+    a, targets = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+    rows = torch.randperm(len(a), generator=generator)[:ROWS].sort().values
+    offset = linear.bias is not None
+    prior = linear.weight.detach().float().cpu()
+    bias = linear.bias.detach().float().cpu() if offset else prior.new_zeros(len(prior))
+    fitted = _ridge_towards(prior.T, bias, a[rows], targets[rows], offset)
+    with torch.no_grad():
+        linear.weight.copy_(fitted[: a.shape[1]].T)
+        if offset:
+            linear.bias.copy_(fitted[-1])
+        out = F.linear(a, fitted[: a.shape[1]].T.float(), fitted[-1].float() if offset else None)
+    return ((out - targets).square().sum() / targets.square().sum().clamp_min(1e-30)).item()
+
+
 class _Targets:
     """The original's outputs at the layers to fit, each a random image subset (``_pick``) with its index.
 
@@ -234,7 +275,7 @@ class _Targets:
     """
 
     def __init__(self, original: nn.Module, names: Sequence[str], batches: Sequence[Batch]):
-        self.outputs = activations(original, batches)
+        self.outputs = activations(original, batches, leaves=names)
         modules = {original.get_submodule(name): name for name in names}
         self.pending = [modules[module] for module in self.outputs.in_run_order(list(modules))]
         self.modules = {name: module for module, name in modules.items()}
@@ -267,8 +308,10 @@ def shared_choice(targets: _Targets, layers: Sequence[Tuple[str, GhostModule, Op
 def calibrate(model: nn.Module, original: nn.Module, swapped: List[Tuple[str, nn.Module, GhostModule]],
               bns: Dict[str, Optional[nn.Module]], means: Dict[str, torch.Tensor],
               batches: Sequence[Batch], groups: Dict[str, List[str]],
-              ghosts: Dict[str, GhostModule], grains: Optional[Dict[str, Grain]] = None) -> Dict[str, Choice]:
-    """Refit each swapped layer of ``model`` in run order (``fit_layer``); returns each layer's channel choice.
+              ghosts: Dict[str, GhostModule], grains: Optional[Dict[str, Grain]] = None,
+              head: bool = True) -> Tuple[Dict[str, Choice], List[str]]:
+    """Refit each swapped layer of ``model`` in run order (``fit_layer``), then, with ``head``, the linear head
+    after them (``heads``, ``fit_linear``); returns each layer's channel choice and the heads.
 
     The converted model's inputs to each layer and the original's outputs come from ``activations``: one
     forward pass over each model when torch.fx can trace it.
@@ -279,15 +322,17 @@ def calibrate(model: nn.Module, original: nn.Module, swapped: List[Tuple[str, nn
         groups: for layers that must share a channel choice, the names of all the layers sharing it.
         ghosts: every converted layer's Ghost module by name (group members may not be in ``swapped``).
         grains: the layers a grouped conv reads, with how it constrains their choice (``fit.Grain``).
+        head: refit the heads here; else only name them (``refit_heads`` fits them once later layers are done).
     """
     choices: Dict[str, Choice] = {}
     grains = grains or {}
+    fitted = [name for name, _, _ in swapped]
+    last = heads(model, list(ghosts), tuple(x[:1] for x in batches[0])) if fitted else []
     with evaluating(model), evaluating(original), loss_progress("calibrating", "fit error") as bar:
-        task = bar.add_task("", total=len(swapped), loss=UNKNOWN)
+        task = bar.add_task("", total=len(swapped) + len(last) * head, loss=UNKNOWN)
         batches = [_channels_last(batch) for batch in batches]
-        inputs = activations(model, batches)
-        fitted = [name for name, _, _ in swapped]
-        targets = _Targets(original, fitted + list(groups), batches)
+        inputs = activations(model, batches, leaves=last * head)
+        targets = _Targets(original, fitted + list(groups) + last * head, batches)
         for step, (name, conv, ghost) in enumerate(swapped):
             bar.update(task, description=f"layer {step + 1}/{len(swapped)} {name}")
             if name in groups and name not in choices:
@@ -302,4 +347,27 @@ def calibrate(model: nn.Module, original: nn.Module, swapped: List[Tuple[str, nn
                                      choice=choices.get(name), grain=grains.get(name))
             choices[name] = choice
             bar.update(task, advance=1, loss=loss)
-    return choices
+        if head:
+            _fit_heads(model, last, inputs, targets, bar, task)
+    return choices, last
+
+
+def _fit_heads(model: nn.Module, names: Sequence[str], inputs, targets: _Targets, bar, task) -> None:
+    """``fit_linear`` each head in ``names`` (in run order) on the converted model's ``inputs`` to it and the
+    original's ``targets``."""
+    for step, name in enumerate(names):
+        bar.update(task, description=f"head {name}")
+        linear = model.get_submodule(name)
+        index, y = targets.get(name)
+        x = _take(inputs.input_of(linear), index)
+        targets.drop([name])
+        bar.update(task, advance=1, loss=fit_linear(linear, x, y, torch.Generator().manual_seed(step)))
+
+
+def refit_heads(model: nn.Module, original: nn.Module, names: Sequence[str], batches: Sequence[Batch]) -> None:
+    """Refit the heads ``names`` of ``model`` (``fit_linear``) on their inputs as ``model`` now makes them."""
+    with evaluating(model), evaluating(original), loss_progress("refitting", "fit error") as bar:
+        task = bar.add_task("", total=len(names), loss=UNKNOWN)
+        batches = [_channels_last(batch) for batch in batches]
+        _fit_heads(model, names, activations(model, batches, leaves=names), _Targets(original, names, batches), bar,
+                   task)
