@@ -18,7 +18,7 @@ import os
 
 import torch
 import torchvision
-from fidelity import CALIBRATION, digits, predict, reference
+from fidelity import CALIBRATION, TASKS, predict, reference
 
 import ghostify
 from ghostify.count import Counts
@@ -43,12 +43,12 @@ def fidelity_row(name: str, plan: str, model, ghost, data) -> str:
 
 
 def flops_table(args: argparse.Namespace) -> None:
-    data = digits()
+    data = TASKS[args.task][0]()
     calibration = {"init": "calibrate", "calibration_data": data[0][:CALIBRATION], "example_inputs": data[0][:1]}
     print("| model | plan | FLOPs fraction | s used / convs kept | top-1 | agreement | logit error |")
     print("|---|---|---|---|---|---|---|")
     for name in args.models:
-        model = reference(name, "digits", data[0], data[1])
+        model = reference(name, args.task, data[0], data[1])
         for s in (2, 4):
             torch.manual_seed(0)
             uniform = ghostify.convert(model, s=s, **calibration)
@@ -83,6 +83,7 @@ def latency_table(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=list(TASKS), default="digits", help="the fidelity benchmark's task")
     parser.add_argument("--models", nargs="*", default=["resnet18", "vgg-small"])
     parser.add_argument("--latency-models", nargs="*", default=["mobilenet_v2", "efficientnet_b0"])
     parser.add_argument("--target-latency", type=float, default=0.9)
@@ -91,7 +92,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=8)
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", args.threads)))
-    print(f"torch {torch.__version__}, {args.threads} threads; calibrate on {CALIBRATION} digits images\n")
+    print(f"torch {torch.__version__}, {args.threads} threads; calibrate on {CALIBRATION} {args.task} images\n")
     if args.models:
         flops_table(args)
     if args.latency_models:
