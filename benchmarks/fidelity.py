@@ -7,7 +7,8 @@ patch (shown at 32x32) comes from, trained on patches from the top 70% of each p
 from the bottom 30%. Trains two reference networks per task (weights cached in a temp dir), converts them with
 each initialiser at s = 2 and s = 4, and prints top-1 accuracy, top-1 agreement with the original, the
 relative error of the logits against the original's on the test images and conversion wall time
-(``reconstruct+network``: block reconstruction, then the whole network); then, from every start that read
+(``reconstruct+network``: block reconstruction, then the whole network; ``calibrate, head kept``: without
+refitting the linear layers after the last Ghost module); then, from every start that read
 calibration images, one epoch of label-free distillation from the original (``ghostify.finetune`` on the
 training inputs alone) with its wall time; then fine-tunes each converted model with labels for the same
 short budget and prints the accuracy it reaches.
@@ -137,7 +138,7 @@ def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([model(batch).argmax(1) for batch in x.split(250)])
 
 
-DATA_INITS = ("calibrate", "reconstruct", "reconstruct+network")  # the inits that read calibration images
+DATA_INITS = ("calibrate", "calibrate, head kept", "reconstruct", "reconstruct+network")  # read calibration images
 FORMS = {"ghostnet": True, "linear": False}  # convert's absorb_norm: the GhostNet form (default) or a linear module
 
 
@@ -147,6 +148,8 @@ def convert(model: nn.Module, data, s: int, init: str, form: str = "ghostnet") -
     extra = {"calibration_data": data[0][:CALIBRATION]} if init in DATA_INITS else {}
     if init == "reconstruct+network":  # block reconstruction, then the whole network on its output
         init, extra["reconstruct_network"] = "reconstruct", True
+    if init == "calibrate, head kept":  # the linear layers after the last Ghost module as they were
+        init, extra["refit_head"] = "calibrate", False
     extra["absorb_norm"] = FORMS[form]
     torch.manual_seed(0)
     start = time.perf_counter()

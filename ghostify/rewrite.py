@@ -314,6 +314,7 @@ def convert(
     reconstruct_seconds: Optional[float] = None,
     reconstruct_network: bool = False,
     reconstruct_mix: float = 0.0,
+    refit_head: bool = True,
     runtime: Optional[str] = None,
     runtime_batch: int = 1,
     target_flops: Optional[float] = None,
@@ -350,6 +351,9 @@ def convert(
             model's output against the original's (``reconstruct_steps`` more steps; single-input models).
         reconstruct_mix: for ``"reconstruct"``, the probability that each element of a block's tuning input
             comes from the original model's input to that block instead of the converted model's (QDrop).
+        refit_head: for ``"calibrate"`` and ``"reconstruct"``, also refit the ``nn.Linear`` layers that run after
+            the last Ghost module (a classifier head) to the original's outputs, so they correct what the Ghost
+            modules still miss; False leaves them as they are.
         runtime: ``"torch"``, ``"onnxruntime"`` or ``"inductor"``: time each layer alone as a conv and as a
             Ghost module in that runtime's deploy form (``latency.layer_times``) and keep the layers a Ghost
             module does not make faster as convs, reported as skipped with both times. None: no timing.
@@ -446,7 +450,7 @@ def convert(
     if isinstance(earlier, ConversionResult):  # converting a converted model: its plan must replay the earlier one
         result.replaced = copy.deepcopy(earlier.replaced) + result.replaced
     done = initialise(init, swapped, {row.name: row for row in replaced}, converted, model, batches, inputs,
-                      reconstruct_steps, reconstruct_seconds, reconstruct_network, reconstruct_mix)
+                      reconstruct_steps, reconstruct_seconds, reconstruct_network, reconstruct_mix, refit_head)
     for row in replaced:
         fitted = done.layers.get(row.name)
         if fitted is not None:

@@ -2,16 +2,16 @@
 the Ghost modules' remaining error, and nothing comes after the head. Checked on a constructed fit with a known
 answer, on which layers count as the head, and on a trained model's held-out outputs."""
 
-import importlib
+import json
 
 import torch
 import torch.nn.functional as F
+from click.testing import CliRunner
 from torch import nn
 
 import ghostify
+from ghostify.cli import main
 from ghostify.init.calibrate import fit_linear, heads
-
-calibrate_module = importlib.import_module("ghostify.init.calibrate")
 
 
 def test_fit_linear_recovers_a_known_map_from_a_wrong_start():
@@ -57,20 +57,34 @@ def _relative(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def test_calibrate_refits_the_head_and_it_brings_held_out_outputs_closer(digits_model, monkeypatch):
+def test_calibrate_refits_the_head_and_it_brings_held_out_outputs_closer(digits_model):
     model, x = digits_model
     calibration, held_out = x[:256], x[-300:]
     with torch.no_grad():
         reference = model(held_out)
     errors = {}
     for refit in (True, False):
-        if not refit:
-            monkeypatch.setattr(calibrate_module, "heads", lambda *args: [])
         ghost = ghostify.convert(model, s=4, init="calibrate", calibration_data=calibration,
-                                 example_inputs=calibration[:1], align=1)
+                                 example_inputs=calibration[:1], align=1, refit_head=refit)
         assert ("head" in ghost.ghostify_result.notes) == refit
         assert "14" in ghost.ghostify_result.notes.get("head", "14")  # the Linear classifier
         with torch.no_grad():
             errors[refit] = _relative(ghost(held_out), reference)
     # on images it was not fitted on, the refitted head brings the logits clearly closer to the original's
     assert errors[True] < 0.8 * errors[False], errors
+
+
+def test_cli_keeps_the_head_on_request_and_refuses_it_without_calibration(tmp_path):
+    torch.save(torch.randn(8, 3, 32, 32), tmp_path / "calib.pt")
+    notes = {}
+    for keep in (False, True):
+        result = CliRunner().invoke(main, ["convert", "resnet18", "--input-size", "3", "32", "32", "--init",
+                                           "calibrate", "--calib-data", str(tmp_path / "calib.pt"), "--json", "-o",
+                                           str(tmp_path / f"{keep}.pt")] + ["--keep-head"] * keep)
+        assert result.exit_code == 0, result.stderr
+        notes[keep] = json.loads(result.stdout)["notes"]
+    assert "fc" in notes[False]["head"] and "head" not in notes[True]
+    result = CliRunner().invoke(main, ["convert", "resnet18", "--keep-head", "-o", str(tmp_path / "c.pt")])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "--keep-head are only used by --init calibrate or reconstruct" in result.stderr
+    assert not (tmp_path / "c.pt").exists()

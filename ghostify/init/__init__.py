@@ -105,6 +105,7 @@ def initialise(
     reconstruct_seconds: Optional[float] = None,
     reconstruct_network: bool = False,
     reconstruct_mix: float = 0.0,
+    refit_head: bool = True,
 ) -> Initialised:
     """Set the weights of each ``(name, conv, ghost)`` in ``swapped`` (modules of ``model``) by method ``init``.
 
@@ -121,6 +122,8 @@ def initialise(
             (``"reconstruct"``).
         reconstruct_network: after the blocks, tune all Ghost modules together on the model's output.
         reconstruct_mix: QDrop's probability of taking a block's tuning input from the original model.
+        refit_head: with calibration data, refit the linear layers after the last Ghost module
+            (``calibrate.heads``), after the blocks with ``"reconstruct"``.
 
     Returns:
         Each layer's measured error and gather, and notes on how they were measured (or why nothing was done).
@@ -157,15 +160,16 @@ def initialise(
         notes["wide layers"] = (f"{len(wide)} layers wider than {WIDE} channels chose each ghost's intrinsic map "
                                 f"within its run of channels, not the whole layer (faster): {', '.join(wide[:3])}"
                                 + (" ..." if len(wide) > 3 else ""))
-    refitted = []
+    refitted: List[str] = []
     if init in DATA_METHODS:
         once = {name for name, row in layers.items() if row.calls == 1}  # shared layers keep the copy fit
         shared = {name: group.members for group in coupling.groups if group.blocked is None
                   and len(group.members) > 1 for name in group.members}
-        fits, refitted = calibrate(model, original, [item for item in swapped if item[0] in once], bns, means,
-                                   batches, shared, {name: ghost for name, _, ghost in swapped}, grains,
-                                   head=init == "calibrate")  # else after the blocks are tuned
+        fits, found_heads = calibrate(model, original, [item for item in swapped if item[0] in once], bns, means,
+                                      batches, shared, {name: ghost for name, _, ghost in swapped}, grains,
+                                      head=refit_head and init == "calibrate")  # else after the blocks are tuned
         choices.update(fits)
+        refitted = found_heads if refit_head else []
         if refitted:
             notes["head"] = (f"{', '.join(refitted)} (nn.Linear after the last Ghost module) refitted to the "
                              "original's outputs, to correct what the Ghost modules still miss")

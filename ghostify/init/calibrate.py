@@ -6,7 +6,9 @@ together, one forward pass each, for a traceable model). Then, all
 least squares: the intrinsic/ghost choice is redone on the original output maps; the primary filters are
 fitted to the intrinsic channels (ridge towards the original filters, which keeps them sensible when there
 are fewer output pixels than filter weights); the cheap kernels to the ghost channels, on the intrinsic
-maps the new primary conv makes.
+maps the new primary conv makes. Then the linear layers after the last Ghost module (a classifier head,
+``heads``) are refitted the same way: each layer corrects what the layers before it got wrong, and nothing
+came after the last Ghost module to correct its error.
 """
 
 from __future__ import annotations
@@ -328,11 +330,12 @@ def calibrate(model: nn.Module, original: nn.Module, swapped: List[Tuple[str, nn
     grains = grains or {}
     fitted = [name for name, _, _ in swapped]
     last = heads(model, list(ghosts), tuple(x[:1] for x in batches[0])) if fitted else []
+    now = last if head else []
     with evaluating(model), evaluating(original), loss_progress("calibrating", "fit error") as bar:
-        task = bar.add_task("", total=len(swapped) + len(last) * head, loss=UNKNOWN)
+        task = bar.add_task("", total=len(swapped) + len(now), loss=UNKNOWN)
         batches = [_channels_last(batch) for batch in batches]
-        inputs = activations(model, batches, leaves=last * head)
-        targets = _Targets(original, fitted + list(groups) + last * head, batches)
+        inputs = activations(model, batches, leaves=now)
+        targets = _Targets(original, fitted + list(groups) + now, batches)
         for step, (name, conv, ghost) in enumerate(swapped):
             bar.update(task, description=f"layer {step + 1}/{len(swapped)} {name}")
             if name in groups and name not in choices:
@@ -347,8 +350,7 @@ def calibrate(model: nn.Module, original: nn.Module, swapped: List[Tuple[str, nn
                                      choice=choices.get(name), grain=grains.get(name))
             choices[name] = choice
             bar.update(task, advance=1, loss=loss)
-        if head:
-            _fit_heads(model, last, inputs, targets, bar, task)
+        _fit_heads(model, now, inputs, targets, bar, task)
     return choices, last
 
 
