@@ -11,6 +11,7 @@ choice), else by an ``out_index`` gather; and all record each layer's reconstruc
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -19,7 +20,7 @@ from torch import nn
 
 from ..module import GhostModule
 from .blockwise import STEPS as RECONSTRUCT_STEPS
-from .blockwise import find_blocks, reconstruct, summary
+from .blockwise import find_blocks, held_out, output_error, reconstruct, summary
 from .calibrate import calibrate, refit_heads
 from .channels import Group, couple, layer_grains
 from .data import check_calibration
@@ -91,6 +92,32 @@ def grouped_widths(model: nn.Module, layers: Mapping[str, Any], example_inputs: 
     for group in groups:
         _blocked_by_ratio(group, layers)
     return {name: grain.width for name, grain in layer_grains(groups).items()}
+
+
+def _reconstruct(model: nn.Module, original: nn.Module, once: Sequence[str], layers: Mapping[str, Any],
+                 batches: Sequence[Tuple[torch.Tensor, ...]], heads: Sequence[str], steps: int,
+                 seconds: Optional[float], network: bool, mix: float) -> str:
+    """Tune the calibrated ``model``'s blocks (``blockwise.reconstruct``), refit its ``heads`` on what the tuned
+    blocks give them, and keep all that only if the model's output error on the held-out calibration inputs
+    fell (else the calibrated weights); returns the note saying what happened."""
+    found = find_blocks(model, once, tuple(x[:1] for x in batches[0]))
+    norms = {name: layers[name].norm for name in found if name in layers and layers[name].norm}
+    check = held_out(batches)
+    before = None if check is None else output_error(model, original, check)
+    saved = copy.deepcopy(model.state_dict()) if before is not None else None
+    done = reconstruct(model, original, found, batches, steps, seconds, norms, network, mix)
+    note = summary(done)
+    if not any(after < before for before, after in done.values()):
+        return note
+    if heads:
+        refit_heads(model, original, heads, batches)
+    if before is not None:
+        after = output_error(model, original, check)
+        note += f"; model output error on the held-out inputs {before:.4f} -> {after:.4f}"
+        if not after < before:
+            model.load_state_dict(saved)
+            note += ": the calibrated weights kept"
+    return note
 
 
 def initialise(
@@ -167,20 +194,16 @@ def initialise(
                   and len(group.members) > 1 for name in group.members}
         fits, found_heads = calibrate(model, original, [item for item in swapped if item[0] in once], bns, means,
                                       batches, shared, {name: ghost for name, _, ghost in swapped}, grains,
-                                      head=refit_head and init == "calibrate")  # else after the blocks are tuned
+                                      head=refit_head)
         choices.update(fits)
         refitted = found_heads if refit_head else []
         if refitted:
             notes["head"] = (f"{', '.join(refitted)} (nn.Linear after the last Ghost module) refitted to the "
                              "original's outputs, to correct what the Ghost modules still miss")
     if init == "reconstruct":
-        found = find_blocks(model, sorted(once), tuple(x[:1] for x in batches[0]))
-        norms = {name: layers[name].norm for name in found if name in layers and layers[name].norm}
-        notes["reconstruct"] = summary(reconstruct(model, original, found, batches, reconstruct_steps,
-                                                   reconstruct_seconds, norms, reconstruct_network,
-                                                   reconstruct_mix))
-        if refitted:  # on what the tuned blocks give them
-            refit_heads(model, original, refitted, batches)
+        notes["reconstruct"] = _reconstruct(model, original, sorted(once), layers, batches, refitted,
+                                            reconstruct_steps, reconstruct_seconds, reconstruct_network,
+                                            reconstruct_mix)
     data = init in DATA_METHODS
     measured = [tuple(x[:ERROR_SAMPLES] for x in batches[0])] if data else [tuple(example_inputs)]
     paths = {id(module): path for path, module in model.named_modules()}

@@ -7,7 +7,8 @@ block-wise reconstruction of BRECQ). No labels. A block is, for each converted l
 above it that runs once, maps one tensor to one tensor and holds at most ``MAX_LAYERS`` converted layers; a
 layer with no such module is its own block. Each block's weights are tuned with Adam on the relative MSE of
 its output over most of the calibration inputs, and kept only where that error went down on the rest
-(``HELD_OUT``), which guards against fitting a few hundred images better than the model generalises.
+(``HELD_OUT``), which guards against fitting a few hundred images better than the model generalises; the
+whole result is kept only if the model's output error on those inputs went down too (``output_error``).
 With ``mix``, the tuning inputs are partly the original model's (QDrop's input mixing).
 Optionally (``network``) the converted layers of the whole network are then tuned together on the model's
 output against the original's (the network-level stage of MiR), with the same rule.
@@ -172,6 +173,28 @@ def reconstruct(model: nn.Module, original: nn.Module, blocks: Sequence[str], ba
                 done[NETWORK] = _tune(model, x, torch.cat(y), steps, deadline, generator, params)
             bar.update(task, advance=1, loss=done[NETWORK][1] if NETWORK in done else UNKNOWN)
     return done
+
+
+def held_out(batches: Sequence[Batch]) -> Optional[torch.Tensor]:
+    """The calibration inputs ``_tune`` holds out (its last ``HELD_OUT``), for a single-input model; None when
+    there are too few or several inputs."""
+    if any(len(batch) != 1 for batch in batches):
+        return None
+    x = torch.cat([batch[0] for batch in batches])
+    return x[len(x) - int(len(x) * HELD_OUT):] if len(x) >= 10 else None
+
+
+def output_error(model: nn.Module, original: nn.Module, x: torch.Tensor) -> Optional[float]:
+    """Relative squared error of ``model``'s output against ``original``'s on ``x`` (None: not a tensor)."""
+    error = energy = 0.0
+    with evaluating(model), evaluating(original):
+        for chunk in x.split(BATCH):
+            ours, theirs = model(chunk), original(chunk)
+            if not isinstance(ours, torch.Tensor) or not isinstance(theirs, torch.Tensor):
+                return None
+            error += (ours - theirs).double().square().sum().item()
+            energy += theirs.double().square().sum().item()
+    return error / max(energy, 1e-30)
 
 
 def summary(done: Dict[str, Tuple[float, float]]) -> str:
