@@ -14,7 +14,7 @@ training inputs alone) with its wall time; then fine-tunes each converted model 
 short budget and prints the accuracy it reaches.
 
     OMP_NUM_THREADS=2 python benchmarks/fidelity.py [--task digits|photos] [--models resnet18 vgg-small]
-                                                     [--distil-epochs 1] [--finetune-steps 200]
+                                                     [--distil-epochs 1] [--distil-lr 0.01] [--finetune-steps 200]
                                                      [--form ghostnet|linear]
 """
 
@@ -157,9 +157,11 @@ def convert(model: nn.Module, data, s: int, init: str, form: str = "ghostnet") -
     return ghost, time.perf_counter() - start
 
 
-def fidelity(name: str, model: nn.Module, data, s: int, init: str, form: str, distil_epochs: int) -> Dict:
+def fidelity(name: str, model: nn.Module, data, s: int, init: str, form: str, distil_epochs: int,
+             distil_lr: float) -> Dict:
     """Accuracy and agreement with the original right after conversion, no training; for ``calibrate`` and
-    ``reconstruct``, also the accuracy after ``distil_epochs`` of label-free distillation and its wall time."""
+    ``reconstruct``, also the accuracy after ``distil_epochs`` of label-free distillation (peak learning rate
+    ``distil_lr``) and its wall time."""
     xte, yte = data[2], data[3]
     ghost, seconds = convert(model, data, s, init, form)
     predictions, reference_predictions = predict(ghost, xte), predict(model, xte)
@@ -173,7 +175,7 @@ def fidelity(name: str, model: nn.Module, data, s: int, init: str, form: str, di
            "layers": len(ghost.ghostify_result.replaced)}
     if distil_epochs and init in DATA_INITS:
         start = time.perf_counter()
-        student = ghostify.finetune(ghost, model, data[0], epochs=distil_epochs)  # inputs only: no labels
+        student = ghostify.finetune(ghost, model, data[0], epochs=distil_epochs, lr=distil_lr)  # inputs, no labels
         row["distil_seconds"] = time.perf_counter() - start
         row["distilled"] = (predict(student, xte) == yte).float().mean().item()
     return row
@@ -210,13 +212,15 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(ARCHITECTURES), choices=list(ARCHITECTURES))
     parser.add_argument("--distil-epochs", type=int, default=1,
                         help="label-free distillation epochs from the calibrate and reconstruct starts (0: none)")
+    parser.add_argument("--distil-lr", type=float, default=0.01, help="the distillation's peak learning rate "
+                        "(ghostify.finetune's default: 0.01)")
     parser.add_argument("--finetune-steps", type=int, default=200, help="SGD steps after conversion (0: none)")
     parser.add_argument("--finetune-every", type=int, default=50, help="report test accuracy every this many steps")
     parser.add_argument("--finetune-s", type=int, nargs="*", default=[2, 4], help="ratios to fine-tune")
     parser.add_argument("--form", choices=list(FORMS), default="ghostnet",
                         help="Ghost module form: norm taken in (convert's default) or a linear module before it")
     args = parser.parse_args()
-    print(f"task: {args.task}, Ghost module form: {args.form}", flush=True)
+    print(f"task: {args.task}, Ghost module form: {args.form}, distillation lr {args.distil_lr}", flush=True)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     data = TASKS[args.task][0]()
     models = {name: reference(name, args.task, data[0], data[1]) for name in args.models}
@@ -225,7 +229,7 @@ def main() -> None:
     for name, model in models.items():
         for s in (2, 4):
             for init in ("random", "copy", *DATA_INITS):
-                rows.append(fidelity(name, model, data, s, init, args.form, args.distil_epochs))
+                rows.append(fidelity(name, model, data, s, init, args.form, args.distil_epochs, args.distil_lr))
                 print(rows[-1], flush=True)
     print(table(rows, originals, tuned, args.finetune_every), flush=True)
     for name, model in models.items():
