@@ -192,11 +192,10 @@ def initialise(
         once = {name for name, row in layers.items() if row.calls == 1}  # shared layers keep the copy fit
         shared = {name: group.members for group in coupling.groups if group.blocked is None
                   and len(group.members) > 1 for name in group.members}
-        fits, found_heads = calibrate(model, original, [item for item in swapped if item[0] in once], bns, means,
-                                      batches, shared, {name: ghost for name, _, ghost in swapped}, grains,
-                                      head=refit_head)
+        fits, refitted = calibrate(model, original, [item for item in swapped if item[0] in once], bns, means,
+                                   batches, shared, {name: ghost for name, _, ghost in swapped}, grains,
+                                   head=refit_head)
         choices.update(fits)
-        refitted = found_heads if refit_head else []
         if refitted:
             notes["head"] = (f"{', '.join(refitted)} (nn.Linear after the last Ghost module) refitted to the "
                              "original's outputs, to correct what the Ghost modules still miss")

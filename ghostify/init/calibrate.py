@@ -313,7 +313,7 @@ def calibrate(model: nn.Module, original: nn.Module, swapped: List[Tuple[str, nn
               ghosts: Dict[str, GhostModule], grains: Optional[Dict[str, Grain]] = None,
               head: bool = True) -> Tuple[Dict[str, Choice], List[str]]:
     """Refit each swapped layer of ``model`` in run order (``fit_layer``), then, with ``head``, the linear head
-    after them (``heads``, ``fit_linear``); returns each layer's channel choice and the heads.
+    after them (``heads``, ``fit_linear``); returns each layer's channel choice and the heads refitted.
 
     The converted model's inputs to each layer and the original's outputs come from ``activations``: one
     forward pass over each model when torch.fx can trace it.
@@ -324,18 +324,17 @@ def calibrate(model: nn.Module, original: nn.Module, swapped: List[Tuple[str, nn
         groups: for layers that must share a channel choice, the names of all the layers sharing it.
         ghosts: every converted layer's Ghost module by name (group members may not be in ``swapped``).
         grains: the layers a grouped conv reads, with how it constrains their choice (``fit.Grain``).
-        head: refit the heads here; else only name them (``refit_heads`` fits them once later layers are done).
+        head: also refit the heads.
     """
     choices: Dict[str, Choice] = {}
     grains = grains or {}
     fitted = [name for name, _, _ in swapped]
-    last = heads(model, list(ghosts), tuple(x[:1] for x in batches[0])) if fitted else []
-    now = last if head else []
+    last = heads(model, list(ghosts), tuple(x[:1] for x in batches[0])) if fitted and head else []
     with evaluating(model), evaluating(original), loss_progress("calibrating", "fit error") as bar:
-        task = bar.add_task("", total=len(swapped) + len(now), loss=UNKNOWN)
+        task = bar.add_task("", total=len(swapped) + len(last), loss=UNKNOWN)
         batches = [_channels_last(batch) for batch in batches]
-        inputs = activations(model, batches, leaves=now)
-        targets = _Targets(original, fitted + list(groups) + now, batches)
+        inputs = activations(model, batches, leaves=last)
+        targets = _Targets(original, fitted + list(groups) + last, batches)
         for step, (name, conv, ghost) in enumerate(swapped):
             bar.update(task, description=f"layer {step + 1}/{len(swapped)} {name}")
             if name in groups and name not in choices:
@@ -350,7 +349,7 @@ def calibrate(model: nn.Module, original: nn.Module, swapped: List[Tuple[str, nn
                                      choice=choices.get(name), grain=grains.get(name))
             choices[name] = choice
             bar.update(task, advance=1, loss=loss)
-        _fit_heads(model, now, inputs, targets, bar, task)
+        _fit_heads(model, last, inputs, targets, bar, task)
     return choices, last
 
 
