@@ -164,13 +164,12 @@ def reconstruct(model: nn.Module, original: nn.Module, blocks: Sequence[str], ba
         if network and all(len(batch) == 1 for batch in batches):
             bar.update(task, description="the whole network")
             x = torch.cat([batch[0] for batch in batches])
-            with torch.no_grad():
-                y = [original(chunk) for chunk in x.split(BATCH)]
-            if all(isinstance(out, torch.Tensor) for out in y):
+            y = _outputs(original, x)
+            if y is not None:
                 params = [p for module in model.modules() if isinstance(module, GhostModule)
                           for p in module.parameters() if p.is_floating_point()]
                 deadline = None if seconds is None else start + seconds
-                done[NETWORK] = _tune(model, x, torch.cat(y), steps, deadline, generator, params)
+                done[NETWORK] = _tune(model, x, y, steps, deadline, generator, params)
             bar.update(task, advance=1, loss=done[NETWORK][1] if NETWORK in done else UNKNOWN)
     return done
 
@@ -184,17 +183,18 @@ def held_out(batches: Sequence[Batch]) -> Optional[torch.Tensor]:
     return x[len(x) - int(len(x) * HELD_OUT):] if len(x) >= 10 else None
 
 
+def _outputs(model: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """``model``'s output on ``x``, run in chunks without gradients (None: the output is not a tensor)."""
+    with torch.no_grad():
+        outputs = [model(chunk) for chunk in x.split(BATCH)]
+    return torch.cat(outputs) if all(isinstance(out, torch.Tensor) for out in outputs) else None
+
+
 def output_error(model: nn.Module, original: nn.Module, x: torch.Tensor) -> Optional[float]:
     """Relative squared error of ``model``'s output against ``original``'s on ``x`` (None: not a tensor)."""
-    error = energy = 0.0
     with evaluating(model), evaluating(original):
-        for chunk in x.split(BATCH):
-            ours, theirs = model(chunk), original(chunk)
-            if not isinstance(ours, torch.Tensor) or not isinstance(theirs, torch.Tensor):
-                return None
-            error += (ours - theirs).double().square().sum().item()
-            energy += theirs.double().square().sum().item()
-    return error / max(energy, 1e-30)
+        y = _outputs(original, x)
+        return None if y is None else _relative(model, x, y, y.double().square().sum().item())
 
 
 def summary(done: Dict[str, Tuple[float, float]]) -> str:

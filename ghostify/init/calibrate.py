@@ -261,11 +261,12 @@ def fit_linear(linear: nn.Linear, x: torch.Tensor, y: torch.Tensor, generator: t
     prior = linear.weight.detach().float().cpu()
     bias = linear.bias.detach().float().cpu() if offset else prior.new_zeros(len(prior))
     fitted = _ridge_towards(prior.T, bias, a[rows], targets[rows], offset)
+    weight, bias = fitted[: a.shape[1]].T, fitted[-1] if offset else None
     with torch.no_grad():
-        linear.weight.copy_(fitted[: a.shape[1]].T)
+        linear.weight.copy_(weight)
         if offset:
-            linear.bias.copy_(fitted[-1])
-        out = F.linear(a, fitted[: a.shape[1]].T.float(), fitted[-1].float() if offset else None)
+            linear.bias.copy_(bias)
+        out = F.linear(a, weight.float(), bias.float() if offset else None)
     return ((out - targets).square().sum() / targets.square().sum().clamp_min(1e-30)).item()
 
 
