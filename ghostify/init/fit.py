@@ -152,7 +152,9 @@ def _select(weighted: np.ndarray, value: np.ndarray, m: int, s: int) -> List[int
         partners = np.argpartition(-others, s - 2)[: s - 1]
         return own + np.maximum(others[partners], 0).sum(), partners
 
-    heap = [(-gain, i) for i, gain in enumerate(value + np.partition(weighted, -s, axis=1)[:, -s:].sum(1))]
+    # first bounds: own value plus the s - 1 best partners (a row maximum for s = 2, far cheaper than a partition)
+    best = weighted.max(1) if s == 2 else np.partition(weighted, 1 - s, axis=1)[:, 1 - s:].sum(1)
+    heap = [(-gain, i) for i, gain in enumerate(value + np.maximum(best, 0))]
     heapq.heapify(heap)
     chosen: List[int] = []
     while len(chosen) < m:
