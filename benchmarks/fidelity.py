@@ -8,7 +8,8 @@ from the bottom 30%. Trains two reference networks per task (weights cached in a
 each initialiser at s = 2 and s = 4, and prints top-1 accuracy, top-1 agreement with the original, the
 relative error of the logits against the original's on the test images and conversion wall time
 (``reconstruct+network``: block reconstruction, then the whole network; ``calibrate, head kept``: without
-refitting the linear layers after the last Ghost module); then, from every start that read
+refitting the linear layers after the last Ghost module; ``calibrate, no mirror``: fitted on the calibration
+images alone, not also on their mirror images); then, from every start that read
 calibration images, one epoch of label-free distillation from the original (``ghostify.finetune`` on the
 training inputs alone) with its wall time; then fine-tunes each converted model with labels for the same
 short budget and prints the accuracy it reaches.
@@ -138,7 +139,8 @@ def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([model(batch).argmax(1) for batch in x.split(250)])
 
 
-DATA_INITS = ("calibrate", "calibrate, head kept", "reconstruct", "reconstruct+network")  # read calibration images
+DATA_INITS = ("calibrate", "calibrate, no mirror", "calibrate, head kept", "reconstruct",  # read calibration images
+              "reconstruct+network")
 FORMS = {"ghostnet": True, "linear": False}  # convert's absorb_norm: the GhostNet form (default) or a linear module
 
 
@@ -148,6 +150,8 @@ def convert(model: nn.Module, data, s: int, init: str, form: str = "ghostnet") -
     extra = {"calibration_data": data[0][:CALIBRATION]} if init in DATA_INITS else {}
     if init == "reconstruct+network":  # block reconstruction, then the whole network on its output
         init, extra["reconstruct_network"] = "reconstruct", True
+    if init == "calibrate, no mirror":  # fitted on the calibration images alone, not also on their mirror images
+        init, extra["calibration_mirror"] = "calibrate", False
     if init == "calibrate, head kept":  # the linear layers after the last Ghost module as they were
         init, extra["refit_head"] = "calibrate", False
     extra["absorb_norm"] = FORMS[form]

@@ -247,6 +247,9 @@ def main(debug: bool) -> None:
 @click.option("--keep-head", is_flag=True,
               help="--init calibrate/reconstruct: leave the linear layers after the last Ghost module (a classifier) "
                    "as they are; by default they are refitted to the original's outputs.")
+@click.option("--no-mirror", is_flag=True,
+              help="--init calibrate/reconstruct: fit on the calibration inputs only; by default a layer that sees "
+                   "fewer output positions than its filters have weights is also fitted on flipped copies.")
 @click.option("--form", type=click.Choice(["ghostnet", "linear"]), default="ghostnet", show_default=True,
               help="ghostnet: a conv and the batch norm after it become one Ghost module (folds exactly at deploy); "
                    "linear: the norm stays after a linear Ghost module.")
@@ -270,8 +273,8 @@ def main(debug: bool) -> None:
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
 def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_size, weights, init, calib_data,
-            calib_samples, recon_steps, recon_seconds, recon_network, recon_mix, keep_head, form, runtime,
-            runtime_batch, target_flops, target_latency, align, as_json, trust_source, arch, device, force,
+            calib_samples, recon_steps, recon_seconds, recon_network, recon_mix, keep_head, no_mirror, form,
+            runtime, runtime_batch, target_flops, target_latency, align, as_json, trust_source, arch, device, force,
             output) -> None:
     """Convert MODEL's Conv2d layers to Ghost modules, print the report, write OUT."""
     from .files import check_output
@@ -281,9 +284,9 @@ def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_s
 
     if init in DATA_METHODS and calib_data is None:
         raise ValueError(f"--init {init} needs --calib-data PATH (an image folder or a .pt tensor file)")
-    if init not in DATA_METHODS and (calib_data is not None or keep_head):
-        raise ValueError(f"--calib-data and --keep-head are only used by --init calibrate or reconstruct, got --init "
-                         f"{init}")
+    if init not in DATA_METHODS and (calib_data is not None or keep_head or no_mirror):
+        raise ValueError("--calib-data, --keep-head and --no-mirror are only used by --init calibrate or reconstruct, "
+                         f"got --init {init}")
     if init != "reconstruct" and (recon_steps is not None or recon_seconds is not None or recon_network
                                   or recon_mix is not None):
         raise ValueError("--recon-steps, --recon-seconds, --recon-network and --recon-mix are only used by --init "
@@ -312,7 +315,8 @@ def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_s
                                  calibration_data=calibration, calibration_samples=calib_samples,
                                  absorb_norm=form == "ghostnet", reconstruct_seconds=recon_seconds,
                                  reconstruct_network=recon_network, reconstruct_mix=recon_mix or 0.0,
-                                 refit_head=not keep_head, runtime=runtime, runtime_batch=runtime_batch,
+                                 refit_head=not keep_head, calibration_mirror=not no_mirror, runtime=runtime,
+                                 runtime_batch=runtime_batch,
                                  target_flops=target_flops, target_latency=target_latency,
                                  **({} if align is None else {"align": align}),
                                  **({} if recon_steps is None else {"reconstruct_steps": recon_steps}))

@@ -315,6 +315,7 @@ def convert(
     reconstruct_network: bool = False,
     reconstruct_mix: float = 0.0,
     refit_head: bool = True,
+    calibration_mirror: bool = True,
     runtime: Optional[str] = None,
     runtime_batch: int = 1,
     target_flops: Optional[float] = None,
@@ -354,6 +355,11 @@ def convert(
         refit_head: for ``"calibrate"`` and ``"reconstruct"``, also refit the ``nn.Linear`` layers that run after
             the last Ghost module (a classifier head) to the original's outputs, so they correct what the Ghost
             modules still miss; False leaves them as they are.
+        calibration_mirror: for ``"calibrate"`` and ``"reconstruct"``, where a layer would see fewer output
+            positions over the calibration inputs than its filters have weights (deep layers on small inputs),
+            also fit the layers on mirror images of the inputs (flipped along the spatial dimensions), as many
+            as that needs, up to every combination; the conversion notes say so (``mirror``). Single-input
+            models; False: the inputs only.
         runtime: ``"torch"``, ``"onnxruntime"`` or ``"inductor"``: time each layer alone as a conv and as a
             Ghost module in that runtime's deploy form (``latency.layer_times``) and keep the layers a Ghost
             module does not make faster as convs, reported as skipped with both times. None: no timing.
@@ -450,7 +456,8 @@ def convert(
     if isinstance(earlier, ConversionResult):  # converting a converted model: its plan must replay the earlier one
         result.replaced = copy.deepcopy(earlier.replaced) + result.replaced
     done = initialise(init, swapped, {row.name: row for row in replaced}, converted, model, batches, inputs,
-                      reconstruct_steps, reconstruct_seconds, reconstruct_network, reconstruct_mix, refit_head)
+                      reconstruct_steps, reconstruct_seconds, reconstruct_network, reconstruct_mix, refit_head,
+                      calibration_mirror)
     for row in replaced:
         fitted = done.layers.get(row.name)
         if fitted is not None:

@@ -85,7 +85,8 @@ def test_calibrate_runs_each_model_once_per_batch(monkeypatch):
     ghost = ghostify.convert(model, example_inputs=x[:1], init="calibrate", calibration_data=x,
                              calibration_samples=24)
     assert len(ghost.ghostify_result.replaced) > 10
-    assert sum(calls) <= 24 + 16 + 4, calls  # one calibration pass, the error pass, and the one-image analyses
+    assert "4 versions" in ghost.ghostify_result.notes["mirror"]  # the inputs and 3 mirror images of each
+    assert sum(calls) <= 4 * 24 + 16 + 4, calls  # one calibration pass, the error pass, and the one-image analyses
 
 
 def test_frontier_and_replay_calibrate_the_same_model(monkeypatch):

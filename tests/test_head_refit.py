@@ -86,5 +86,5 @@ def test_cli_keeps_the_head_on_request_and_refuses_it_without_calibration(tmp_pa
     assert "fc" in notes[False]["head"] and "head" not in notes[True]
     result = CliRunner().invoke(main, ["convert", "resnet18", "--keep-head", "-o", str(tmp_path / "c.pt")])
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert "--keep-head are only used by --init calibrate or reconstruct" in result.stderr
+    assert "--keep-head and --no-mirror are only used by --init calibrate or reconstruct" in result.stderr
     assert not (tmp_path / "c.pt").exists()

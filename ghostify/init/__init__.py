@@ -23,7 +23,7 @@ from .blockwise import STEPS as RECONSTRUCT_STEPS
 from .blockwise import find_blocks, held_out, output_error, reconstruct, summary
 from .calibrate import calibrate, refit_heads
 from .channels import Group, couple, layer_grains
-from .data import check_calibration
+from .data import check_calibration, mirrored
 from .datafree import copy_layer, filter_problem
 from .fit import WIDE, Choice, blocks, choose
 from .measure import layer_errors
@@ -133,6 +133,7 @@ def initialise(
     reconstruct_network: bool = False,
     reconstruct_mix: float = 0.0,
     refit_head: bool = True,
+    mirror: bool = True,
 ) -> Initialised:
     """Set the weights of each ``(name, conv, ghost)`` in ``swapped`` (modules of ``model``) by method ``init``.
 
@@ -151,6 +152,8 @@ def initialise(
         reconstruct_mix: QDrop's probability of taking a block's tuning input from the original model.
         refit_head: with calibration data, refit the linear layers after the last Ghost module
             (``calibrate.heads``), after the blocks with ``"reconstruct"``.
+        mirror: with calibration data, also fit on mirror images of the inputs where a layer sees fewer output
+            positions than its filters have weights (``data.mirrored``).
 
     Returns:
         Each layer's measured error and gather, and notes on how they were measured (or why nothing was done).
@@ -192,8 +195,12 @@ def initialise(
         once = {name for name, row in layers.items() if row.calls == 1}  # shared layers keep the copy fit
         shared = {name: group.members for group in coupling.groups if group.blocked is None
                   and len(group.members) > 1 for name in group.members}
+        fitted_on, copies, why = mirrored(batches, [layers[name] for name in once]) if mirror else (batches, 1, None)
+        if copies > 1:
+            notes["mirror"] = (f"fitted on {copies} versions of each calibration input (the input and its mirror "
+                               f"images): {why}")
         fits, refitted = calibrate(model, original, [item for item in swapped if item[0] in once], bns, means,
-                                   batches, shared, {name: ghost for name, _, ghost in swapped}, grains,
+                                   fitted_on, shared, {name: ghost for name, _, ghost in swapped}, grains,
                                    head=refit_head)
         choices.update(fits)
         if refitted:

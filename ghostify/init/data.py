@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -73,6 +75,31 @@ def check_calibration(data: Any, samples: int = 256, shapes: Optional[Sequence[S
     if not count:
         raise ValueError("calibration_data is empty: it holds no inputs")
     return list(zip(*[torch.cat(column).split(BATCH) for column in zip(*taken)]))
+
+
+def mirrored(batches: Sequence[Batch], layers: Sequence[Any]) -> Tuple[List[Batch], int, Optional[str]]:
+    """``batches`` followed by as many mirror images of them as the least-squares fits need: flipped along
+    the last spatial dimension, then the one before, then both, ... (every combination at most), until each
+    layer in ``layers`` (``rewrite.Replaced`` rows) sees at least as many output positions as its filters have
+    weights. A deep layer of a network on small inputs sees few positions (ResNet-18's last on 32x32 inputs:
+    one per image, for 4,608 weights), so its fit leans on the ridge prior; mirror images are inputs the
+    original model answers too. Only for a single-input model.
+
+    Returns:
+        The batches to fit on, how many versions of each input they hold, and which layer needed the most
+        (None when none needed more).
+    """
+    dims = batches[0][0].dim() - 2
+    images = sum(len(batch[0]) for batch in batches)
+    sizes = {row.name: (images * math.prod(row.output_shape[2:]), row.in_channels * math.prod(row.primary_kernel))
+             for row in layers if row.output_shape is not None}
+    worst = max(sizes, key=lambda name: sizes[name][1] / sizes[name][0], default=None)
+    if worst is None or any(len(batch) != 1 for batch in batches) or dims < 1 or sizes[worst][1] <= sizes[worst][0]:
+        return list(batches), 1, None
+    flips = [axes for k in range(dims + 1) for axes in itertools.combinations(range(-1, -dims - 1, -1), k)]
+    copies = min(2 ** math.ceil(math.log2(sizes[worst][1] / sizes[worst][0])), len(flips))
+    return ([(batch[0].flip(axes),) for axes in flips[:copies] for batch in batches], copies,
+            f"{worst} sees {sizes[worst][0]} output positions for {sizes[worst][1]} weights per filter")
 
 
 def _check_input(x: torch.Tensor, expected: Optional[Sequence[int]], batch: int) -> None:
