@@ -15,7 +15,7 @@ training inputs alone) with its wall time; then fine-tunes each converted model 
 short budget and prints the accuracy it reaches.
 
     OMP_NUM_THREADS=2 python benchmarks/fidelity.py [--task digits|photos] [--models resnet18 vgg-small]
-                                                     [--distil-epochs 1] [--distil-lr 0.01] [--finetune-steps 200]
+                                                     [--distil-epochs 1] [--distil-lr LR] [--finetune-steps 200]
                                                      [--form ghostnet|linear]
 """
 
@@ -162,7 +162,7 @@ def convert(model: nn.Module, data, s: int, init: str, form: str = "ghostnet") -
 
 
 def fidelity(name: str, model: nn.Module, data, s: int, init: str, form: str, distil_epochs: int,
-             distil_lr: float) -> Dict:
+             distil_lr: Optional[float]) -> Dict:
     """Accuracy and agreement with the original right after conversion, no training; for ``calibrate`` and
     ``reconstruct``, also the accuracy after ``distil_epochs`` of label-free distillation (peak learning rate
     ``distil_lr``) and its wall time."""
@@ -216,15 +216,16 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(ARCHITECTURES), choices=list(ARCHITECTURES))
     parser.add_argument("--distil-epochs", type=int, default=1,
                         help="label-free distillation epochs from the calibrate and reconstruct starts (0: none)")
-    parser.add_argument("--distil-lr", type=float, default=0.01, help="the distillation's peak learning rate "
-                        "(ghostify.finetune's default: 0.01)")
+    parser.add_argument("--distil-lr", type=float, help="the distillation's peak learning rate (default: "
+                        "ghostify.finetune's, 0.001 from calibrate and reconstruct, 0.01 otherwise)")
     parser.add_argument("--finetune-steps", type=int, default=200, help="SGD steps after conversion (0: none)")
     parser.add_argument("--finetune-every", type=int, default=50, help="report test accuracy every this many steps")
     parser.add_argument("--finetune-s", type=int, nargs="*", default=[2, 4], help="ratios to fine-tune")
     parser.add_argument("--form", choices=list(FORMS), default="ghostnet",
                         help="Ghost module form: norm taken in (convert's default) or a linear module before it")
     args = parser.parse_args()
-    print(f"task: {args.task}, Ghost module form: {args.form}, distillation lr {args.distil_lr}", flush=True)
+    lr = args.distil_lr or "by start (ghostify.finetune's default)"
+    print(f"task: {args.task}, Ghost module form: {args.form}, distillation lr {lr}", flush=True)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     data = TASKS[args.task][0]()
     models = {name: reference(name, args.task, data[0], data[1]) for name in args.models}

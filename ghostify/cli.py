@@ -428,8 +428,9 @@ def _original_of(text: str, loaded, arch: Optional[str], trust_source: bool):
                    "a tensor or an (inputs, targets) pair. Labels are optional.")
 @click.option("--val-data", type=click.Path(), metavar="PATH", help="Measured after every epoch (default: --data).")
 @click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True,
-              help="Peak learning rate (SGD, momentum 0.9, cosine schedule).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True),
+              help="Peak learning rate (SGD, momentum 0.9, cosine schedule); default 0.001 for a GHOST_FILE converted "
+                   "with --init calibrate or reconstruct, else 0.01.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Per process.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True,
               help="Softening of both models' logits in the distillation loss.")
@@ -480,7 +481,7 @@ def finetune(ghost_file, teacher, teacher_weights, data_path, val_data, epochs, 
             top1 = "" if row.top1 is None else f", top-1 {row.top1:.1%}"
             click.echo(f"epoch {row.epoch}: loss {row.loss:.4f}, agreement with the teacher {row.agreement:.1%}"
                        f"{top1}", err=True)
-        click.echo(f"wrote {output}", err=True)
+        click.echo(f"wrote {output} (peak lr {tuned.ghostify_finetune.lr:g})", err=True)
 
 
 @main.command()

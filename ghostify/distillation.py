@@ -23,9 +23,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, TensorDataset
 
 from .files import atomic_write
+from .init import DATA_METHODS
 from .progress import UNKNOWN, progress
 from .serialization import save
 from .trace import eval_mode, placement
+
+LR = 0.01  # peak learning rate from a data-free start
+CALIBRATED_LR = 0.001  # from a start fitted on data
 
 
 @dataclass
@@ -41,9 +45,12 @@ class Epoch:
 
 @dataclass
 class Finetuned:
-    """The history of a ``finetune`` run, attached to the student as ``ghostify_finetune``."""
+    """The history of a ``finetune`` run, attached to the student as ``ghostify_finetune``, and its peak
+    learning rate."""
 
     epochs: List[Epoch] = field(default_factory=list)
+    lr: Optional[float] = None
+
 
 
 def as_dataset(data: Any) -> Dataset:
@@ -207,7 +214,7 @@ def finetune(
     *,
     val_data: Any = None,
     epochs: int = 1,
-    lr: float = 0.01,
+    lr: Optional[float] = None,
     batch_size: int = 64,
     temperature: float = 4.0,
     label_weight: float = 0.5,
@@ -224,7 +231,10 @@ def finetune(
         data: training inputs: a tensor, an ``(inputs, targets)`` pair or a Dataset (of inputs, or of
             ``(input, target)`` items); labels are optional.
         val_data: the same kinds, measured after every epoch (default: the training data).
-        lr: peak learning rate of SGD with momentum 0.9 and a cosine schedule over all steps.
+        lr: peak learning rate of SGD with momentum 0.9 and a cosine schedule over all steps; by default
+            ``CALIBRATED_LR`` for a student whose Ghost modules were fitted on data (converted with
+            ``init="calibrate"`` or ``"reconstruct"``: it starts close to the teacher, and larger steps take it
+            away first), else ``LR``.
         temperature: softening of both models' logits in the KL term.
         label_weight: with labels, the loss is ``(1 - label_weight) * KL + label_weight * cross-entropy``.
         feature_weight: adds ``feature_weight`` times the mean relative MSE between each converted layer's
@@ -238,6 +248,8 @@ def finetune(
     Returns:
         The student (or its EMA), with ``ghostify_finetune`` (a ``Finetuned``) listing each epoch's figures.
     """
+    if lr is None:
+        lr = CALIBRATED_LR if getattr(getattr(student, "ghostify_result", None), "init", None) in DATA_METHODS else LR
     if epochs < 1 or batch_size < 1 or lr <= 0 or temperature <= 0 or not 0 <= label_weight <= 1 or feature_weight < 0:
         raise ValueError("epochs and batch_size must be positive, lr and temperature above 0, label_weight "
                          "in [0, 1], feature_weight at least 0")
@@ -262,7 +274,7 @@ def finetune(
     result = ema.module if ema is not None else student  # what is measured, written and returned
     features = Features(student, teacher) if feature_weight > 0 else None  # after the EMA copy: it copies hooks
     scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
-    history, start_epoch = Finetuned(), 0
+    history, start_epoch = Finetuned(lr=lr), 0
     state_path = None if output is None else f"{output}.state.pt"
     if resume:
         state = torch.load(state_path, map_location=device, weights_only=True)

@@ -172,3 +172,14 @@ def test_a_teacher_in_training_mode_is_used_in_eval_mode_and_given_back_unchange
     assert all(p.requires_grad for p in teacher.parameters())
     for name, value in teacher.state_dict().items():  # eval mode while distilling: no batch-norm updates
         torch.testing.assert_close(value, state[name], msg=name)
+
+
+def test_the_default_learning_rate_follows_the_start(converted):
+    """A student fitted on data starts close to the teacher and gets the smaller default step; an explicit lr
+    wins; the lr used is recorded."""
+    ghost, teacher, x = converted
+    calibrated = ghostify.convert(teacher, s=4, init="calibrate", calibration_data=x[:64], example_inputs=x[:1])
+    runs = {"copy": (ghost, {}), "calibrate": (calibrated, {}), "explicit": (calibrated, {"lr": 0.05})}
+    used = {name: ghostify.finetune(copy.deepcopy(student), teacher, x[:64], **options).ghostify_finetune.lr
+            for name, (student, options) in runs.items()}
+    assert used == {"copy": 0.01, "calibrate": 0.001, "explicit": 0.05}
