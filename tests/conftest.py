@@ -1,6 +1,7 @@
-"""Test settings (one torch thread per xdist worker, so parallel workers do not fight over the cores) and the
-small trained model several behaviours are checked on."""
+"""Test settings (one torch thread per xdist worker, so parallel workers do not fight over the cores), the
+small trained model several behaviours are checked on, and a calibrating CLI run's notes."""
 
+import json
 import os
 
 import pytest
@@ -35,3 +36,23 @@ def digits_model():
         loss.backward()
         optimiser.step()
     return model.eval(), x
+
+
+@pytest.fixture
+def calibrated_notes(tmp_path):
+    """Run ``ghostify convert resnet18 --init calibrate`` (8 random 32x32 inputs) with extra options; its JSON notes."""
+    from click.testing import CliRunner
+
+    from ghostify.cli import main
+
+    torch.save(torch.randn(8, 3, 32, 32), tmp_path / "calib.pt")
+
+    def run(*options: str) -> dict:
+        output = tmp_path / f"ghost{len(list(tmp_path.iterdir()))}.pt"
+        result = CliRunner().invoke(main, ["convert", "resnet18", "--input-size", "3", "32", "32", "--init",
+                                           "calibrate", "--calib-data", str(tmp_path / "calib.pt"), "--json", "-o",
+                                           str(output), *options])
+        assert result.exit_code == 0, result.stderr
+        return json.loads(result.stdout)["notes"]
+
+    return run

@@ -2,8 +2,6 @@
 the Ghost modules' remaining error, and nothing comes after the head. Checked on a constructed fit with a known
 answer, on which layers count as the head, and on a trained model's held-out outputs."""
 
-import json
-
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
@@ -74,16 +72,8 @@ def test_calibrate_refits_the_head_and_it_brings_held_out_outputs_closer(digits_
     assert errors[True] < 0.8 * errors[False], errors
 
 
-def test_cli_keeps_the_head_on_request_and_refuses_it_without_calibration(tmp_path):
-    torch.save(torch.randn(8, 3, 32, 32), tmp_path / "calib.pt")
-    notes = {}
-    for keep in (False, True):
-        result = CliRunner().invoke(main, ["convert", "resnet18", "--input-size", "3", "32", "32", "--init",
-                                           "calibrate", "--calib-data", str(tmp_path / "calib.pt"), "--json", "-o",
-                                           str(tmp_path / f"{keep}.pt")] + ["--keep-head"] * keep)
-        assert result.exit_code == 0, result.stderr
-        notes[keep] = json.loads(result.stdout)["notes"]
-    assert "fc" in notes[False]["head"] and "head" not in notes[True]
+def test_cli_keeps_the_head_on_request_and_refuses_it_without_calibration(tmp_path, calibrated_notes):
+    assert "fc" in calibrated_notes()["head"] and "head" not in calibrated_notes("--keep-head")
     result = CliRunner().invoke(main, ["convert", "resnet18", "--keep-head", "-o", str(tmp_path / "c.pt")])
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "--keep-head and --no-mirror are only used by --init calibrate or reconstruct" in result.stderr

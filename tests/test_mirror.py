@@ -2,16 +2,13 @@
 have weights: how many versions the rule takes (constructed layers), that they are the flips, that a real model at
 its usual size needs none, and that on a trained model the mirror images bring held-out outputs closer."""
 
-import json
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torchvision
-from click.testing import CliRunner
 
 import ghostify
-from ghostify.cli import main
 from ghostify.init.data import mirrored
 
 
@@ -66,13 +63,5 @@ def test_mirror_images_bring_held_out_outputs_closer(digits_model):
     assert errors[True] < 0.8 * errors[False], errors
 
 
-def test_cli_fits_on_the_inputs_alone_with_no_mirror(tmp_path):
-    torch.save(torch.randn(8, 3, 32, 32), tmp_path / "calib.pt")
-    notes = {}
-    for off in (False, True):
-        result = CliRunner().invoke(main, ["convert", "resnet18", "--input-size", "3", "32", "32", "--init",
-                                           "calibrate", "--calib-data", str(tmp_path / "calib.pt"), "--json", "-o",
-                                           str(tmp_path / f"{off}.pt")] + ["--no-mirror"] * off)
-        assert result.exit_code == 0, result.stderr
-        notes[off] = json.loads(result.stdout)["notes"]
-    assert "4 versions" in notes[False]["mirror"] and "mirror" not in notes[True]
+def test_cli_fits_on_the_inputs_alone_with_no_mirror(calibrated_notes):
+    assert "4 versions" in calibrated_notes()["mirror"] and "mirror" not in calibrated_notes("--no-mirror")
