@@ -1,5 +1,6 @@
 """Test settings (one torch thread per xdist worker, so parallel workers do not fight over the cores), the
-small trained model several behaviours are checked on, and a calibrating CLI run's notes."""
+small trained model several behaviours are checked on, its calibrated conversions' held-out error, and a
+calibrating CLI run's notes."""
 
 import json
 import os
@@ -36,6 +37,26 @@ def digits_model():
         loss.backward()
         optimiser.step()
     return model.eval(), x
+
+
+@pytest.fixture(scope="session")
+def calibrated_error(digits_model):
+    """Convert the digits CNN at s = 4 with ``calibrate`` on ``calibration`` and ``options``: the converted model
+    and the relative error of its logits against the original's on 300 images it was not fitted on."""
+    import ghostify
+
+    model, x = digits_model
+    held_out = x[-300:]
+    with torch.no_grad():
+        reference = model(held_out)
+
+    def run(calibration: torch.Tensor, **options):
+        ghost = ghostify.convert(model, s=4, init="calibrate", calibration_data=calibration,
+                                 example_inputs=calibration[:1], align=1, **options)
+        with torch.no_grad():
+            return ghost, ((ghost(held_out) - reference).norm() / reference.norm()).item()
+
+    return run
 
 
 @pytest.fixture
