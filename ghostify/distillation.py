@@ -52,7 +52,6 @@ class Finetuned:
     lr: Optional[float] = None
 
 
-
 def as_dataset(data: Any) -> Dataset:
     """A dataset of ``inputs`` or ``(inputs, target)`` items from a tensor, an ``(inputs, targets)`` pair or a
     dataset."""
