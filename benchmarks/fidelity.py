@@ -11,8 +11,9 @@ relative error of the logits against the original's on the test images and conve
 refitting the linear layers after the last Ghost module; ``calibrate, no mirror``: fitted on the calibration
 images alone, not also on their mirror images); then, from every start that read
 calibration images, one epoch of label-free distillation from the original (``ghostify.finetune`` on the
-training inputs alone) with its wall time; then fine-tunes each converted model with labels for the same
-short budget and prints the accuracy it reaches.
+training inputs alone, default options) with its wall time, which weights it kept (``start`` when the epoch
+agreed less with the original on those inputs) and the top-1 of the epoch's own weights; then fine-tunes
+each converted model with labels for the same short budget and prints the accuracy it reaches.
 
     OMP_NUM_THREADS=2 python benchmarks/fidelity.py [--task digits|photos] [--models resnet18 vgg-small]
                                                      [--distil-epochs 1] [--distil-lr LR] [--finetune-steps 200]
@@ -22,6 +23,7 @@ short budget and prints the accuracy it reaches.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import tempfile
 import time
@@ -178,10 +180,14 @@ def fidelity(name: str, model: nn.Module, data, s: int, init: str, form: str, di
            "gathers": sum(r.gather for r in ghost.ghostify_result.replaced),
            "layers": len(ghost.ghostify_result.replaced)}
     if distil_epochs and init in DATA_INITS:
+        last = ghostify.finetune(copy.deepcopy(ghost), model, data[0], epochs=distil_epochs, lr=distil_lr,
+                                 keep_best=False)  # the same run (same seed), its last epoch's weights
         start = time.perf_counter()
         student = ghostify.finetune(ghost, model, data[0], epochs=distil_epochs, lr=distil_lr)  # inputs, no labels
         row["distil_seconds"] = time.perf_counter() - start
         row["distilled"] = (predict(student, xte) == yte).float().mean().item()
+        row["kept"] = student.ghostify_finetune.kept
+        row["last_epoch"] = (predict(last, xte) == yte).float().mean().item()
     return row
 
 
@@ -197,13 +203,16 @@ def table(rows: List[Dict], originals: Dict[str, float], tuned: Dict, every: int
     budgets = sorted({every * (i + 1) for scores in tuned.values() for i in range(len(scores))})
     head = "".join(f" top-1 after {b} steps |" for b in budgets)
     lines = [f"| model | s | init | top-1 | agreement | logit error | convert (s) | gathers | top-1 after "
-             f"distillation | distil (s) |{head}", "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(budgets)]
+             f"distillation | kept | last epoch's top-1 | distil (s) |{head}",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(budgets)]
     for name, accuracy in originals.items():
-        lines.append(f"| {name} | - | original | {accuracy:.1%} | 100% | 0 | - | - | - | - |" + " - |" * len(budgets))
+        lines.append(f"| {name} | - | original | {accuracy:.1%} | 100% | 0 | - | - | - | - | - | - |"
+                     + " - |" * len(budgets))
         for r in (r for r in rows if r["model"] == name):
             scores = tuned.get((name, r["s"], r["init"]), [])
             cells = "".join(f" {scores[i]:.1%} |" if i < len(scores) else " - |" for i in range(len(budgets)))
-            distilled = f"{r['distilled']:.1%} | {r['distil_seconds']:.1f}" if "distilled" in r else "- | -"
+            distilled = (f"{r['distilled']:.1%} | {'start' if r['kept'] == 0 else 'epoch ' + str(r['kept'])} | "
+                         f"{r['last_epoch']:.1%} | {r['distil_seconds']:.1f}") if "distilled" in r else "- | - | - | -"
             lines.append(f"| {name} | {r['s']} | {r['init']} | {r['accuracy']:.1%} | {r['agreement']:.1%} | "
                          f"{r['logit_error']:.3f} | {r['seconds']:.1f} | {r['gathers']}/{r['layers']} | {distilled} |"
                          f"{cells}")

@@ -442,6 +442,9 @@ def _original_of(text: str, loaded, arch: Optional[str], trust_source: bool):
 @click.option("--ema", "ema_decay", type=click.FloatRange(0, 1, min_open=True, max_open=True), metavar="DECAY",
               help="Keep and write an exponential moving average of the weights (e.g. 0.999).")
 @click.option("--amp", is_flag=True, help="Mixed precision (bfloat16 on the CPU, float16 on CUDA).")
+@click.option("--keep-last", is_flag=True,
+              help="Write the last epoch's weights, not those that measured best on the validation data (top-1 "
+                   "with labels, else agreement with the teacher; the start counts as epoch 0).")
 @click.option("--resume", is_flag=True, help="Continue the run that wrote OUT (and OUT.state.pt).")
 @INPUT_SIZE
 @TRUST_SOURCE
@@ -451,8 +454,8 @@ def _original_of(text: str, loaded, arch: Optional[str], trust_source: bool):
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="The fine-tuned ghostify file, written after every epoch.")
 def finetune(ghost_file, teacher, teacher_weights, data_path, val_data, epochs, lr, batch_size, temperature,
-             label_weight, feature_weight, ema_decay, amp, resume, input_size, trust_source, arch, device, force,
-             output) -> None:
+             label_weight, feature_weight, ema_decay, amp, keep_last, resume, input_size, trust_source, arch, device,
+             force, output) -> None:
     """Distil the original model (--teacher) into a converted GHOST_FILE; runs unchanged under torchrun."""
     import os
 
@@ -475,13 +478,15 @@ def finetune(ghost_file, teacher, teacher_weights, data_path, val_data, epochs, 
     val = read_dataset(val_data, shape) if val_data else None
     tuned = ghostify.finetune(student, source, data, val_data=val, epochs=epochs, lr=lr, batch_size=batch_size,
                               temperature=temperature, label_weight=label_weight, feature_weight=feature_weight,
-                              ema_decay=ema_decay, amp=amp, output=output, resume=resume)
+                              ema_decay=ema_decay, amp=amp, keep_best=not keep_last, output=output, resume=resume)
     if int(os.environ.get("RANK", "0")) == 0:
-        for row in tuned.ghostify_finetune.epochs:
+        history = tuned.ghostify_finetune
+        for row in history.epochs:
+            what = "start" if row.epoch == 0 else f"epoch {row.epoch}: loss {row.loss:.4f},"
             top1 = "" if row.top1 is None else f", top-1 {row.top1:.1%}"
-            click.echo(f"epoch {row.epoch}: loss {row.loss:.4f}, agreement with the teacher {row.agreement:.1%}"
-                       f"{top1}", err=True)
-        click.echo(f"wrote {output} (peak lr {tuned.ghostify_finetune.lr:g})", err=True)
+            click.echo(f"{what} agreement with the teacher {row.agreement:.1%}{top1}", err=True)
+        kept = "the start: no epoch measured better" if history.kept == 0 else f"epoch {history.kept}"
+        click.echo(f"wrote {output} ({kept}; peak lr {history.lr:g})", err=True)
 
 
 @main.command()

@@ -10,6 +10,7 @@ DistributedDataParallel (gloo on the CPU, nccl on CUDA), each process reads its 
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from contextlib import nullcontext
@@ -34,10 +35,11 @@ CALIBRATED_LR = 0.001  # from a start fitted on data
 
 @dataclass
 class Epoch:
-    """What one epoch measured (on the validation data, or the training data when none is given)."""
+    """What one epoch measured (on the validation data, or the training data when none is given); epoch 0 is
+    the start, measured before any training (no loss)."""
 
     epoch: int
-    loss: float
+    loss: Optional[float]
     agreement: float
     top1: Optional[float] = None
     seconds: float = 0.0
@@ -45,11 +47,19 @@ class Epoch:
 
 @dataclass
 class Finetuned:
-    """The history of a ``finetune`` run, attached to the student as ``ghostify_finetune``, and its peak
-    learning rate."""
+    """The history of a ``finetune`` run, attached to the student as ``ghostify_finetune``: each epoch's
+    figures, the peak learning rate, and the epoch whose weights were kept (0: the start)."""
 
     epochs: List[Epoch] = field(default_factory=list)
     lr: Optional[float] = None
+    kept: int = 0
+
+    def better(self) -> bool:
+        """Whether the last epoch measured at least as well as the kept one: top-1 when the validation data
+        has labels, else agreement with the teacher."""
+        score = lambda row: row.agreement if row.top1 is None else row.top1  # noqa: E731
+        kept = next(row for row in self.epochs if row.epoch == self.kept)
+        return score(self.epochs[-1]) >= score(kept)
 
 
 def as_dataset(data: Any) -> Dataset:
@@ -220,6 +230,7 @@ def finetune(
     feature_weight: float = 0.0,
     ema_decay: Optional[float] = None,
     amp: bool = False,
+    keep_best: bool = True,
     output: Optional[str] = None,
     resume: bool = False,
     seed: int = 0,
@@ -240,12 +251,17 @@ def finetune(
             output and the original layer's (``Features``); 0: logits only.
         ema_decay: keep an exponential moving average of the student's weights (e.g. 0.999) and return it.
         amp: autocast (bfloat16 on the CPU, float16 with a gradient scaler on CUDA).
-        output: a ghostify file written (atomically) after every epoch, with ``OUTPUT.state.pt`` holding what
-            ``resume`` needs; an interrupted run leaves the last complete epoch.
+        keep_best: give back the weights that measured best on the validation data (top-1 when it has
+            labels, else agreement with the teacher), the start's included: a run that takes the student
+            away from the teacher returns what it was given. False: the last epoch's weights.
+        output: a ghostify file written (atomically) after every epoch, holding what ``finetune`` would return
+            if it stopped there, with ``OUTPUT.state.pt`` holding what ``resume`` needs; an interrupted run
+            leaves the last complete epoch.
         resume: continue from ``output`` and its state file.
 
     Returns:
-        The student (or its EMA), with ``ghostify_finetune`` (a ``Finetuned``) listing each epoch's figures.
+        The student (or its EMA), with ``ghostify_finetune`` (a ``Finetuned``) listing each epoch's figures,
+        the start's as epoch 0, and which epoch's weights it holds.
     """
     if lr is None:
         lr = CALIBRATED_LR if getattr(getattr(student, "ghostify_result", None), "init", None) in DATA_METHODS else LR
@@ -273,7 +289,7 @@ def finetune(
     result = ema.module if ema is not None else student  # what is measured, written and returned
     features = Features(student, teacher) if feature_weight > 0 else None  # after the EMA copy: it copies hooks
     scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
-    history, start_epoch = Finetuned(lr=lr), 0
+    history, start_epoch, best = Finetuned(lr=lr), 0, None
     state_path = None if output is None else f"{output}.state.pt"
     if resume:
         state = torch.load(state_path, map_location=device, weights_only=True)
@@ -284,10 +300,18 @@ def finetune(
             ema.load_state_dict(state["ema"])
         start_epoch = state["epoch"]
         history.epochs = [Epoch(**row) for row in state["history"]]
+        history.kept, best = state.get("kept", start_epoch), state.get("best")
+        if keep_best and best is None:  # the earlier run kept its last epoch: the one loaded
+            best = _weights(result)
     autocast = (lambda: torch.autocast(device.type, torch.bfloat16 if device.type == "cpu" else torch.float16)) \
         if amp else nullcontext
     # the teacher runs in eval mode (and without gradients); its flags come back afterwards
     with eval_mode(teacher), features if features is not None else nullcontext():
+        if not history.epochs:  # the start, which keep_best may give back
+            began = time.monotonic()
+            agreement, top1 = _evaluate(result, teacher, val_loader, device, world)
+            history.epochs.append(Epoch(0, None, agreement, top1, time.monotonic() - began))
+            best = _weights(result) if keep_best else None
         with progress("epoch {description}, loss {loss:.4f}, {rate:.0f} images/s", show=rank == 0) as bar:
             for epoch in range(start_epoch, epochs):
                 if world > 1:
@@ -324,21 +348,36 @@ def finetune(
                         bar.update(task, advance=1, loss=running, rate=seen / max(time.monotonic() - began, 1e-9))
                 agreement, top1 = _evaluate(result, teacher, val_loader, device, world)
                 history.epochs.append(Epoch(epoch + 1, running, agreement, top1, time.monotonic() - began))
+                if not keep_best or history.better():
+                    history.kept, best = epoch + 1, _weights(result) if keep_best else None
                 if rank == 0 and output is not None:
-                    _checkpoint(result, student, optimizer, schedule, ema, history, output, state_path)
+                    _checkpoint(result, student, optimizer, schedule, ema, history, best, output, state_path)
                 if world > 1:
                     dist.barrier()
+    if history.kept != history.epochs[-1].epoch:  # an earlier epoch, or the start, measured better
+        result.load_state_dict(best)
     result.ghostify_finetune = history
     return result
 
 
-def _checkpoint(result: nn.Module, student: nn.Module, optimizer, schedule, ema, history: Finetuned, output: str,
-                state_path: str) -> None:
-    """The ghostify file and the state ``resume`` reads, each written atomically (state first)."""
+def _weights(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """A copy of ``model``'s state."""
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def _checkpoint(result: nn.Module, student: nn.Module, optimizer, schedule, ema, history: Finetuned,
+                best: Optional[Dict[str, torch.Tensor]], output: str, state_path: str) -> None:
+    """The ghostify file (the kept weights) and the state ``resume`` reads, each written atomically (state
+    first)."""
     state: Dict[str, Any] = {"student": student.state_dict(), "optimizer": optimizer.state_dict(),
-                             "schedule": schedule.state_dict(), "epoch": len(history.epochs),
-                             "history": [vars(row) for row in history.epochs]}
+                             "schedule": schedule.state_dict(), "epoch": history.epochs[-1].epoch,
+                             "history": [vars(row) for row in history.epochs], "kept": history.kept}
     if ema is not None:
         state["ema"] = ema.state_dict()
+    if best is not None:
+        state["best"] = best
     atomic_write(state_path, lambda temp: torch.save(state, temp))
+    if history.kept != history.epochs[-1].epoch:
+        result = copy.deepcopy(result)
+        result.load_state_dict(best)
     save(result, output)

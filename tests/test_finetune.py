@@ -34,8 +34,9 @@ def test_distillation_without_labels_brings_predictions_back(converted):
     student = ghostify.finetune(copy.deepcopy(ghost), teacher, train, epochs=3)
     after = _agreement(student.eval(), teacher, held_out)
     assert after > max(0.9, before + 0.2), (before, after)
-    assert [row.epoch for row in student.ghostify_finetune.epochs] == [1, 2, 3]
+    assert [row.epoch for row in student.ghostify_finetune.epochs] == [0, 1, 2, 3]  # 0: the start
     assert student.ghostify_finetune.epochs[-1].top1 is None  # no labels, no top-1
+    assert student.ghostify_finetune.kept == 3  # each epoch agreed more: the last is kept
     assert not teacher.training
     assert all(p.requires_grad for p in teacher.parameters())  # frozen by no_grad, not by changing the model
     for name, value in teacher.state_dict().items():
@@ -74,14 +75,15 @@ class _Interrupted(torch.utils.data.Dataset):
 def test_an_interrupted_run_resumes_where_its_last_epoch_ended(converted, tmp_path):
     ghost, teacher, x = converted
     out = str(tmp_path / "tuned.pt")
-    with pytest.raises(KeyboardInterrupt):  # epoch 1 reads 256 + 256 (its measurement), then epoch 2 stops
-        ghostify.finetune(copy.deepcopy(ghost), teacher, _Interrupted(x[:256], 600), epochs=2, output=out)
+    with pytest.raises(KeyboardInterrupt):  # the start's measurement reads 256, epoch 1 256 + 256, epoch 2 stops
+        ghostify.finetune(copy.deepcopy(ghost), teacher, _Interrupted(x[:256], 900), epochs=2, output=out)
     whole = ghostify.finetune(copy.deepcopy(ghost), teacher, x[:256], epochs=2)
     after_one = ghostify.load(out, model=teacher)
     assert not torch.equal(next(after_one.parameters()), next(ghost.parameters()))  # epoch 1 was written
     resumed = ghostify.finetune(copy.deepcopy(ghost), teacher, x[:256], epochs=2, output=out, resume=True)
-    assert [row.epoch for row in resumed.ghostify_finetune.epochs] == [1, 2]
-    assert resumed.ghostify_finetune.epochs[0].agreement == whole.ghostify_finetune.epochs[0].agreement
+    assert [row.epoch for row in resumed.ghostify_finetune.epochs] == [0, 1, 2]
+    assert [row.agreement for row in resumed.ghostify_finetune.epochs] == \
+        [row.agreement for row in whole.ghostify_finetune.epochs]
     for (name, a), (_, b) in zip(resumed.state_dict().items(), whole.state_dict().items()):
         torch.testing.assert_close(a, b, msg=name)  # the same as the run that was not interrupted
     for (name, a), (_, b) in zip(ghostify.load(out, model=teacher).state_dict().items(), resumed.state_dict().items()):
@@ -126,8 +128,9 @@ def test_cli_under_torchrun_with_two_processes(tmp_path):
     assert len([line for line in lines if line.startswith("wrote ")]) == 1, lines
     state = torch.load(str(out) + ".state.pt", weights_only=True)
     assert state["epoch"] == 2
+    kept = state["best"]  # the weights that measured best, which the file holds
     for name, value in ghostify.load(str(out)).state_dict().items():  # rebuilt from its recorded source
-        torch.testing.assert_close(value, state["student"][name], msg=name)
+        torch.testing.assert_close(value, kept[name], msg=name)
 
 
 @pytest.mark.parametrize("args, text", [
