@@ -54,12 +54,15 @@ class Finetuned:
     lr: Optional[float] = None
     kept: int = 0
 
+    @staticmethod
+    def score(row: Epoch) -> float:
+        """What ``keep_best`` compares: top-1 when the validation data has labels, else agreement."""
+        return row.agreement if row.top1 is None else row.top1
+
     def better(self) -> bool:
-        """Whether the last epoch measured at least as well as the kept one: top-1 when the validation data
-        has labels, else agreement with the teacher."""
-        score = lambda row: row.agreement if row.top1 is None else row.top1  # noqa: E731
+        """Whether the last epoch measured at least as well as the kept one."""
         kept = next(row for row in self.epochs if row.epoch == self.kept)
-        return score(self.epochs[-1]) >= score(kept)
+        return self.score(self.epochs[-1]) >= self.score(kept)
 
 
 def as_dataset(data: Any) -> Dataset:
