@@ -304,7 +304,9 @@ def finetune(
         start_epoch = state["epoch"]
         history.epochs = [Epoch(**row) for row in state["history"]]
         history.kept, best = state.get("kept", start_epoch), state.get("best")
-        if keep_best and best is None:  # the earlier run kept its last epoch: the one loaded
+        if not keep_best:  # the last epoch is what comes back, whatever the earlier run kept
+            history.kept, best = start_epoch, None
+        elif best is None:  # the earlier run kept its last epoch: the one loaded
             best = _weights(result)
     autocast = (lambda: torch.autocast(device.type, torch.bfloat16 if device.type == "cpu" else torch.float16)) \
         if amp else nullcontext

@@ -51,6 +51,11 @@ def test_the_file_holds_the_kept_weights_also_after_resume(calibrated, tmp_path)
     for name, value in start.state_dict().items():
         torch.testing.assert_close(written.state_dict()[name], value, rtol=0, atol=0, msg=name)
         torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    last = _harmful(start, teacher, x, output=out, resume=True, keep_best=False)  # asked for the last epoch
+    trained = torch.load(out + ".state.pt", weights_only=True)["student"]
+    assert last.ghostify_finetune.kept == 2
+    for name, value in last.state_dict().items():
+        torch.testing.assert_close(value, trained[name], rtol=0, atol=0, equal_nan=True, msg=name)  # ruined: NaN
 
 
 def test_cli_says_which_epoch_it_kept(tmp_path):
