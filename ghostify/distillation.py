@@ -307,7 +307,7 @@ def finetune(
         if not keep_best:  # the last epoch is what comes back, whatever the earlier run kept
             history.kept, best = start_epoch, None
         elif best is None:  # the earlier run kept its last epoch: the one loaded
-            best = _weights(result)
+            best = copy.deepcopy(result.state_dict())
     autocast = (lambda: torch.autocast(device.type, torch.bfloat16 if device.type == "cpu" else torch.float16)) \
         if amp else nullcontext
     # the teacher runs in eval mode (and without gradients); its flags come back afterwards
@@ -316,7 +316,7 @@ def finetune(
             began = time.monotonic()
             agreement, top1 = _evaluate(result, teacher, val_loader, device, world)
             history.epochs.append(Epoch(0, None, agreement, top1, time.monotonic() - began))
-            best = _weights(result) if keep_best else None
+            best = copy.deepcopy(result.state_dict()) if keep_best else None
         with progress("epoch {description}, loss {loss:.4f}, {rate:.0f} images/s", show=rank == 0) as bar:
             for epoch in range(start_epoch, epochs):
                 if world > 1:
@@ -354,7 +354,7 @@ def finetune(
                 agreement, top1 = _evaluate(result, teacher, val_loader, device, world)
                 history.epochs.append(Epoch(epoch + 1, running, agreement, top1, time.monotonic() - began))
                 if not keep_best or history.better():
-                    history.kept, best = epoch + 1, _weights(result) if keep_best else None
+                    history.kept, best = epoch + 1, copy.deepcopy(result.state_dict()) if keep_best else None
                 if rank == 0 and output is not None:
                     _checkpoint(result, student, optimizer, schedule, ema, history, best, output, state_path)
                 if world > 1:
@@ -363,11 +363,6 @@ def finetune(
         result.load_state_dict(best)
     result.ghostify_finetune = history
     return result
-
-
-def _weights(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """A copy of ``model``'s state."""
-    return {name: value.detach().clone() for name, value in model.state_dict().items()}
 
 
 def _checkpoint(result: nn.Module, student: nn.Module, optimizer, schedule, ema, history: Finetuned,
