@@ -41,11 +41,14 @@ class ConvSite:
 
 @dataclass
 class Analysis:
-    """What a forward pass on the example inputs showed: conv modules in run order, functional convs."""
+    """What a forward pass on the example inputs showed: conv modules in run order, functional convs, and (when
+    the model traces) its graph with convs and Ghost modules as leaves and every node's shape
+    (``meta["shape"]``), for the passes that walk the data flow (``init.channels.couple``)."""
 
     method: str
     sites: List[ConvSite]
     functional: List[str]
+    graph: Optional[fx.Graph] = None
 
 
 def placement(model: nn.Module) -> Tuple[torch.dtype, torch.device]:
@@ -94,6 +97,22 @@ class GhostLeafTracer(fx.Tracer):
     def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
         return (isinstance(module, GhostModule) or conv_dim(module) is not None or qualname in self.leaves
                 or super().is_leaf_module(module, qualname))
+
+
+class ShapeRecorder(fx.Interpreter):
+    """Runs a traced graph and notes each tensor node's shape in ``node.meta["shape"]``: what torch.fx's
+    ``ShapeProp`` records, without the traceback it prints and the wrapper it raises when the model fails
+    (a failure stays the model's own error)."""
+
+    def __init__(self, module: fx.GraphModule):
+        super().__init__(module)
+        self.extra_traceback = False
+
+    def run_node(self, node: fx.Node):
+        result = super().run_node(node)
+        if isinstance(result, torch.Tensor):
+            node.meta["shape"] = tuple(result.shape)
+        return result
 
 
 def conv_sites(model: nn.Module) -> Dict[int, ConvSite]:
@@ -196,9 +215,9 @@ def _sole_norms(graph_module: fx.GraphModule) -> Dict[str, str]:
 def analyse(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Analysis:
     """Run ``model`` once on ``inputs`` (eval mode, no grad) and describe its convolutions.
 
-    With a symbolic trace, the traced graph itself runs (shape propagation) and its data flow gives the
-    stems; without one, the model runs as is and the first conv to run is the stem. Module training flags
-    are restored afterwards, so the model is left as it was.
+    With a symbolic trace, the traced graph itself runs (noting shapes, kept in ``Analysis.graph``) and its
+    data flow gives the stems; without one, the model runs as is and the first conv to run is the stem. Module
+    training flags are restored afterwards, so the model is left as it was.
 
     Raises:
         ValueError: the model fails on ``inputs``.
@@ -209,7 +228,7 @@ def analyse(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Analysis:
             graph_module = fx.GraphModule(model, GhostLeafTracer().trace(model))
         except Exception:  # noqa: BLE001 - untraceable Python: run the model itself
             graph_module = None
-        order = _run_with_hooks(graph_module or model, sites, inputs)
+        order = _run_with_hooks(ShapeRecorder(graph_module).run if graph_module is not None else model, sites, inputs)
     if graph_module is None:
         method, functional = "hooks", []
         for site in order[:1]:
@@ -222,4 +241,4 @@ def analyse(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Analysis:
             site.is_stem = site.name in stems
             site.norm = norms.get(site.name)
     unused = [site for site in sites.values() if site.calls == 0]
-    return Analysis(method, order + unused, functional)
+    return Analysis(method, order + unused, functional, graph_module.graph if graph_module is not None else None)

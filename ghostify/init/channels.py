@@ -22,10 +22,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from ..module import GhostModule, conv_dim
-from ..trace import GhostLeafTracer, evaluating, module_calls, sole_norm
+from ..trace import GhostLeafTracer, ShapeRecorder, evaluating, module_calls, sole_norm
 from .fit import Grain
 
 _PER_CHANNEL = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.ELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid,
@@ -395,21 +394,25 @@ class _Walker:
 
 
 def _shape(node) -> Optional[Tuple[int, ...]]:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    shape = getattr(meta, "shape", None)
-    return tuple(shape) if shape is not None else None
+    return node.meta.get("shape") if isinstance(node, fx.Node) else None
 
 
-def couple(model: nn.Module, names: Sequence[str], example_inputs: Sequence[torch.Tensor]) -> Coupling:
+def couple(model: nn.Module, names: Sequence[str], example_inputs: Sequence[torch.Tensor],
+           graph: Optional[fx.Graph] = None) -> Coupling:
     """Group the converted layers ``names`` of ``model`` by the tensors they write into (see module docstring).
 
-    The model is traced with its Ghost modules as leaves and run once on ``example_inputs`` for shapes; a
-    model that does not trace gets one gathered group per layer.
+    The model is traced with its Ghost modules as leaves and run once on ``example_inputs`` for shapes, unless
+    ``graph`` is given: ``trace.analyse``'s graph, shapes noted, of ``model`` or of the model it was converted
+    from (its Ghost modules sit at the converted convs' paths). A model that does not trace gets one gathered
+    group per layer.
     """
     try:
-        with evaluating(model):  # traced in eval mode, as it runs (training-only branches are left out)
-            gm = fx.GraphModule(model, GhostLeafTracer().trace(model))
-            ShapeProp(gm).propagate(*example_inputs)
+        if graph is not None:
+            gm = fx.GraphModule(model, graph)
+        else:
+            with evaluating(model):  # traced in eval mode, as it runs (training-only branches are left out)
+                gm = fx.GraphModule(model, GhostLeafTracer().trace(model))
+                ShapeRecorder(gm).run(*example_inputs)
     except Exception:  # noqa: BLE001 - untraceable Python: every layer keeps its gather
         return Coupling.isolated(names, "the model does not trace with torch.fx")
     walker = _Walker(gm, names)
