@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 import ghostify
-from ghostify.init.fit import Grain, Pairing, choose, unexplained
+from ghostify.init.fit import Grain, Pairing, choose, filter_pairing, pairs, unexplained
 
 
 class GroupedBlock(nn.Module):
@@ -146,6 +146,27 @@ def test_choose_in_groups_finds_the_planted_families():
     fixed = choose([pairing], 3, grain=Grain(3, fixed=True))
     assert torch.equal(fixed.order // 3, torch.arange(6).repeat_interleave(3))  # every group in place
     assert unexplained(pairing, fixed) > 0.1  # group 2 made from group 0: not a copy
+
+
+def test_groups_kept_in_place_pair_only_each_ghost_group_with_its_intrinsic_group():
+    """1x1 filters, 4 groups of 4 kept in place, s = 2: ghost groups 2 and 3 are shuffled, scaled copies of
+    groups 0 and 1. Only those two pairs of groups are multiplied (the other products stay 0: pairing costs
+    n * width, not n * n) and the matching within each recovers its shuffle exactly."""
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(16, 6, 1, 1, generator=generator)
+    for a, b in ((0, 2), (1, 3)):
+        shuffle = torch.randperm(4, generator=generator)
+        weight[4 * b:4 * b + 4] = (torch.rand(4, 1, 1, 1, generator=generator) + 0.5) * weight[4 * a:4 * a + 4][shuffle]
+    grain = Grain(4, fixed=True)
+    runs = pairs(16, 2, 8, grain)
+    assert runs == [(slice(0, 4), slice(8, 12)), (slice(4, 8), slice(12, 16))]
+    pairing, _ = filter_pairing(weight, (1, 1), (1, 1), (1, 1), 3, torch.ones(16), runs)
+    full, _ = filter_pairing(weight, (1, 1), (1, 1), (1, 1), 3, torch.ones(16))
+    assert torch.count_nonzero(pairing.cross[:8, :8]) == 0 and torch.count_nonzero(pairing.cross[8:]) == 0
+    assert torch.allclose(pairing.cross[4:8, 12:16], full.cross[4:8, 12:16])
+    choice = choose([pairing], 2, grain=grain, m=8)
+    assert torch.equal(choice.intrinsic, torch.arange(8))
+    assert unexplained(full, choice) < 1e-5
 
 
 @pytest.mark.parametrize("name", ["regnet_x_400mf", "regnet_y_400mf"])

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..module import GhostModule
-from .fit import Choice, Grain, Pairing, blocks, filter_pairing, solve
+from .fit import Choice, Grain, Pairing, filter_pairing, pairs, solve
 
 VARIANCE_FLOOR = 1e-4
 
@@ -85,11 +85,11 @@ def write(ghost: GhostModule, choice: Choice, primary: torch.Tensor, cheap: torc
 
 def filter_problem(conv: nn.Module, ghost: GhostModule, bn: Optional[nn.Module],
                    grain: Optional[Grain] = None) -> Tuple[Pairing, torch.Tensor]:
-    """The data-free ghost problem of ``conv`` (``fit.filter_pairing``, within the runs ``choose`` will choose
-    in) and its primary filters."""
-    spans = blocks(conv.out_channels, ghost.s, ghost.intrinsic_channels, grain)
+    """The data-free ghost problem of ``conv`` (``fit.filter_pairing``, on the runs of channels ``choose`` will
+    read: ``fit.pairs``) and its primary filters."""
+    runs = pairs(conv.out_channels, ghost.s, ghost.intrinsic_channels, grain)
     return filter_pairing(conv.weight.detach().cpu(), ghost.primary_conv.kernel_size, conv.dilation, conv.stride,
-                          ghost.d, bn_gain(bn, conv.out_channels), spans)
+                          ghost.d, bn_gain(bn, conv.out_channels), runs)
 
 
 def copy_layer(conv: nn.Module, ghost: GhostModule, bn: Optional[nn.Module],

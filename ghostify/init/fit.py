@@ -278,6 +278,8 @@ def choose(pairings: Sequence[Pairing], s: int, rounds: int = 1, grain: Optional
     n = len(pairings[0].energy)
     m = -(-n // s) if m is None else m
     if grain is not None and grain.width > 1:
+        if grain.fixed:
+            return _choose_in_place(pairings, s, grain.width, m)
         return _choose_groups(*_scores(pairings), s, rounds, grain, m)
     spans = blocks(n, s, m)
     if len(spans) > 1:
@@ -321,30 +323,55 @@ def _choose_groups(value: torch.Tensor, gain: torch.Tensor, s: int, rounds: int,
     A ghost group ``b`` of intrinsic group ``a`` pairs their channels one to one, the pairing with the most
     gain (Hungarian); the groups themselves are chosen as ``choose`` chooses channels, scored by what each
     channel of ``b`` would keep from its best channel of ``a`` (an upper bound on the pairing's gain: one
-    vectorised pass instead of a Hungarian solve for every pair of groups), or kept in place (``grain.fixed``:
-    the first ``m / width`` groups intrinsic, then each ghost group made from the intrinsic group at its place
-    modulo that).
+    vectorised pass instead of a Hungarian solve for every pair of groups).
     """
-    from scipy.optimize import linear_sum_assignment
-
     width = grain.width
     g = len(value) // width
     channels = torch.arange(len(value)).view(g, width)
     per_group = gain.view(g, width, g, width).transpose(1, 2).double()  # [a, b]: channels of a -> channels of b
     m = m // width
-    if grain.fixed:
-        intrinsic = torch.arange(m)
-        ghost = torch.arange(m, g)
-    else:
-        group_gain = per_group.amax(2).sum(2).float().fill_diagonal_(0)
-        picked = _pick(value.view(g, width).sum(1), group_gain, s, rounds, m)
-        intrinsic, ghost = picked.intrinsic, picked.ghost
-    owner = intrinsic[torch.arange(len(ghost)) % m]
+    group_gain = per_group.amax(2).sum(2).float().fill_diagonal_(0)
+    picked = _pick(value.view(g, width).sum(1), group_gain, s, rounds, m)
+    owner = picked.intrinsic[torch.arange(len(picked.ghost)) % m]
+    runs = [channels[b][_matching(per_group[a, b])] for a, b in zip(owner.tolist(), picked.ghost.tolist())]
+    return Choice(channels[picked.intrinsic].flatten(), torch.cat(runs) if runs else channels[:0].flatten(), s)
+
+
+def _choose_in_place(pairings: Sequence[Pairing], s: int, width: int, m: int) -> Choice:
+    """``choose`` when whole groups of ``width`` channels must stay in place (``Grain.fixed``): the first
+    ``m / width`` groups are intrinsic, each ghost group is made from the one of ``_groups_in_place``, and
+    only the channels within each such pair of groups are matched (Hungarian on their gains)."""
     runs = []
-    for a, b in zip(owner.tolist(), ghost.tolist()):
-        _, cols = linear_sum_assignment(-per_group[a, b].numpy())  # rows come back in order 0..width-1
-        runs.append(channels[b][torch.as_tensor(cols)])
-    return Choice(channels[intrinsic].flatten(), torch.cat(runs) if runs else channels[:0].flatten(), s)
+    for rows, cols in _groups_in_place(len(pairings[0].energy), width, m):
+        gain = sum(explained(Pairing(p.cross[rows, cols], p.gram[rows], p.energy[cols], p.weight[cols], p.taps))
+                   * (p.weight * p.energy).float()[cols] for p in pairings)
+        runs.append(torch.arange(cols.start, cols.stop)[_matching(gain)])
+    return Choice(torch.arange(m), torch.cat(runs) if runs else torch.arange(0), s)
+
+
+def _groups_in_place(n: int, width: int, m: int) -> List[Tuple[slice, slice]]:
+    """(intrinsic group, ghost group) channel runs when groups stay in place: ghost group ``k`` (channels from
+    ``m + k * width``) is made from intrinsic group ``k`` modulo the ``m / width`` intrinsic groups."""
+    kept = m // width
+    return [(slice(k % kept * width, (k % kept + 1) * width), slice(m + k * width, m + (k + 1) * width))
+            for k in range((n - m) // width)]
+
+
+def _matching(gain: torch.Tensor) -> torch.Tensor:
+    """For each row, the column it is matched with for the most total ``gain`` (a square matrix; Hungarian)."""
+    from scipy.optimize import linear_sum_assignment
+
+    _, cols = linear_sum_assignment(-gain.double().numpy())  # rows come back in order 0..width-1
+    return torch.as_tensor(cols)
+
+
+def pairs(n: int, s: int, m: Optional[int] = None, grain: Optional[Grain] = None) -> List[Tuple[slice, slice]]:
+    """The (candidates, targets) runs of channels whose products ``choose`` reads: each of ``blocks`` with
+    itself, or, when whole groups stay in place (``Grain.fixed``), each ghost group with its intrinsic group,
+    which makes pairing cost ``n * width`` instead of ``n * n`` (RegNet's widest layers)."""
+    if grain is not None and grain.fixed and grain.width > 1:
+        return _groups_in_place(n, grain.width, -(-n // s) if m is None else m)
+    return [(span, span) for span in blocks(n, s, m, grain)]
 
 
 Taps = Optional[Tuple[slice, slice]]
@@ -406,7 +433,7 @@ def restrict(weight: torch.Tensor, primary_kernel, dilation, stride, d: int) -> 
 
 
 def filter_pairing(weight: torch.Tensor, primary_kernel, dilation, stride, d: int, gain: torch.Tensor,
-                   spans: Optional[Sequence[slice]] = None):
+                   runs: Optional[Sequence[Tuple[slice, slice]]] = None):
     """The data-free problem on filters (white inputs): candidate ``i``'s primary filter, shifted by each cheap tap.
 
     Works in any number of spatial dimensions: a cheap tap is one offset per dimension.
@@ -414,7 +441,7 @@ def filter_pairing(weight: torch.Tensor, primary_kernel, dilation, stride, d: in
     Args:
         weight: the original conv's ``(n, c, *kernel)`` filters.
         gain: ``(n,)`` weight of each channel's error.
-        spans: runs of channels (``blocks``) to pair within; the cross products between runs stay 0.
+        runs: (candidates, targets) runs of channels to pair (``pairs``); the other cross products stay 0.
 
     Returns:
         The ``Pairing`` and the primary filters ``(n, c, *primary_kernel)`` (``restrict``).
@@ -435,11 +462,11 @@ def filter_pairing(weight: torch.Tensor, primary_kernel, dilation, stride, d: in
             continue
         key = tuple((a.start, a.stop) for window in windows for a in window)
         mirror = key[len(key) // 2:] + key[: len(key) // 2]
-        for span in spans or [slice(None)]:
-            if same and mirror in done:  # <shift of i, t> over swapped windows is <shift of t, i>: a transpose
-                cross[span, span, j] = cross[span, span, done[mirror]].T
+        for rows, cols in runs or [(slice(None), slice(None))]:
+            if same and rows == cols and mirror in done:  # <shift of i, t> over swapped windows is <shift of t, i>
+                cross[rows, cols, j] = cross[rows, cols, done[mirror]].T
             else:
-                cross[span, span, j] = _window(primary_last[span], windows[0]) @ _window(w_last[span], windows[1]).T
+                cross[rows, cols, j] = _window(primary_last[rows], windows[0]) @ _window(w_last[cols], windows[1]).T
         done.setdefault(key, j)
     auto: Dict[Tuple[int, ...], torch.Tensor] = {}
     for delta in itertools.product(range(1 - d, d), repeat=len(geometry)):
