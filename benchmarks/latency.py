@@ -10,13 +10,18 @@ comparison, on this CPU), measured the same way: speed-up = baseline ms / GhostN
     python benchmarks/latency.py --tables zoo
     python benchmarks/latency.py --timed --models mobilenet_v2 --s 2   # only layers timed faster, per runtime/batch
     python benchmarks/latency.py --tables profile --models resnet50 --s 2 --batches 16   # where the time goes
+    python benchmarks/latency.py --tables profile --models resnet50 --s 2 --batches 16 --runtimes onnxruntime
     python benchmarks/latency.py --tables align --models mobilenet_v2 --s 2 --runtimes onnxruntime   # align 16 vs 1
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import json
+import os
 import platform
+import tempfile
 
 import torch
 import torchvision
@@ -93,23 +98,84 @@ def zoo_table(args: argparse.Namespace) -> None:
 
 
 def profile_table(args: argparse.Namespace) -> None:
-    """Eager CPU time per operator of each deployed model (torch.profiler), to show where a speed-up is lost."""
-    from torch.profiler import ProfilerActivity, profile
-
+    """Where each deployed model spends its time, per operator: torch.profiler's self CPU time in eager
+    PyTorch (runtime ``torch``), onnxruntime's own kernel times (``onnxruntime``)."""
     torch.set_num_threads(args.threads)
     for name in args.models:
         original = torchvision.models.get_model(name).eval()
         converted = ghostify.convert(original, s=args.s[0], d=args.d, init=args.init,
                                      absorb_norm=args.form == "ghostnet").eval()
         x = torch.randn(args.batches[-1], 3, 224, 224)
-        for label, model in (("original", original), (f"ghost s={args.s[0]}", converted)):
-            deployed = ghostify.deploy(model)
-            with torch.no_grad():
-                deployed(x)
-                with profile(activities=[ProfilerActivity.CPU]) as prof:
-                    deployed(x)
-            print(f"\n{name} {label}, batch {x.shape[0]}, eager deploy form:")
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+        models = (("original", original), (f"ghost s={args.s[0]}", converted))
+        if "torch" in args.runtimes:
+            for label, model in models:
+                eager_profile(name, label, model, x)
+        if "onnxruntime" in args.runtimes:
+            original_ops, ghost_ops = [onnx_profile(model, x, args.threads, args.repeats) for _, model in models]
+            print(f"\n{name}, s={args.s[0]}, batch {x.shape[0]}, onnxruntime, {args.threads} threads: kernel ms per "
+                  f"run (calls per run), mean of {args.repeats} runs\n")
+            print("| operator | original | Ghost |\n|---|---|---|")
+            for op in sorted(set(original_ops) | set(ghost_ops), key=lambda op: -ghost_ops.get(op, (0, 0))[0]):
+                cells = [f"{ops[op][0]:.1f} ({ops[op][1]:.0f})" if op in ops else "-" for ops in
+                         (original_ops, ghost_ops)]
+                print(f"| {op} | {' | '.join(cells)} |")
+            totals = [sum(ms for ms, _ in ops.values()) for ops in (original_ops, ghost_ops)]
+            print(f"| total | {totals[0]:.1f} | {totals[1]:.1f} |")
+
+
+def eager_profile(name: str, label: str, model: torch.nn.Module, x: torch.Tensor) -> None:
+    """torch.profiler's table of one eager forward pass of ``model``'s deploy form."""
+    from torch.profiler import ProfilerActivity, profile
+
+    deployed = ghostify.deploy(model)
+    with torch.no_grad():
+        deployed(x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            deployed(x)
+    print(f"\n{name} {label}, batch {x.shape[0]}, eager deploy form:")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+
+
+def onnx_profile(model: torch.nn.Module, x: torch.Tensor, threads: int, runs: int) -> dict:
+    """onnxruntime's profile of ``model`` in the form ``bench`` times (deployed for onnxruntime, exported, a
+    session with ``threads`` threads that do not spin): per operator type of its optimised graph, kernel ms
+    per run and calls per run, over ``runs`` runs after a first, unprofiled one; depthwise convs apart."""
+    import onnxruntime
+
+    from ghostify.exporting import write_onnx
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "model.onnx")
+        with torch.no_grad():
+            write_onnx(ghostify.deploy(model, runtime="onnxruntime"), path, x, dynamic_batch=False)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        options.enable_profiling, options.profile_file_prefix = True, os.path.join(folder, "profile")
+        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: x.numpy()}
+        for _ in range(runs + 1):
+            session.run(None, feed)
+        with open(session.end_profiling()) as file:
+            events = json.load(file)
+    first = min((e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"), key=lambda e: e["ts"])
+    totals, calls = collections.Counter(), collections.Counter()
+    for event in events:
+        if (event.get("cat") == "Node" and event["name"].endswith("_kernel_time")
+                and event["ts"] >= first["ts"] + first["dur"]):
+            op = _operator(event["args"])
+            totals[op] += event["dur"] / 1000
+            calls[op] += 1
+    return {op: (totals[op] / runs, calls[op] / runs) for op in totals}
+
+
+def _operator(args: dict) -> str:
+    """The operator type of a profiled onnxruntime node; a conv with one input channel per group is depthwise."""
+    shapes = [next(iter(shape.values())) for shape in args.get("input_type_shape", [])]
+    if args["op_name"] == "Conv" and len(shapes) > 1 and shapes[1][1] == 1 and shapes[0][1] > 1:
+        return "Conv (depthwise)"
+    return args["op_name"]
 
 
 def main() -> None:
