@@ -15,7 +15,7 @@ from torch import nn
 
 from .count import Counts
 from .module import GhostModule
-from .trace import random_inputs
+from .trace import _shape, random_inputs
 
 UNIT = "FLOPs are multiply-adds (1 multiply-add = 1 FLOP, as in the paper and fvcore)"
 
@@ -66,7 +66,7 @@ class Report:
     """Counts for one model, or for an original and its converted form."""
 
     model: str
-    input_shapes: List[Tuple[int, ...]]
+    input_shapes: List[Optional[Tuple[int, ...]]]  # None: an input that is not a tensor (a list of images)
     flops_before: int
     params_before: int
     conv_flops_before: int
@@ -102,7 +102,8 @@ class Report:
         from rich.table import Table
         from rich.text import Text
 
-        shapes = ", ".join("x".join(map(str, shape)) for shape in self.input_shapes)
+        shapes = ", ".join("x".join(map(str, shape)) if shape is not None else "(not a tensor)"
+                           for shape in self.input_shapes)
         totals = Table()
         columns = ("", "before", "after", "ratio") if self.flops_after is not None else ("", "count")
         for column in columns:
@@ -235,7 +236,7 @@ def report(
     elif isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     before = Counts(original, tuple(example_inputs))
-    out = Report(name or type(original).__name__, [tuple(x.shape) for x in example_inputs], before.flops,
+    out = Report(name or type(original).__name__, [_shape(x) for x in example_inputs], before.flops,
                  before.params, before.conv_linear_flops)
     if converted is None:
         return out

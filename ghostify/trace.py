@@ -114,6 +114,22 @@ class ShapeRecorder(fx.Interpreter):
             node.meta["shape"] = tuple(result.shape)
         return result
 
+    def fetch_args_kwargs_from_env(self, node: fx.Node):
+        args, kwargs = super().fetch_args_kwargs_from_env(node)
+        return _mutable(args), _mutable(kwargs)
+
+
+def _mutable(value):
+    """fx's immutable lists and dicts in a node's arguments as plain ones, fresh for each call, as the traced
+    graph's own code passes them: a model may change a list it is given (Swin3D's window helper does)."""
+    if isinstance(value, list):
+        return [_mutable(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _mutable(item) for key, item in value.items()}
+    if type(value) is tuple:
+        return tuple(_mutable(item) for item in value)
+    return value
+
 
 def conv_sites(model: nn.Module) -> Dict[int, ConvSite]:
     """Every convolution module of ``model`` keyed by ``id``, with all the attribute paths that reach it."""
@@ -222,13 +238,15 @@ def analyse(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Analysis:
     Raises:
         ValueError: the model fails on ``inputs``.
     """
-    sites = conv_sites(model)
     with evaluating(model):
         try:
             graph_module = fx.GraphModule(model, GhostLeafTracer().trace(model))
-        except Exception:  # noqa: BLE001 - untraceable Python: run the model itself
+            sites = conv_sites(model)
+            order = _run_with_hooks(ShapeRecorder(graph_module).run, sites, inputs)
+        except Exception:  # noqa: BLE001 - untraceable Python, or a traced graph that fails where the model may not
             graph_module = None
-        order = _run_with_hooks(ShapeRecorder(graph_module).run if graph_module is not None else model, sites, inputs)
+            sites = conv_sites(model)
+            order = _run_with_hooks(model, sites, inputs)
     if graph_module is None:
         method, functional = "hooks", []
         for site in order[:1]:

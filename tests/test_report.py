@@ -121,3 +121,28 @@ def test_layer_table_fits_a_narrow_terminal_without_losing_numbers(width):
         line = next(line for line in lines if f" {row.name} " in line)
         assert f"{row.ratio:.2f}x" in line and format_count(row.flops_after) in line, line
     assert "columns left out to fit" in table
+
+
+class _Detector(torch.nn.Module):
+    """Called with a list of images, as torchvision's detection models are."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(*list(torchvision.models.resnet18().children())[:-2])
+
+    def forward(self, images):
+        return self.body(torch.stack(images))
+
+
+def test_report_counts_a_model_called_with_a_list_of_images():
+    torch.manual_seed(0)
+    model = _Detector().eval()
+    images = [torch.randn(3, 64, 64)]
+    ghost = ghostify.convert(model, example_inputs=(images,))
+    summary = ghostify.report(model, ghost, (images,))
+    console = Console(width=200, record=True, file=open(os.devnull, "w"))
+    console.print(summary)
+    assert summary.input_shapes == [None] and "input (not a tensor)" in console.export_text()
+    stacked = (torch.stack(images),)  # the same counts, on the body called with a tensor
+    assert summary.flops_before == Counts(model.body, stacked).flops
+    assert summary.flops_after == Counts(ghost.body, stacked).flops < summary.flops_before

@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 import ghostify
-from ghostify import GhostModule
+from ghostify import GhostModule, trace
 
 
 def _reasons(model):
@@ -123,6 +123,46 @@ def test_rewrite_untraceable_model_uses_hooks():
     assert _replaced(ghost) == ["a"]
     assert "stem" in _reasons(ghost)["stem"] and "never runs" in _reasons(ghost)["b"]
     assert ghost(torch.randn(1, 3, 8, 8)).shape == (1, 8, 8, 8)
+
+
+def _clip_(sizes, x):
+    """Changes the list it is given, as torchvision's Swin3D window helper does."""
+    sizes[0] = min(sizes[0], x.shape[-1])
+    return x
+
+
+torch.fx.wrap("_clip_")  # a call in the traced graph, with the module's list as a constant argument
+
+
+class ChangesAList(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.sizes = [64]
+
+    def forward(self, x):
+        return self.a(_clip_(self.sizes, self.stem(x)))
+
+
+def test_rewrite_model_that_changes_a_list_it_is_given_is_traced():
+    """torch.fx keeps constant lists immutable in its graph; the analysis passes them as the traced code does."""
+    ghost = ghostify.convert(ChangesAList(), example_inputs=torch.randn(1, 3, 8, 8))
+    assert ghost.ghostify_result.method == "fx" and _replaced(ghost) == ["a"]
+
+
+def test_rewrite_model_whose_traced_graph_fails_uses_hooks(monkeypatch):
+    """Where running the traced graph fails but the model runs, the analysis runs the model with hooks."""
+    def fail(self, node):
+        raise RuntimeError("a traced graph that does not run")
+
+    monkeypatch.setattr(trace.ShapeRecorder, "run_node", fail)
+    x = torch.randn(1, 3, 8, 8)
+    model = ChangesAList().eval()
+    ghost = ghostify.convert(model, example_inputs=x).eval()
+    assert ghost.ghostify_result.method == "hooks" and _replaced(ghost) == ["a"]
+    with torch.no_grad():
+        assert ghost(x).shape == model(x).shape == (1, 8, 8, 8)
 
 
 def test_rewrite_include_exclude_and_per_layer_settings():

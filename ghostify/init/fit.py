@@ -339,8 +339,8 @@ def _choose_groups(value: torch.Tensor, gain: torch.Tensor, s: int, rounds: int,
 
 def _choose_in_place(pairings: Sequence[Pairing], s: int, width: int, m: int) -> Choice:
     """``choose`` when whole groups of ``width`` channels must stay in place (``Grain.fixed``): the first
-    ``m / width`` groups are intrinsic, each ghost group is made from the one of ``_groups_in_place``, and
-    only the channels within each such pair of groups are matched (Hungarian on their gains)."""
+    ``m / width`` groups are intrinsic, each ghost group is made from the intrinsic group ``_groups_in_place``
+    names, and only the channels within each such pair of groups are matched (Hungarian on their gains)."""
     runs = []
     for rows, cols in _groups_in_place(len(pairings[0].energy), width, m):
         gain = sum(explained(Pairing(p.cross[rows, cols], p.gram[rows], p.energy[cols], p.weight[cols], p.taps))
