@@ -156,6 +156,40 @@ def test_calibrated_model_has_no_gather_and_matches_the_gathered_model(name):
         assert torch.allclose(deployed(x[:2]), expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
 
 
+class Wrapped(nn.Module):
+    """A traceable ResNet-18 body behind data-dependent control flow, as a detection model's backbone sits."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(*list(torchvision.models.resnet18().children())[:-2])
+        self.head = nn.Linear(512, 10)
+
+    def forward(self, x):
+        if x.sum() > -1e9:  # torch.fx cannot trace the whole model
+            x = x * 1
+        return self.head(self.body(x).mean((2, 3)))
+
+
+def test_a_model_that_does_not_trace_is_grouped_within_the_parts_that_do():
+    """Only the layers whose stream reaches the traced part's output keep gathers; the others' orders are
+    absorbed inside it, and the model computes what the same conversion with every gather kept computes."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    model = _settled(Wrapped(), torch.randn(4, 3, 64, 64))
+    ghost = ghostify.convert(model, s=2, example_inputs=x[:1]).eval()
+    result = ghost.ghostify_result
+    assert result.method == "hooks"
+    kept = {row.name: row.gather_reason for row in result.replaced if row.gather}
+    assert sorted(kept) == ["body.7.0.conv2", "body.7.0.downsample.0", "body.7.1.conv2"]  # layer4's stream
+    assert set(kept.values()) == {"reaches the output of body"}
+    reference = _gathered(model, s=2, example_inputs=x[:1]).eval()
+    assert sum(row.gather for row in reference.ghostify_result.replaced) == len(result.replaced)
+    with torch.no_grad():
+        expected = reference(x)
+        assert torch.allclose(ghost(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
+        assert torch.allclose(ghostify.deploy(ghost)(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
+
+
 def test_training_mode_model_is_grouped_as_it_runs_in_eval():
     """Inception-v3 in training mode has an auxiliary branch that does not run in eval mode (and fails at
     224x224); the channel analysis traces the eval graph, so every layer still shares a gather-free order."""

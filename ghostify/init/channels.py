@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -148,6 +148,15 @@ class Coupling:
         """Every layer on its own and gathered: nothing is known about the readers."""
         return cls([Group([name], reason) for name in names], {name: None for name in names})
 
+    @classmethod
+    def joined(cls, parts: Sequence["Coupling"]) -> "Coupling":
+        """One coupling from those of separate parts of a model (no tensor ties two parts)."""
+        return cls([group for part in parts for group in part.groups],
+                   {name: bn for part in parts for name, bn in part.bn.items()},
+                   [use for part in parts for use in part.uses],
+                   {name: root for part in parts for name, root in part.roots.items()},
+                   [item for part in parts for item in part.grouped])
+
     def group_of(self, name: str) -> Group:
         return next(group for group in self.groups if name in group.members)
 
@@ -231,9 +240,10 @@ def _describe(node: fx.Node) -> str:
 class _Walker:
     """One pass over the traced graph, giving each tensor-valued node a ``Layout``."""
 
-    def __init__(self, gm: fx.GraphModule, names: Sequence[str]) -> None:
+    def __init__(self, gm: fx.GraphModule, names: Sequence[str], prefix: str = "") -> None:
         self.modules = dict(gm.named_modules())
         self.names = set(names)
+        self.prefix = prefix  # of the graph's module paths in the model (a traced part of it)
         self.calls = module_calls(gm.graph)
         self.nodes: Dict[str, fx.Node] = {}  # the call of each converted layer
         self.layouts: Dict[fx.Node, Layout] = {}
@@ -255,7 +265,8 @@ class _Walker:
     def visit(self, node: fx.Node) -> None:
         shape = _shape(node)
         if node.op == "output":
-            self.block_inputs(node, "reaches the model's output")
+            self.block_inputs(node, f"reaches the output of {self.prefix[:-1]}" if self.prefix
+                              else "reaches the model's output")
             return
         if shape is None or len(shape) < 2:
             harmless = node.op == "call_method" and node.target in _HARMLESS_METHODS or node.target is getattr
@@ -290,9 +301,10 @@ class _Walker:
             self.uses.append(("reader", module, layout))
             out = self.fresh(node, None)
             space = out.spaces[0]
-            if node.target in self.names:  # a Ghost module, or the conv that becomes one
-                space.members.append(node.target)
-                self.roots[node.target], self.nodes[node.target] = space, node
+            name = self.prefix + node.target
+            if name in self.names:  # a Ghost module, or the conv that becomes one
+                space.members.append(name)
+                self.roots[name], self.nodes[name] = space, node
             elif isinstance(module, GhostModule):
                 space.blocked = f"made by {_describe(node)}"
             else:
@@ -403,19 +415,25 @@ def couple(model: nn.Module, names: Sequence[str], example_inputs: Sequence[torc
 
     The model is traced with its Ghost modules as leaves and run once on ``example_inputs`` for shapes, unless
     ``graph`` is given: ``trace.analyse``'s graph, shapes noted, of ``model`` or of the model it was converted
-    from (its Ghost modules sit at the converted convs' paths). A model that does not trace gets one gathered
-    group per layer.
+    from (its Ghost modules sit at the converted convs' paths). A model that does not trace is grouped within
+    its largest parts that do (``traced_parts``: a detection model's backbone), whose outputs then need the
+    original order; a layer outside them keeps its gather.
     """
-    try:
-        if graph is not None:
-            gm = fx.GraphModule(model, graph)
-        else:
-            with evaluating(model):  # traced in eval mode, as it runs (training-only branches are left out)
-                gm = fx.GraphModule(model, GhostLeafTracer().trace(model))
-                ShapeRecorder(gm).run(*example_inputs)
-    except Exception:  # noqa: BLE001 - untraceable Python: every layer keeps its gather
-        return Coupling.isolated(names, "the model does not trace with torch.fx")
-    walker = _Walker(gm, names)
+    if graph is not None:
+        parts = [("", fx.GraphModule(model, graph))]
+    else:
+        parts = traced_parts(model, names, example_inputs)
+    couplings = [_couple_part(gm, [name for name in names if name.startswith(prefix)], prefix)
+                 for prefix, gm in parts]
+    covered = {name for coupling in couplings for name in coupling.bn}
+    reason = "not in a part of the model that traces" if parts else "the model does not trace"
+    couplings.append(Coupling.isolated([name for name in names if name not in covered], reason + " with torch.fx"))
+    return Coupling.joined(couplings)
+
+
+def _couple_part(gm: fx.GraphModule, names: Sequence[str], prefix: str) -> Coupling:
+    """``couple`` on one traced graph with shapes noted, whose module paths sit under ``prefix`` in the model."""
+    walker = _Walker(gm, names, prefix)
     for node in gm.graph.nodes:
         walker.visit(node)
     grains = _grains(walker.grouped)
@@ -429,9 +447,58 @@ def couple(model: nn.Module, names: Sequence[str], example_inputs: Sequence[torc
         walker.roots[name] = root
     bn = {name: None for name in names}
     for name, node in walker.nodes.items():
-        norm = sole_norm(node, walker.modules, walker.calls, walker.modules[name].out_channels)
+        norm = sole_norm(node, walker.modules, walker.calls, walker.modules[node.target].out_channels)
         bn[name] = walker.modules[norm] if norm is not None else None
     return Coupling(list(groups.values()), bn, walker.uses, walker.roots, walker.grouped)
+
+
+def traced_parts(model: nn.Module, names: Sequence[str], example_inputs: Sequence[Any]
+                 ) -> List[Tuple[str, fx.GraphModule]]:
+    """``(path prefix, traced graph with shapes noted)`` of ``model`` if it traces, else of its largest
+    submodules that hold any of ``names``, trace, and run once when the model runs on ``example_inputs``
+    (their inputs are recorded in that run)."""
+    with evaluating(model):  # traced in eval mode, as it runs (training-only branches are left out)
+        try:
+            gm = fx.GraphModule(model, GhostLeafTracer().trace(model))
+            ShapeRecorder(gm).run(*example_inputs)
+            return [("", gm)]
+        except Exception:  # noqa: BLE001 - untraceable Python: look for parts that trace
+            pass
+        candidates = _traceable(model, names)
+        calls: Dict[str, List[tuple]] = {path: [] for path, _, _ in candidates}
+        handles = [module.register_forward_pre_hook(lambda _, args, path=path: calls[path].append(args))
+                   for path, module, _ in candidates]
+        try:
+            model(*example_inputs)
+        except Exception:  # noqa: BLE001 - the model fails on these inputs: nothing is known about its readers
+            return []
+        finally:
+            for handle in handles:
+                handle.remove()
+        parts = []
+        for path, module, graph in candidates:
+            try:
+                if len(calls[path]) == 1:
+                    gm = fx.GraphModule(module, graph)
+                    ShapeRecorder(gm).run(*calls[path][0])
+                    parts.append((path + ".", gm))
+            except Exception:  # noqa: BLE001 - traced, but its graph does not run: its layers keep their gathers
+                continue
+    return parts
+
+
+def _traceable(module: nn.Module, names: Sequence[str], prefix: str = "") -> List[Tuple[str, nn.Module, fx.Graph]]:
+    """The largest submodules of ``module`` (not single layers) that hold any of ``names`` and trace."""
+    found = []
+    for child_name, child in module.named_children():
+        path = prefix + child_name
+        if conv_dim(child) is not None or not any(name.startswith(path + ".") for name in names):
+            continue
+        try:
+            found.append((path, child, GhostLeafTracer().trace(child)))
+        except Exception:  # noqa: BLE001 - look inside it
+            found += _traceable(child, names, path + ".")
+    return found
 
 
 def layer_grains(groups: Sequence[Group]) -> Dict[str, Grain]:
