@@ -190,6 +190,21 @@ def test_a_model_that_does_not_trace_is_grouped_within_the_parts_that_do():
         assert torch.allclose(ghostify.deploy(ghost)(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
 
 
+def test_detection_model_keeps_gathers_only_at_its_backbones_outputs_and_outside_it():
+    """torchvision's Faster R-CNN does not trace; its backbone with the feature pyramid does (the README's
+    count of gathers)."""
+    torch.manual_seed(0)
+    model = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3,
+                                                                 min_size=128, max_size=128).eval()
+    ghost = ghostify.convert(model, example_inputs=([torch.rand(3, 128, 128)],))
+    rows = ghost.ghostify_result.replaced
+    kept = {row.name: row.gather_reason for row in rows if row.gather}
+    assert len(rows) == 63 and len(kept) == 7
+    assert not [name for name in kept if name.startswith("backbone.body.")]  # the ResNet: none
+    assert sorted(name for name, why in kept.items() if why == "reaches the output of backbone") == [
+        f"backbone.fpn.layer_blocks.{i}.0" for i in range(4)]
+
+
 def test_training_mode_model_is_grouped_as_it_runs_in_eval():
     """Inception-v3 in training mode has an auxiliary branch that does not run in eval mode (and fails at
     224x224); the channel analysis traces the eval graph, so every layer still shares a gather-free order."""
