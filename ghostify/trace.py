@@ -228,11 +228,29 @@ def _sole_norms(graph_module: fx.GraphModule) -> Dict[str, str]:
     return found
 
 
+def traceable_parts(module: nn.Module, names: Collection[str],
+                    prefix: str = "") -> List[Tuple[str, nn.Module, fx.Graph]]:
+    """``(path, submodule, graph)`` of the largest submodules of ``module`` (not single layers) that hold any of
+    ``names`` (module paths) and trace with ``GhostLeafTracer``: the parts of a model that does not trace as a
+    whole (a detection model's backbone) that the graph-based passes can still see into."""
+    found = []
+    for child_name, child in module.named_children():
+        path = prefix + child_name
+        if conv_dim(child) is not None or not any(name.startswith(path + ".") for name in names):
+            continue
+        try:
+            found.append((path, child, GhostLeafTracer().trace(child)))
+        except Exception:  # noqa: BLE001 - look inside it
+            found += traceable_parts(child, names, path + ".")
+    return found
+
+
 def analyse(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Analysis:
     """Run ``model`` once on ``inputs`` (eval mode, no grad) and describe its convolutions.
 
     With a symbolic trace, the traced graph itself runs (noting shapes, kept in ``Analysis.graph``) and its
-    data flow gives the stems; without one, the model runs as is and the first conv to run is the stem. Module
+    data flow gives the stems; without one, the model runs as is, the first conv to run is the stem, and the
+    norms convs pass their output to are read from its largest parts that trace (``traceable_parts``). Module
     training flags are restored afterwards, so the model is left as it was.
 
     Raises:
@@ -243,10 +261,14 @@ def analyse(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Analysis:
             graph_module = fx.GraphModule(model, GhostLeafTracer().trace(model))
             sites = conv_sites(model)
             order = _run_with_hooks(ShapeRecorder(graph_module).run, sites, inputs)
+            parts = [("", graph_module)]
         except Exception:  # noqa: BLE001 - untraceable Python, or a traced graph that fails where the model may not
             graph_module = None
             sites = conv_sites(model)
             order = _run_with_hooks(model, sites, inputs)
+            parts = [(path + ".", fx.GraphModule(part, graph))
+                     for path, part, graph in traceable_parts(model, [site.name for site in order])]
+    norms = {prefix + conv: prefix + norm for prefix, part in parts for conv, norm in _sole_norms(part).items()}
     if graph_module is None:
         method, functional = "hooks", []
         for site in order[:1]:
@@ -254,9 +276,9 @@ def analyse(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Analysis:
     else:
         method = "fx"
         stems, functional = _fx_stems_and_functional(graph_module, {site.name for site in sites.values()})
-        norms = _sole_norms(graph_module)
         for site in order:
             site.is_stem = site.name in stems
-            site.norm = norms.get(site.name)
+    for site in order:  # the norm its Ghost module may take in: seen in the model's graph, or a traced part's
+        site.norm = norms.get(site.name) if site.calls == 1 else None
     unused = [site for site in sites.values() if site.calls == 0]
     return Analysis(method, order + unused, functional, graph_module.graph if graph_module is not None else None)

@@ -171,14 +171,18 @@ class Wrapped(nn.Module):
 
 
 def test_a_model_that_does_not_trace_is_grouped_within_the_parts_that_do():
-    """Only the layers whose stream reaches the traced part's output keep gathers; the others' orders are
-    absorbed inside it, and the model computes what the same conversion with every gather kept computes."""
+    """Inside the traced part, each conv takes in its norm, and only the layers whose stream reaches the part's
+    output keep gathers; the others' orders are absorbed inside it, and the model computes what the same
+    conversion with every gather kept computes."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 64, 64)
     model = _settled(Wrapped(), torch.randn(4, 3, 64, 64))
     ghost = ghostify.convert(model, s=2, example_inputs=x[:1]).eval()
     result = ghost.ghostify_result
     assert result.method == "hooks"
+    norms = {row.name: row.norm for row in result.replaced}  # the GhostNet form, as if the model traced
+    assert norms["body.4.0.conv1"] == "body.4.0.bn1" and isinstance(ghost.body[4][0].bn1, nn.Identity)
+    assert all(norms.values())
     kept = {row.name: row.gather_reason for row in result.replaced if row.gather}
     assert sorted(kept) == ["body.7.0.conv2", "body.7.0.downsample.0", "body.7.1.conv2"]  # layer4's stream
     assert set(kept.values()) == {"reaches the output of body"}

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..module import GhostModule, conv_dim
-from ..trace import GhostLeafTracer, ShapeRecorder, evaluating, module_calls, sole_norm
+from ..trace import GhostLeafTracer, ShapeRecorder, evaluating, module_calls, sole_norm, traceable_parts
 from .fit import Grain
 
 _PER_CHANNEL = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.ELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid,
@@ -464,7 +464,7 @@ def traced_parts(model: nn.Module, names: Sequence[str], example_inputs: Sequenc
             return [("", gm)]
         except Exception:  # noqa: BLE001 - untraceable Python: look for parts that trace
             pass
-        candidates = _traceable(model, names)
+        candidates = traceable_parts(model, names)
         calls: Dict[str, List[tuple]] = {path: [] for path, _, _ in candidates}
         handles = [module.register_forward_pre_hook(lambda _, args, path=path: calls[path].append(args))
                    for path, module, _ in candidates]
@@ -485,20 +485,6 @@ def traced_parts(model: nn.Module, names: Sequence[str], example_inputs: Sequenc
             except Exception:  # noqa: BLE001 - traced, but its graph does not run: its layers keep their gathers
                 continue
     return parts
-
-
-def _traceable(module: nn.Module, names: Sequence[str], prefix: str = "") -> List[Tuple[str, nn.Module, fx.Graph]]:
-    """The largest submodules of ``module`` (not single layers) that hold any of ``names`` and trace."""
-    found = []
-    for child_name, child in module.named_children():
-        path = prefix + child_name
-        if conv_dim(child) is not None or not any(name.startswith(path + ".") for name in names):
-            continue
-        try:
-            found.append((path, child, GhostLeafTracer().trace(child)))
-        except Exception:  # noqa: BLE001 - look inside it
-            found += _traceable(child, names, path + ".")
-    return found
 
 
 def layer_grains(groups: Sequence[Group]) -> Dict[str, Grain]:
