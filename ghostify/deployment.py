@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .epilogue import assemble, fuse_epilogues
 from .module import NORMS, GhostModule, channels_last, conv_dim
 from .plan import set_module
-from .trace import GhostLeafTracer, module_calls
+from .trace import GhostLeafTracer, module_calls, traceable_parts
 
-_FOLDABLE_NORM = tuple(NORMS.values())
+_FOLDABLE_NORM = (*NORMS.values(), FrozenBatchNorm2d)
 RUNTIMES = ("torch", "onnxruntime", "inductor")
 
 
@@ -95,7 +96,7 @@ class DeployedGhost(nn.Module):
         runs = ghost.s - 1 if index is not None else -(-(n - m) // m)  # a gather may read any ghost
         if norm is None:
             return cls(primary, _runs(cheap, m, runs), n, out_index=index)
-        if norm.running_mean is None or norm.num_features != ghost.out_channels or len(cheap) != 1:
+        if norm.running_mean is None or norm.running_mean.numel() != ghost.out_channels or len(cheap) != 1:
             raise ValueError(f"cannot fold {norm} into a Ghost module with {ghost.out_channels} outputs and "
                              f"cheap operation {ghost.cheap}; leave the norm in place")
         used = torch.arange(n) if index is None else index.cpu()
@@ -155,7 +156,7 @@ def _fold(producer: nn.Module, norm: nn.Module, fold_ghosts: bool) -> Optional[n
     in, or None when the pair does not fold; the one rule both deploy paths use."""
     if not isinstance(norm, _FOLDABLE_NORM) or norm.running_mean is None:
         return None
-    if conv_dim(producer) is not None and producer.out_channels == norm.num_features:
+    if conv_dim(producer) is not None and producer.out_channels == norm.running_mean.numel():
         return fuse_conv_bn_eval(producer, norm)
     if isinstance(producer, GhostModule) and fold_ghosts:
         try:
@@ -165,8 +166,28 @@ def _fold(producer: nn.Module, norm: nn.Module, fold_ghosts: bool) -> Optional[n
     return None
 
 
-def _fold_graph(gm: fx.GraphModule, result: DeployResult, fold_ghosts: bool) -> None:
-    """Fold each BN that is the only user of a conv / Ghost module called once, in the traced graph."""
+def _graphs(model: nn.Module) -> Tuple[nn.Module, List[Tuple[str, fx.GraphModule]]]:
+    """``model`` as a ``GraphModule`` if it traces; else ``model`` with its largest parts that trace and hold a
+    conv turned into ``GraphModule``s (``trace.traceable_parts``: a detection model's backbone). Also each
+    graph with the path prefix of its modules."""
+    try:
+        gm = fx.GraphModule(model, GhostLeafTracer().trace(model), class_name=type(model).__name__)
+        return gm, [("", gm)]
+    except Exception:  # noqa: BLE001 - any tracing failure: look for parts that trace
+        pass
+    convs = [name for name, module in model.named_modules()
+             if conv_dim(module) is not None or isinstance(module, GhostModule)]
+    graphs = []
+    for path, part, graph in traceable_parts(model, convs):
+        gm = fx.GraphModule(part, graph, class_name=type(part).__name__)
+        set_module(model, path, gm)
+        graphs.append((path + ".", gm))
+    return model, graphs
+
+
+def _fold_graph(gm: fx.GraphModule, result: DeployResult, fold_ghosts: bool, prefix: str = "") -> None:
+    """Fold each BN that is the only user of a conv / Ghost module called once, in the traced graph (whose
+    module paths sit under ``prefix`` in the model)."""
     modules, calls = dict(gm.named_modules()), module_calls(gm.graph)
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(modules[node.target], _FOLDABLE_NORM) or not node.args:
@@ -179,22 +200,23 @@ def _fold_graph(gm: fx.GraphModule, result: DeployResult, fold_ghosts: bool) -> 
         if new is None:
             continue
         if isinstance(new, DeployedGhost):
-            result.ghosts.append(prev.target)
+            result.ghosts.append(prefix + prev.target)
         set_module(gm, prev.target, new)
         modules[prev.target] = new
         node.replace_all_uses_with(prev)
         gm.graph.erase_node(node)
-        result.folded.append(f"{node.target} -> {prev.target}")
+        result.folded.append(f"{prefix}{node.target} -> {prefix}{prev.target}")
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
 
 
-def _fold_sequentials(model: nn.Module, result: DeployResult, fold_ghosts: bool) -> None:
+def _fold_sequentials(model: nn.Module, result: DeployResult, fold_ghosts: bool, traced: Tuple[str, ...] = ()) -> None:
     """Fallback for models torch.fx cannot trace: fold (conv | Ghost, BN) pairs that sit next to each other
-    in an ``nn.Sequential``."""
+    in an ``nn.Sequential``, outside the parts under the path prefixes ``traced`` (there a graph, not the
+    Sequential, says what runs after what)."""
     for name, seq in list(model.named_modules()):
-        if not isinstance(seq, nn.Sequential):
+        if not isinstance(seq, nn.Sequential) or (name + ".").startswith(traced):
             continue
         keys = list(seq._modules)
         for first, second in zip(keys, keys[1:]):
@@ -263,23 +285,20 @@ def deploy(model: nn.Module, *, runtime: str = "torch", compile: bool = True) ->
     if model.training:
         raise RuntimeError("deploy folds batch norms with their running statistics and needs eval mode; "
                            "call model.eval() first")
-    copied = copy.deepcopy(model)
-    try:
-        graph = GhostLeafTracer().trace(copied)
-    except Exception:  # noqa: BLE001 - any tracing failure means: use the module-level fallback
-        deployed, result = copied, DeployResult("sequential")
-        _fold_sequentials(deployed, result, fold_ghosts=runtime != "onnxruntime")
-    else:
-        deployed, result = fx.GraphModule(copied, graph, class_name=type(model).__name__), DeployResult("fx")
-        _fold_graph(deployed, result, fold_ghosts=runtime != "onnxruntime")
+    deployed, graphs = _graphs(copy.deepcopy(model))
+    result = DeployResult("fx" if isinstance(deployed, fx.GraphModule) else "fx parts" if graphs else "sequential")
+    for prefix, gm in graphs:
+        _fold_graph(gm, result, fold_ghosts=runtime != "onnxruntime", prefix=prefix)
+    if not isinstance(deployed, fx.GraphModule):  # outside the traced parts
+        _fold_sequentials(deployed, result, runtime != "onnxruntime", tuple(prefix for prefix, _ in graphs))
     for name, module in list(deployed.named_modules()):
         if isinstance(module, GhostModule) and (runtime != "onnxruntime" or module.inner_norms is not None):
             set_module(deployed, name, DeployedGhost.deploy(module))
             result.ghosts.append(name)
-    if isinstance(deployed, fx.GraphModule):
-        _drop_identities(deployed)
+    for _, gm in graphs:
+        _drop_identities(gm)
         if runtime != "onnxruntime":
-            result.epilogues = fuse_epilogues(deployed, lambda m: isinstance(m, DeployedGhost) and m.out_index is None)
+            result.epilogues += fuse_epilogues(gm, lambda m: isinstance(m, DeployedGhost) and m.out_index is None)
     for module in deployed.modules():
         if isinstance(module, DeployedGhost):
             module.functional = runtime == "inductor"

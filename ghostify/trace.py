@@ -17,10 +17,14 @@ from typing import Collection, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .module import NORMS, GhostModule, conv_dim
 
 _CONV_TYPES = (nn.modules.conv._ConvNd,)
+# per-channel norms with running statistics a conv's output may pass through: torch's batch norms and
+# torchvision's frozen one (the norm of its detection models' pretrained backbones)
+RUNNING_NORMS = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
 _FUNCTIONAL_CONVS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d,
                      F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
 
@@ -86,17 +90,17 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
 
 
 class GhostLeafTracer(fx.Tracer):
-    """A symbolic tracer that keeps each ``GhostModule``, and each conv (also a subclass that only changes how
-    it is built, as torchvision's ``Conv3DSimple``), as one call, for passes that act on whole modules; also
-    the modules at the paths in ``leaves``."""
+    """A symbolic tracer that keeps each ``GhostModule``, each conv (also a subclass that only changes how
+    it is built, as torchvision's ``Conv3DSimple``) and each frozen batch norm as one call, for passes that act
+    on whole modules; also the modules at the paths in ``leaves``."""
 
     def __init__(self, leaves: Collection[str] = ()):
         super().__init__()
         self.leaves = set(leaves)
 
     def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
-        return (isinstance(module, GhostModule) or conv_dim(module) is not None or qualname in self.leaves
-                or super().is_leaf_module(module, qualname))
+        return (isinstance(module, (GhostModule, FrozenBatchNorm2d)) or conv_dim(module) is not None
+                or qualname in self.leaves or super().is_leaf_module(module, qualname))
 
 
 class ShapeRecorder(fx.Interpreter):
@@ -203,14 +207,14 @@ def module_calls(graph: fx.Graph) -> Dict[str, int]:
 
 def sole_norm(node: fx.Node, modules: Dict[str, nn.Module], calls: Dict[str, int],
               channels: int) -> Optional[str]:
-    """The batch norm over ``channels`` (run once, with running statistics) that is the only reader of
-    ``node``'s output, or None."""
+    """The norm over ``channels`` (run once, with running statistics: ``RUNNING_NORMS``) that is the only
+    reader of ``node``'s output, or None."""
     if len(node.users) != 1:
         return None
     (user,) = node.users
     norm = modules.get(user.target) if user.op == "call_module" else None
-    if (type(norm) in NORMS.values() and calls[user.target] == 1 and norm.running_mean is not None
-            and norm.num_features == channels):
+    if (isinstance(norm, RUNNING_NORMS) and calls[user.target] == 1 and norm.running_mean is not None
+            and norm.running_mean.numel() == channels):
         return user.target
     return None
 
@@ -236,7 +240,8 @@ def traceable_parts(module: nn.Module, names: Collection[str],
     found = []
     for child_name, child in module.named_children():
         path = prefix + child_name
-        if conv_dim(child) is not None or not any(name.startswith(path + ".") for name in names):
+        if (conv_dim(child) is not None or isinstance(child, GhostModule)
+                or not any(name.startswith(path + ".") for name in names)):
             continue
         try:
             found.append((path, child, GhostLeafTracer().trace(child)))

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torchvision
 from torch import fx, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 import ghostify
 from ghostify.init import channels
@@ -207,6 +208,27 @@ def test_detection_model_keeps_gathers_only_at_its_backbones_outputs_and_outside
     assert not [name for name in kept if name.startswith("backbone.body.")]  # the ResNet: none
     assert sorted(name for name, why in kept.items() if why == "reaches the output of backbone") == [
         f"backbone.fpn.layer_blocks.{i}.0" for i in range(4)]
+
+
+def test_frozen_batch_norms_take_the_channel_order_and_fold():
+    """torchvision's FrozenBatchNorm2d (its detection backbones' norm) is a per-channel layer like a batch norm:
+    no gather, the same outputs as with every gather kept, and deploy folds each one."""
+    generator = torch.Generator().manual_seed(0)
+    model = torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d).eval()
+    frozen = [module for module in model.modules() if isinstance(module, FrozenBatchNorm2d)]
+    for norm in frozen:  # non-trivial statistics, so a wrong order or fold shows in the outputs
+        for buffer, low in ((norm.weight, 0.5), (norm.bias, -0.5), (norm.running_mean, -0.5), (norm.running_var, 0.5)):
+            buffer.uniform_(low, low + 1, generator=generator)
+    x = torch.randn(2, 3, 64, 64)
+    ghost = ghostify.convert(model, s=2, example_inputs=x[:1]).eval()
+    assert not [row.name for row in ghost.ghostify_result.replaced if row.gather]
+    reference = _gathered(model, s=2, example_inputs=x[:1]).eval()
+    deployed = ghostify.deploy(ghost)
+    assert len(deployed.ghostify_deploy.folded) == len(frozen)
+    with torch.no_grad():
+        expected = reference(x)
+        assert torch.allclose(ghost(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
+        assert torch.allclose(deployed(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
 
 
 def test_training_mode_model_is_grouped_as_it_runs_in_eval():

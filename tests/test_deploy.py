@@ -99,16 +99,23 @@ def test_deploy_ghostnet_inner_norms_fold():
     assert_same_outputs(ghost, deployed)
 
 
+class DataDependent(nn.Module):
+    """The identity, through data-dependent control flow: torch.fx cannot trace what holds it."""
+
+    def forward(self, x):
+        return x if x.sum() > -1e9 else -x
+
+
 class Untraceable(nn.Module):
-    """Data-dependent control flow: torch.fx cannot trace it, so deploy folds pairs inside Sequentials."""
+    """No part of it traces, so deploy folds pairs inside Sequentials."""
 
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 16, 3, padding=1),
-                                  nn.BatchNorm2d(16), nn.ReLU())
+                                  nn.BatchNorm2d(16), nn.ReLU(), DataDependent())
 
     def forward(self, x):
-        return self.body(x) if x.sum() > -1e9 else x
+        return self.body(x)
 
 
 def test_deploy_untraceable_model_falls_back_to_sequentials():
@@ -127,12 +134,12 @@ class GhostThenNorm(nn.Module):
 
     def __init__(self, traceable: bool):
         super().__init__()
-        self.traceable = traceable
         self.body = nn.Sequential(ghostify.GhostModule(3, 8, 3, padding=1, activation_layer=nn.ReLU), nn.BatchNorm2d(8),
-                                  ghostify.GhostModule(8, 16, 3, padding=1, s=3), nn.BatchNorm2d(16))
+                                  ghostify.GhostModule(8, 16, 3, padding=1, s=3), nn.BatchNorm2d(16),
+                                  *([] if traceable else [DataDependent()]))
 
     def forward(self, x):
-        return self.body(x) if self.traceable or x.sum() > -1e9 else x
+        return self.body(x)
 
 
 @pytest.mark.parametrize("traceable", [True, False])
@@ -142,6 +149,31 @@ def test_deploy_folds_the_same_pairs_traced_or_not(traceable):
     assert deployed.ghostify_deploy.method == ("fx" if traceable else "sequential")
     assert [entry.split(" -> ")[1] for entry in deployed.ghostify_deploy.folded] == ["body.2"]
     assert_same_outputs(model, deployed)
+
+
+class TracedBody(nn.Module):
+    """A ResNet-18 body that traces behind data-dependent control flow that does not, as a detection model's
+    backbone sits."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(*list(torchvision.models.resnet18().children())[:-1])
+        self.gate = DataDependent()
+
+    def forward(self, x):
+        return self.body(self.gate(x)).flatten(1)
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_deploy_untraceable_model_deploys_its_traced_parts_as_graphs(runtime):
+    ghost = with_random_statistics(ghostify.convert(TracedBody(), example_inputs=SMALL[:1]))
+    deployed = ghostify.deploy(ghost, runtime=runtime)
+    result = deployed.ghostify_deploy
+    assert result.method == "fx parts" and isinstance(deployed.body, torch.fx.GraphModule)
+    assert len(result.ghosts) == len(ghost.ghostify_result.replaced) and "body.1 -> body.0" in result.folded
+    alone = ghostify.deploy(ghost.body, runtime=runtime).ghostify_deploy  # the body as a model of its own
+    assert result.epilogues == alone.epilogues == (14 if runtime == "torch" else 0)  # a ReLU or add + ReLU after each
+    assert_same_outputs(ghost, deployed)
 
 
 def test_deploy_returns_new_model_and_refuses_training_mode():

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..module import GhostModule, conv_dim
-from ..trace import GhostLeafTracer, ShapeRecorder, evaluating, module_calls, sole_norm, traceable_parts
+from ..trace import RUNNING_NORMS, GhostLeafTracer, ShapeRecorder, evaluating, module_calls, sole_norm, traceable_parts
 from .fit import Grain
 
 _PER_CHANNEL = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.ELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid,
@@ -319,7 +319,7 @@ class _Walker:
             out = self.fresh(node, None)
             self.grouped.append((module, layout.spaces[0], out.spaces[0]))
             return out
-        if depthwise or isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if depthwise or isinstance(module, RUNNING_NORMS):
             if not once or layout.repeat != 1:
                 return None
             self.uses.append(("per_channel", module, layout))
