@@ -17,21 +17,19 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .epilogue import assemble, fuse_epilogues
-from .module import NORMS, GhostModule, channels_last, conv_dim
+from .module import GhostModule, channels_last, conv_dim
 from .plan import set_module
-from .trace import GhostLeafTracer, module_calls, traceable_parts
+from .trace import RUNNING_NORMS, GhostLeafTracer, module_calls, traceable_parts
 
-_FOLDABLE_NORM = (*NORMS.values(), FrozenBatchNorm2d)
 RUNTIMES = ("torch", "onnxruntime", "inductor")
 
 
 def _fuse_sequential(block: nn.Sequential) -> nn.Sequential:
     """A copy of ``Sequential(conv[, bn][, act])`` with the BN folded into the conv."""
     layers = list(block)
-    if len(layers) >= 2 and conv_dim(layers[0]) is not None and isinstance(layers[1], _FOLDABLE_NORM):
+    if len(layers) >= 2 and conv_dim(layers[0]) is not None and isinstance(layers[1], RUNNING_NORMS):
         layers = [fuse_conv_bn_eval(layers[0], layers[1])] + layers[2:]
     return nn.Sequential(*[copy.deepcopy(layer) for layer in layers])
 
@@ -154,7 +152,7 @@ class DeployResult:
 def _fold(producer: nn.Module, norm: nn.Module, fold_ghosts: bool) -> Optional[nn.Module]:
     """``producer`` (a plain conv, or a Ghost module when ``fold_ghosts``) with the BN ``norm`` after it folded
     in, or None when the pair does not fold; the one rule both deploy paths use."""
-    if not isinstance(norm, _FOLDABLE_NORM) or norm.running_mean is None:
+    if not isinstance(norm, RUNNING_NORMS) or norm.running_mean is None:
         return None
     if conv_dim(producer) is not None and producer.out_channels == norm.running_mean.numel():
         return fuse_conv_bn_eval(producer, norm)
@@ -190,7 +188,7 @@ def _fold_graph(gm: fx.GraphModule, result: DeployResult, fold_ghosts: bool, pre
     module paths sit under ``prefix`` in the model)."""
     modules, calls = dict(gm.named_modules()), module_calls(gm.graph)
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(modules[node.target], _FOLDABLE_NORM) or not node.args:
+        if node.op != "call_module" or not isinstance(modules[node.target], RUNNING_NORMS) or not node.args:
             continue
         prev = node.args[0]
         if not (isinstance(prev, fx.Node) and prev.op == "call_module" and len(prev.users) == 1
