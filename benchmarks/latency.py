@@ -12,6 +12,7 @@ comparison, on this CPU), measured the same way: speed-up = baseline ms / GhostN
     python benchmarks/latency.py --tables profile --models resnet50 --s 2 --batches 16   # where the time goes
     python benchmarks/latency.py --tables profile --models resnet50 --s 2 --batches 16 --runtimes onnxruntime
     python benchmarks/latency.py --tables align --models mobilenet_v2 --s 2 --runtimes onnxruntime   # align 16 vs 1
+    python benchmarks/latency.py --tables detection --s 2 --runtimes torch   # Faster R-CNN's backbone
 """
 
 from __future__ import annotations
@@ -95,6 +96,28 @@ def zoo_table(args: argparse.Namespace) -> None:
         baseline = torchvision.models.get_model(name).eval()
         for runtime in args.runtimes:
             print_rows(args, baseline, ghostnet, runtime, [name, runtime])
+
+
+def detection_table(args: argparse.Namespace) -> None:
+    """torchvision's Faster R-CNN ResNet-50 FPN (random weights, 320-pixel images), converted as a whole (it
+    does not trace: ``convert`` and ``deploy`` work on its parts that do), timed on its backbone with the
+    feature pyramid: with random weights the heads' work depends on how many random boxes survive, so only
+    the backbone's time compares like for like."""
+    print("| model | s | part timed | runtime | batch | original ms | ghost ms | speed-up | FLOPs ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    detector = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None,
+                                                                    min_size=320, max_size=320).eval()
+    for s in args.s:
+        ghost = ghostify.convert(detector, s=s, d=args.d, init=args.init, absorb_norm=args.form == "ghostnet",
+                                 example_inputs=([torch.rand(3, 320, 320)],)).eval()
+        gathers = sum(row.gather for row in ghost.ghostify_result.replaced)
+        for runtime in args.runtimes:
+            result = bench(detector.backbone, ghost.backbone, batches=args.batches, runtime=runtime,
+                           threads=args.threads, repeats=args.repeats, input_size=(3, 320, 320), name="backbone")
+            for row in result.rows:
+                print(f"| fasterrcnn_resnet50_fpn | {s} | backbone + FPN ({gathers} gathers in the model) | "
+                      f"{runtime} | {row.batch} | {row.original_ms:.1f} | {row.converted_ms:.1f} | "
+                      f"{row.speedup:.2f}x | {result.flops_ratio:.2f}x |", flush=True)
 
 
 def profile_table(args: argparse.Namespace) -> None:
@@ -194,7 +217,7 @@ def main() -> None:
     parser.add_argument("--timed", action="store_true",
                         help="convert only the layers timed faster as Ghost modules (convert --runtime), per row")
     parser.add_argument("--align", type=int, default=16, help="--tables align: the alignment to compare with 1")
-    parser.add_argument("--tables", nargs="+", choices=["converted", "zoo", "profile", "align"],
+    parser.add_argument("--tables", nargs="+", choices=["converted", "zoo", "profile", "align", "detection"],
                         default=["converted", "zoo"])
     args = parser.parse_args()
 
@@ -210,6 +233,8 @@ def main() -> None:
         profile_table(args)
     if "align" in args.tables:
         align_table(args)
+    if "detection" in args.tables:
+        detection_table(args)
 
 
 if __name__ == "__main__":
