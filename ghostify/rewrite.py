@@ -428,7 +428,7 @@ def convert(
     decisions = [_choose(site, opts) for site in analysis.sites]
     replaced = [r for r in decisions if isinstance(r, Replaced)]
     skipped = [r for r in decisions if isinstance(r, Skipped)]
-    widths = grouped_widths(converted, {row.name: row for row in replaced}, inputs, analysis.graph)
+    widths = grouped_widths(converted, {row.name: row for row in replaced}, inputs, analysis.parts)
     _set_intrinsic(replaced, widths, align)  # layer timings build the modules convert builds
     if (target_flops is not None or target_latency is not None) and replaced:
         norms = {site.name: site.norm for site in analysis.sites}
@@ -457,7 +457,7 @@ def convert(
         result.replaced = copy.deepcopy(earlier.replaced) + result.replaced
     done = initialise(init, swapped, {row.name: row for row in replaced}, converted, model, batches, inputs,
                       reconstruct_steps, reconstruct_seconds, reconstruct_network, reconstruct_mix, refit_head,
-                      calibration_mirror, analysis.graph)
+                      calibration_mirror, analysis.parts)
     for row in replaced:
         fitted = done.layers.get(row.name)
         if fitted is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Collection, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Collection, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -45,14 +45,15 @@ class ConvSite:
 
 @dataclass
 class Analysis:
-    """What a forward pass on the example inputs showed: conv modules in run order, functional convs, and (when
-    the model traces) its graph with convs and Ghost modules as leaves and every node's shape
+    """What a forward pass on the example inputs showed: conv modules in run order, functional convs, and the
+    graphs of the model (path prefix ``""``) or, when it does not trace, of its largest parts that do and ran
+    once (prefix ``"path."``), with convs and Ghost modules as leaves and every node's shape
     (``meta["shape"]``), for the passes that walk the data flow (``init.channels.couple``)."""
 
     method: str
     sites: List[ConvSite]
     functional: List[str]
-    graph: Optional[fx.Graph] = None
+    parts: List[Tuple[str, fx.Graph]] = field(default_factory=list)
 
 
 def placement(model: nn.Module) -> Tuple[torch.dtype, torch.device]:
@@ -270,9 +271,7 @@ def analyse(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Analysis:
         except Exception:  # noqa: BLE001 - untraceable Python, or a traced graph that fails where the model may not
             graph_module = None
             sites = conv_sites(model)
-            order = _run_with_hooks(model, sites, inputs)
-            parts = [(path + ".", fx.GraphModule(part, graph))
-                     for path, part, graph in traceable_parts(model, [site.name for site in order])]
+            order, parts = _run_recording_parts(model, sites, inputs)
     norms = {prefix + conv: prefix + norm for prefix, part in parts for conv, norm in _sole_norms(part).items()}
     if graph_module is None:
         method, functional = "hooks", []
@@ -286,4 +285,30 @@ def analyse(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Analysis:
     for site in order:  # the norm its Ghost module may take in: seen in the model's graph, or a traced part's
         site.norm = norms.get(site.name) if site.calls == 1 else None
     unused = [site for site in sites.values() if site.calls == 0]
-    return Analysis(method, order + unused, functional, graph_module.graph if graph_module is not None else None)
+    return Analysis(method, order + unused, functional, [(prefix, part.graph) for prefix, part in parts])
+
+
+def _run_recording_parts(model: nn.Module, sites: Dict[int, ConvSite], inputs: Sequence[Any]
+                         ) -> Tuple[List[ConvSite], List[Tuple[str, fx.GraphModule]]]:
+    """Run ``model`` itself (``_run_with_hooks``), recording the inputs of its largest parts that trace
+    (``traceable_parts``); each part called once is then run as its graph on them, noting shapes (a part
+    whose graph fails there is left out)."""
+    candidates = traceable_parts(model, [site.name for site in sites.values()])
+    calls: Dict[str, List[tuple]] = {path: [] for path, _, _ in candidates}
+    handles = [module.register_forward_pre_hook(lambda _, args, path=path: calls[path].append(args))
+               for path, module, _ in candidates]
+    try:
+        order = _run_with_hooks(model, sites, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    parts = []
+    for path, module, graph in candidates:
+        if len(calls[path]) == 1:
+            part = fx.GraphModule(module, graph)
+            try:
+                ShapeRecorder(part).run(*calls[path][0])
+            except Exception:  # noqa: BLE001 - traced, but its graph does not run: its layers keep their gathers
+                continue
+            parts.append((path + ".", part))
+    return order, parts

@@ -80,15 +80,15 @@ def _check_grain(group: Group, items: Mapping[str, Tuple[nn.Module, GhostModule]
 
 
 def grouped_widths(model: nn.Module, layers: Mapping[str, Any], example_inputs: Sequence[torch.Tensor],
-                   graph: Optional[fx.Graph] = None) -> Dict[str, int]:
+                   parts: Optional[Sequence[Tuple[str, fx.Graph]]] = None) -> Dict[str, int]:
     """The group width of the grouped conv that reads each layer to convert (``layers``: plans by name, of
     ``model`` before conversion), where the layer can then choose in whole groups (``fit.Grain``); a model
-    without grouped convs is not traced (``graph``: see ``channels.couple``)."""
+    without grouped convs is not traced (``parts``: see ``channels.couple``)."""
     grouped = any(isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups < module.in_channels
                   for module in model.modules())
     if not grouped or not layers:
         return {}
-    groups = couple(model, list(layers), example_inputs, graph).groups
+    groups = couple(model, list(layers), example_inputs, parts).groups
     for group in groups:
         _blocked_by_ratio(group, layers)
     return {name: grain.width for name, grain in layer_grains(groups).items()}
@@ -134,7 +134,7 @@ def initialise(
     reconstruct_mix: float = 0.0,
     refit_head: bool = True,
     mirror: bool = True,
-    graph: Optional[fx.Graph] = None,
+    parts: Optional[Sequence[Tuple[str, fx.Graph]]] = None,
 ) -> Initialised:
     """Set the weights of each ``(name, conv, ghost)`` in ``swapped`` (modules of ``model``) by method ``init``.
 
@@ -155,7 +155,7 @@ def initialise(
             (``calibrate.heads``), after the blocks with ``"reconstruct"``.
         mirror: with calibration data, also fit on mirror images of the inputs where a layer sees fewer output
             positions than its filters have weights (``data.mirrored``).
-        graph: the model's traced graph with shapes (``trace.analyse``), which saves tracing it again.
+        parts: the model's traced graphs with shapes (``trace.Analysis.parts``), which saves tracing it again.
 
     Returns:
         Each layer's measured error and gather, and notes on how they were measured (or why nothing was done).
@@ -165,7 +165,7 @@ def initialise(
         return Initialised()
     if any(conv.weight.is_meta for _, conv, _ in swapped):
         return Initialised(notes={"init": f"init={init!r} skipped: the weights are on the meta device"})
-    coupling = couple(model, [name for name, _, _ in swapped], example_inputs, graph)
+    coupling = couple(model, [name for name, _, _ in swapped], example_inputs, parts)
     for group in coupling.groups:
         _blocked_by_ratio(group, layers)
     # the batch norm after each layer: the converted model's, or the original's when the Ghost module took it in

@@ -17,14 +17,14 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from ..module import GhostModule, conv_dim
-from ..trace import RUNNING_NORMS, GhostLeafTracer, ShapeRecorder, evaluating, module_calls, sole_norm, traceable_parts
+from ..trace import RUNNING_NORMS, analyse, module_calls, sole_norm
 from .fit import Grain
 
 _PER_CHANNEL = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.ELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid,
@@ -410,24 +410,25 @@ def _shape(node) -> Optional[Tuple[int, ...]]:
 
 
 def couple(model: nn.Module, names: Sequence[str], example_inputs: Sequence[torch.Tensor],
-           graph: Optional[fx.Graph] = None) -> Coupling:
+           parts: Optional[Sequence[Tuple[str, fx.Graph]]] = None) -> Coupling:
     """Group the converted layers ``names`` of ``model`` by the tensors they write into (see module docstring).
 
-    The model is traced with its Ghost modules as leaves and run once on ``example_inputs`` for shapes, unless
-    ``graph`` is given: ``trace.analyse``'s graph, shapes noted, of ``model`` or of the model it was converted
-    from (its Ghost modules sit at the converted convs' paths). A model that does not trace is grouped within
-    its largest parts that do (``traced_parts``: a detection model's backbone), whose outputs then need the
-    original order; a layer outside them keeps its gather.
+    The data flow comes from ``trace.analyse``'s graphs with shapes noted (``parts``, of ``model`` or of the
+    model it was converted from, whose Ghost modules sit at the converted convs' paths), or from analysing
+    ``model`` on ``example_inputs`` when they are not given. A model that does not trace is grouped within its
+    largest parts that do (a detection model's backbone), whose outputs then need the original order; a layer
+    outside every graph keeps its gather.
     """
-    if graph is not None:
-        parts = [("", fx.GraphModule(model, graph))]
-    else:
-        parts = traced_parts(model, names, example_inputs)
-    couplings = [_couple_part(gm, [name for name in names if name.startswith(prefix)], prefix)
-                 for prefix, gm in parts]
+    if parts is None:
+        try:
+            parts = analyse(model, example_inputs).parts
+        except ValueError:  # the model fails on these inputs: nothing is known about its readers
+            parts = []
+    couplings = [_couple_part(fx.GraphModule(model.get_submodule(prefix[:-1]), graph),
+                              [name for name in names if name.startswith(prefix)], prefix) for prefix, graph in parts]
     covered = {name for coupling in couplings for name in coupling.bn}
-    reason = "not in a part of the model that traces" if parts else "the model does not trace"
-    couplings.append(Coupling.isolated([name for name in names if name not in covered], reason + " with torch.fx"))
+    traced = "not in a part of the model that traces" if parts else "the model does not trace"
+    couplings.append(Coupling.isolated([name for name in names if name not in covered], traced + " with torch.fx"))
     return Coupling.joined(couplings)
 
 
@@ -450,41 +451,6 @@ def _couple_part(gm: fx.GraphModule, names: Sequence[str], prefix: str) -> Coupl
         norm = sole_norm(node, walker.modules, walker.calls, walker.modules[node.target].out_channels)
         bn[name] = walker.modules[norm] if norm is not None else None
     return Coupling(list(groups.values()), bn, walker.uses, walker.roots, walker.grouped)
-
-
-def traced_parts(model: nn.Module, names: Sequence[str], example_inputs: Sequence[Any]
-                 ) -> List[Tuple[str, fx.GraphModule]]:
-    """``(path prefix, traced graph with shapes noted)`` of ``model`` if it traces, else of its largest
-    submodules that hold any of ``names``, trace, and run once when the model runs on ``example_inputs``
-    (their inputs are recorded in that run)."""
-    with evaluating(model):  # traced in eval mode, as it runs (training-only branches are left out)
-        try:
-            gm = fx.GraphModule(model, GhostLeafTracer().trace(model))
-            ShapeRecorder(gm).run(*example_inputs)
-            return [("", gm)]
-        except Exception:  # noqa: BLE001 - untraceable Python: look for parts that trace
-            pass
-        candidates = traceable_parts(model, names)
-        calls: Dict[str, List[tuple]] = {path: [] for path, _, _ in candidates}
-        handles = [module.register_forward_pre_hook(lambda _, args, path=path: calls[path].append(args))
-                   for path, module, _ in candidates]
-        try:
-            model(*example_inputs)
-        except Exception:  # noqa: BLE001 - the model fails on these inputs: nothing is known about its readers
-            return []
-        finally:
-            for handle in handles:
-                handle.remove()
-        parts = []
-        for path, module, graph in candidates:
-            try:
-                if len(calls[path]) == 1:
-                    gm = fx.GraphModule(module, graph)
-                    ShapeRecorder(gm).run(*calls[path][0])
-                    parts.append((path + ".", gm))
-            except Exception:  # noqa: BLE001 - traced, but its graph does not run: its layers keep their gathers
-                continue
-    return parts
 
 
 def layer_grains(groups: Sequence[Group]) -> Dict[str, Grain]:
