@@ -41,9 +41,9 @@ def assemble(parts: Sequence[torch.Tensor], residual: Optional[torch.Tensor], re
     out = torch.empty((first.shape[0], sum(widths), *first.shape[2:]), dtype=first.dtype, device=first.device,
                       memory_format=layout(first))
     for part, r, target in zip(parts, shortcuts, out.split(widths, 1)):
-        if r is not None and relu and (part.is_cuda or part.dtype in (torch.float32, torch.float64)):
+        if r is not None and relu and part.device.type == "cpu" and part.dtype in (torch.float32, torch.float64):
             torch.ops.aten._add_relu.out(part, r, out=target)
-        elif r is not None and relu:  # the fused kernel has no CPU half / bfloat16 version
+        elif r is not None and relu:  # the fused kernel is CPU float32/float64 only
             torch.add(part, r, out=target).clamp_min_(0)
         elif r is not None:
             torch.add(part, r, out=target)

@@ -162,9 +162,10 @@ def map_pairing(ghost: GhostModule, y: torch.Tensor, gain: torch.Tensor, generat
 
 def _fit_primary(conv: nn.Module, ghost: GhostModule, choice: Choice, x, y, offset: bool, generator):
     """Primary filters ``(m, c, *kernel)`` and intrinsic offsets ``(m,)``, ridge-fitted towards the original filters."""
-    prior = taps_last(restrict(conv.weight.detach().float(), ghost.primary_conv.kernel_size, conv.dilation,
+    prior = taps_last(restrict(conv.weight.detach().float().cpu(), ghost.primary_conv.kernel_size, conv.dilation,
                                conv.stride, ghost.d)[choice.intrinsic]).T
-    bias = conv.bias.detach().float()[choice.intrinsic] if conv.bias is not None else prior.new_zeros(prior.shape[1])
+    bias = (conv.bias.detach().float().cpu()[choice.intrinsic] if conv.bias is not None
+            else prior.new_zeros(prior.shape[1]))
     a, targets = _design(ghost.primary_conv, x, y[:, choice.intrinsic], ROWS, generator)
     fitted = _ridge_towards(prior, bias, a, targets, offset)
     shape = ghost.primary_conv.weight.shape
@@ -216,7 +217,7 @@ def fit_layer(conv: nn.Module, ghost: GhostModule, bn: Optional[nn.Module], mean
         z = ghost.primary_conv._conv_forward(x, primary.to(x.dtype), None)
         if inner:  # the cheap op reads the normalised intrinsic maps
             a, beta = (t[choice.intrinsic].to(z).view(per_channel) for t in bn_scale(bn))
-            mean = bn.running_mean[choice.intrinsic.to(z.device)].to(z).view(per_channel)
+            mean = bn.running_mean.to(z)[choice.intrinsic].view(per_channel)
             z = a * (z + intrinsic_offset.to(z).view(per_channel) - mean) + beta
         elif ghost.primary_conv.bias is not None:  # else the offset goes to the batch norm, after the cheap op
             z = z + intrinsic_offset.to(z.dtype).view(per_channel)
