@@ -9,6 +9,7 @@ The photos are the colour ones scikit-image ships, cut into random crops.
 
     python benchmarks/gpu.py [--models resnet50] [--s 2] [--batches 1 16 64] [--runtimes torch inductor]
     python benchmarks/gpu.py --runtimes torch --dtypes float32 --batches 64 --profile 64   # where the time goes
+    python benchmarks/gpu.py --runtimes torch --dtypes float32 --batches 1 64 --timed   # only layers timed faster
 """
 
 from __future__ import annotations
@@ -83,6 +84,23 @@ def pipeline(name: str, args: argparse.Namespace, calibration: torch.Tensor, tes
     return original, ghost
 
 
+def timed_rows(name: str, original: torch.nn.Module, args: argparse.Namespace, example: torch.Tensor) -> None:
+    """Per runtime and batch: the conversion that keeps as convs the layers a Ghost module does not make faster
+    there (``convert(runtime=..., runtime_batch=...)``, each layer timed alone on the device), timed against
+    the original."""
+    for runtime in args.runtimes:
+        for batch in args.batches:
+            ghost = ghostify.convert(original, s=args.s, d=args.d, example_inputs=example, runtime=runtime,
+                                     runtime_batch=batch).eval()
+            result = ghost.ghostify_result
+            kept = sum("faster as a Ghost module" in row.reason for row in result.skipped)
+            row = ghostify.bench(original, ghost, batches=[batch], runtime=runtime, repeats=args.repeats,
+                                 name=name).rows[0]
+            print(f"| {name} | {args.s} | {runtime}, timed: {len(result.replaced)} of {len(result.replaced) + kept} "
+                  f"layers | float32 | {batch} | {row.original_ms:.2f} | {row.converted_ms:.2f} | "
+                  f"{row.speedup:.2f}x |", flush=True)
+
+
 def profile(name: str, label: str, model: torch.nn.Module, x: torch.Tensor, top: int = 10) -> None:
     """The ``top`` kernels by device time of the deployed eager ``model`` on ``x``, per run."""
     from torch.profiler import ProfilerActivity
@@ -117,6 +135,8 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", choices=["float32", "float16"], default=["float32", "float16"])
     parser.add_argument("--calibration", type=int, default=64, help="calibration crops")
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--timed", action="store_true",
+                        help="also convert only the layers timed faster as Ghost modules on the device, per row")
     parser.add_argument("--profile", type=int, metavar="BATCH", help="also profile both models' kernels (eager)")
     parser.add_argument("--device", default="cuda", help="cpu: a quick check of the script itself")
     args = parser.parse_args()
@@ -145,6 +165,8 @@ def main() -> None:
                     print(f"| {name} | {args.s} | {runtime} | {dtype} | {row.batch} | {row.original_ms:.2f} | "
                           f"{row.converted_ms:.2f} | {row.speedup:.2f}x |", flush=True)
         original.float(), ghost.float()
+        if args.timed:
+            timed_rows(name, original, args, test[:1])
         if args.profile:
             x = photo_crops(args.profile, 224, seed=2).to(device)
             profile(name, "original", original, x)
