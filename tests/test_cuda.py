@@ -10,8 +10,18 @@ from click.testing import CliRunner
 
 import ghostify
 from ghostify.cli import main
+from ghostify.models import get_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def full_float32():
+    """Compare at float32 precision: cuDNN's default TF32 convolutions round to about 1e-3."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -27,7 +37,6 @@ def reference():
     with torch.no_grad():
         model.train()(x)
     model.eval()
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # compare at float32 precision
     return model, copy.deepcopy(model).cuda(), x
 
 
@@ -106,3 +115,64 @@ def test_finetune_on_cuda_with_amp_and_features(reference):
     with torch.no_grad():
         agree = (tuned.eval()(x.cuda()).argmax(1).cpu() == labels).float().mean()
     assert agree > before + 0.4  # the teacher's top-1 on its inputs, learnt in two epochs (0 -> 1 on the CPU)
+
+
+def test_analyze_on_cuda_matches_the_cpu(reference):
+    cpu_model, gpu_model, x = reference
+    on_cpu = ghostify.analyze(cpu_model, x, tables=["layer1.0"])
+    on_gpu = ghostify.analyze(gpu_model, x.cuda(), tables=["layer1.0"])
+    assert [layer.name for layer in on_gpu.layers] == [layer.name for layer in on_cpu.layers]
+    for a, b in zip(on_gpu.layers, on_cpu.layers):
+        assert a.errors == pytest.approx(b.errors, rel=0.05, abs=1e-3)
+    pairs, expected = on_gpu.tables[0].pairs, on_cpu.tables[0].pairs
+    assert [pair[:2] for pair in pairs] == [pair[:2] for pair in expected]
+    assert [pair[2] for pair in pairs] == pytest.approx([pair[2] for pair in expected], rel=1e-4)
+
+
+def test_target_flops_with_calibration_data_on_cuda_plans_as_on_the_cpu(reference):
+    cpu_model, gpu_model, x = reference
+    plans = []
+    for model, data in ((cpu_model, x), (gpu_model, x.cuda())):
+        ghost = ghostify.convert(model, target_flops=0.5, init="calibrate", calibration_data=data,
+                                 example_inputs=data[:1])
+        plans.append({row.name: row.s for row in ghost.ghostify_result.replaced})
+    assert plans[0] == plans[1]
+
+
+@pytest.mark.parametrize("dim", [1, 3])
+def test_conv1d_and_conv3d_on_cuda_match_the_cpu(dim):
+    torch.manual_seed(0)
+    conv, norm = {1: (torch.nn.Conv1d, torch.nn.BatchNorm1d), 3: (torch.nn.Conv3d, torch.nn.BatchNorm3d)}[dim]
+    model = torch.nn.Sequential(conv(3, 16, 3, padding=1), norm(16), torch.nn.ReLU(),
+                                conv(16, 32, 3, padding=1), norm(32), torch.nn.ReLU(),
+                                conv(32, 32, 3, padding=1), norm(32), torch.nn.ReLU())
+    x = torch.randn(8, 3, *[12] * dim)
+    with torch.no_grad():
+        model.train()(x)
+    model.eval()
+    outputs = []
+    for device in ("cpu", "cuda"):
+        placed, data = copy.deepcopy(model).to(device), x.to(device)
+        ghost = ghostify.convert(placed, init="calibrate", calibration_data=data).eval()
+        with torch.no_grad():
+            assert _relative(ghostify.deploy(ghost)(data), ghost(data)) < 1e-4
+            outputs.append(ghost(data))
+    assert _relative(outputs[1], outputs[0]) < 1e-3
+
+
+def test_zoo_ghostnet_deploys_on_cuda():
+    model = get_model("ghostnet_100").cuda().eval()
+    x = torch.randn(2, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        assert _relative(ghostify.deploy(model)(x), model(x)) < 1e-4
+
+
+def test_reconstruct_network_on_cuda(reference):
+    _, gpu_model, x = reference
+    x = x.cuda()
+    blocks = ghostify.convert(gpu_model, init="reconstruct", calibration_data=x, reconstruct_steps=10).eval()
+    whole = ghostify.convert(gpu_model, init="reconstruct", calibration_data=x, reconstruct_steps=10,
+                             reconstruct_network=True).eval()
+    with torch.no_grad():
+        target = gpu_model(x)
+        assert _relative(whole(x), target) < _relative(blocks(x), target) * 1.05
