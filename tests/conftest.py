@@ -15,6 +15,20 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 @pytest.fixture(scope="session")
+def settled_resnet18():
+    """A random torchvision ResNet-18 in eval mode, its batch norms' statistics taken from random 64x64 inputs
+    (as trained weights have them), and those inputs. Shared: copy it before changing it."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18()
+    x = torch.randn(16, 3, 64, 64)
+    with torch.no_grad():
+        model.train()(x)
+    return model.eval(), x
+
+
+@pytest.fixture(scope="session")
 def digits_model():
     """A small CNN trained briefly on scikit-learn's real handwritten digits (16x16, 3 channels), and the images."""
     from sklearn.datasets import load_digits

@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-import torchvision
 from click.testing import CliRunner
 
 import ghostify
@@ -29,14 +28,9 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def reference():
+def reference(settled_resnet18):
     """A ResNet-18 with settled batch norms on the CPU, a copy on the GPU, and inputs."""
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18()
-    x = torch.randn(16, 3, 64, 64)
-    with torch.no_grad():
-        model.train()(x)
-    model.eval()
+    model, x = settled_resnet18
     return model, copy.deepcopy(model).cuda(), x
 
 

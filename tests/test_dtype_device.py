@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-import torchvision
 from click.testing import CliRunner
 
 import ghostify
@@ -17,15 +16,10 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def reference():
+def reference(settled_resnet18):
     """A float32 ResNet-18 with settled batch norms, its conversion, and inputs."""
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18()
-    x = torch.randn(8, 3, 32, 32)
-    with torch.no_grad():
-        model.train()(x)
-    model.eval()
-    return model, ghostify.convert(model, example_inputs=x[:1]).eval(), x
+    model, x = settled_resnet18
+    return model, ghostify.convert(model, example_inputs=x[:1]).eval(), x[:8]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
@@ -59,9 +53,9 @@ def test_calibrate_a_float64_model_matches_float32(reference):
 def test_onnx_export_of_float64_is_refused_clearly(reference, tmp_path):
     _, ghost32, _ = reference
     with pytest.raises(ValueError, match="float32 and float16"):
-        ghostify.export(copy.deepcopy(ghost32).double(), tmp_path / "g.onnx", input_size=(3, 32, 32))
+        ghostify.export(copy.deepcopy(ghost32).double(), tmp_path / "g.onnx", input_size=(3, 64, 64))
     assert not (tmp_path / "g.onnx").exists()
-    done = ghostify.export(copy.deepcopy(ghost32).half(), tmp_path / "h.onnx", input_size=(3, 32, 32))
+    done = ghostify.export(copy.deepcopy(ghost32).half(), tmp_path / "h.onnx", input_size=(3, 64, 64))
     assert done.max_abs_diff < 1e-2
 
 
