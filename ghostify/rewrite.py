@@ -29,7 +29,7 @@ from .module import (
     primary_padding,
 )
 from .plan import apply_plan, planned_intrinsic
-from .trace import ConvSite, _shape, analyse, placement, random_inputs
+from .trace import Analysis, ConvSite, _shape, analyse, placement, random_inputs
 
 PerLayer = Union[Any, Mapping[str, Any]]
 FASTER = 0.1  # with convert(runtime=...), a Ghost module must be this much faster than the conv, timed alone
@@ -385,6 +385,48 @@ def convert(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     init = check_init(init)
+    inputs, batches = _inputs_and_batches(model, example_inputs, init, calibration_data, calibration_samples)
+    _check_budget(s, target_flops, target_latency, runtime)
+    if isinstance(align, bool) or not isinstance(align, int) or align < 1:
+        raise ValueError(f"align must be a positive integer (channels), got {align!r}")
+    if not 0 <= reconstruct_mix <= 1:
+        raise ValueError(f"reconstruct_mix is a probability in [0, 1], got {reconstruct_mix!r}")
+    _validate(s, check_ratio, "s")
+    _validate(d, check_cheap_kernel, "d")
+    _validate(primary_kernel, _check_kernel, "primary_kernel")
+    opts = {"s": s, "d": d, "primary_kernel": primary_kernel, "include_stem": include_stem, "absorb_norm": absorb_norm,
+            "include": _patterns(include, "include"), "exclude": _patterns(exclude, "exclude")}
+    if not any(isinstance(module, tuple(CONVS.values())) for module in model.modules()):
+        raise ValueError(f"{type(model).__name__} has no convolution layer (nn.Conv1d, nn.Conv2d or nn.Conv3d) "
+                         "to convert")
+
+    converted = copy.deepcopy(model)
+    analysis = _analyse_copy(converted, inputs, isinstance(example_inputs, list))
+    opts["ghosts"] = [name for name, module in converted.named_modules() if isinstance(module, GhostModule)]
+    _warn_unmatched(opts, [n for site in analysis.sites for n in [site.name] + site.aliases])
+    result = _plan(model, converted, analysis, opts, inputs, batches, init, align=align, target_flops=target_flops,
+                   target_latency=target_latency, runtime=runtime, runtime_batch=runtime_batch)
+    # the fit writes every weight of the new modules, unless it cannot run (random init, weights on the meta device)
+    fill = init == "random" or any(p.is_meta for p in converted.parameters())
+    swapped = apply_plan(converted, result.plan(), fill=fill)
+    replaced = list(result.replaced)
+    earlier = getattr(model, "ghostify_result", None)
+    if isinstance(earlier, ConversionResult):  # converting a converted model: its plan must replay the earlier one
+        result.replaced = copy.deepcopy(earlier.replaced) + result.replaced
+    done = initialise(init, swapped, {row.name: row for row in replaced}, converted, model, batches, inputs,
+                      reconstruct_steps, reconstruct_seconds, reconstruct_network, reconstruct_mix, refit_head,
+                      calibration_mirror, analysis.parts)
+    _record_fits(replaced, done.layers)
+    result.notes.update(done.notes)
+    if "init" in done.notes:  # e.g. weights on the meta device: the modules keep their fresh initialisation
+        warnings.warn(done.notes["init"], UserWarning, stacklevel=2)
+    converted.ghostify_result = result
+    return converted
+
+
+def _inputs_and_batches(model: nn.Module, example_inputs, init: str, calibration_data, calibration_samples):
+    """The analysis inputs and, for the data initialisers, the calibration batches, both in the model's dtype
+    and on its device; the example inputs default to the first calibration input, else one 224x224 image."""
     batches = None
     inputs = None if example_inputs is None else _example_inputs(example_inputs, model)
     if init in DATA_METHODS:
@@ -398,33 +440,25 @@ def convert(
         inputs = tuple(x[:1] for x in batches[0]) if inputs is None else inputs
     elif calibration_data is not None:
         raise ValueError(f"calibration_data is only used by init='calibrate' or 'reconstruct', got init={init!r}")
-    _check_budget(s, target_flops, target_latency, runtime)
-    if isinstance(align, bool) or not isinstance(align, int) or align < 1:
-        raise ValueError(f"align must be a positive integer (channels), got {align!r}")
-    if not 0 <= reconstruct_mix <= 1:
-        raise ValueError(f"reconstruct_mix is a probability in [0, 1], got {reconstruct_mix!r}")
-    _validate(s, check_ratio, "s")
-    _validate(d, check_cheap_kernel, "d")
-    _validate(primary_kernel, _check_kernel, "primary_kernel")
-    opts = {"s": s, "d": d, "primary_kernel": primary_kernel, "include_stem": include_stem, "absorb_norm": absorb_norm,
-            "include": _patterns(include, "include"), "exclude": _patterns(exclude, "exclude")}
-    inputs = _example_inputs(None, model) if inputs is None else inputs
+    return (_example_inputs(None, model) if inputs is None else inputs), batches
 
-    if not any(isinstance(module, tuple(CONVS.values())) for module in model.modules()):
-        raise ValueError(f"{type(model).__name__} has no convolution layer (nn.Conv1d, nn.Conv2d or nn.Conv3d) "
-                         "to convert")
-    converted = copy.deepcopy(model)
+
+def _analyse_copy(converted: nn.Module, inputs, given_a_list: bool) -> Analysis:
+    """``analyse`` the model's copy; a failure on a list of example inputs says how to pass a list argument."""
     try:
-        analysis = analyse(converted, inputs)
+        return analyse(converted, inputs)
     except ValueError as error:
-        if not isinstance(example_inputs, list):
+        if not given_a_list:
             raise
         raise ValueError(f"{error}. A list of example inputs is unpacked as positional arguments, "
                          "model(*example_inputs); for a model called with a list, as torchvision's detection "
                          "models are (model([image])), wrap it: example_inputs=([image],)") from None
-    opts["ghosts"] = [name for name, module in converted.named_modules() if isinstance(module, GhostModule)]
-    _warn_unmatched(opts, [n for site in analysis.sites for n in [site.name] + site.aliases])
 
+
+def _plan(model: nn.Module, converted: nn.Module, analysis: Analysis, opts: Dict[str, Any], inputs, batches,
+          init: str, *, align: int, target_flops, target_latency, runtime, runtime_batch) -> ConversionResult:
+    """Which convs become which Ghost modules: each conv by the options (``_choose``), then by the budget or
+    by layer timings when asked, each module's intrinsic count set; what is left alone, with reasons."""
     decisions = [_choose(site, opts) for site in analysis.sites]
     replaced = [r for r in decisions if isinstance(r, Replaced)]
     skipped = [r for r in decisions if isinstance(r, Skipped)]
@@ -448,25 +482,15 @@ def convert(
     if not replaced:
         reasons = sorted({row.reason for row in skipped})
         warnings.warn(f"no convolution was converted (the model is unchanged): {'; '.join(reasons[:3])}"
-                      f"{' ...' if len(reasons) > 3 else ''}", UserWarning, stacklevel=2)
-    # the fit writes every weight of the new modules, unless it cannot run (random init, weights on the meta device)
-    fill = init == "random" or any(p.is_meta for p in converted.parameters())
-    swapped = apply_plan(converted, result.plan(), fill=fill)
-    earlier = getattr(model, "ghostify_result", None)
-    if isinstance(earlier, ConversionResult):  # converting a converted model: its plan must replay the earlier one
-        result.replaced = copy.deepcopy(earlier.replaced) + result.replaced
-    done = initialise(init, swapped, {row.name: row for row in replaced}, converted, model, batches, inputs,
-                      reconstruct_steps, reconstruct_seconds, reconstruct_network, reconstruct_mix, refit_head,
-                      calibration_mirror, analysis.parts)
-    for row in replaced:
-        fitted = done.layers.get(row.name)
-        if fitted is not None:
-            row.error, row.gather, row.gather_reason, row.order = (fitted.error, fitted.gather, fitted.gather_reason,
-                                                                   fitted.order)
+                      f"{' ...' if len(reasons) > 3 else ''}", UserWarning, stacklevel=3)
+    return result
+
+
+def _record_fits(rows: List[Replaced], fitted: Mapping[str, Any]) -> None:
+    """Each row's fit error, gather and channel order from what the initialiser measured."""
+    for row in rows:
+        fit = fitted.get(row.name)
+        if fit is not None:
+            row.error, row.gather, row.gather_reason, row.order = fit.error, fit.gather, fit.gather_reason, fit.order
         else:  # not fitted (init="random", or nothing to fit from): outputs stand in order for the original's
             row.order = list(range(row.out_channels))
-    result.notes.update(done.notes)
-    if "init" in done.notes:  # e.g. weights on the meta device: the modules keep their fresh initialisation
-        warnings.warn(done.notes["init"], UserWarning, stacklevel=2)
-    converted.ghostify_result = result
-    return converted
