@@ -22,7 +22,7 @@ from ..module import GhostModule
 from .blockwise import STEPS as RECONSTRUCT_STEPS
 from .blockwise import find_blocks, held_out, output_error, reconstruct, summary
 from .calibrate import calibrate, refit_heads
-from .channels import Group, couple, layer_grains
+from .channels import Coupling, Group, couple, layer_grains
 from .data import check_calibration, mirrored
 from .datafree import copy_layer, filter_problem
 from .fit import WIDE, Choice, blocks, choose
@@ -172,26 +172,12 @@ def initialise(
     means = {name: bn.running_mean.clone() for name, bn in coupling.bn.items() if bn is not None}
     bns = {name: original.get_submodule(layers[name].norm) if layers[name].norm else bn
            for name, bn in coupling.bn.items()}
-    items = {name: (conv, ghost) for name, conv, ghost in swapped}
-    choices: Dict[str, Choice] = {}
-    for group in coupling.groups:
-        _check_grain(group, items)
-        grain = group.grain if group.blocked is None else None
-        for names in [group.members] if group.blocked is None else [[name] for name in group.members]:
-            problems = [filter_problem(*items[name], bns[name], grain) for name in names]
-            choice = choose([pairing for pairing, _ in problems], layers[names[0]].s, grain=grain,
-                            m=items[names[0]][1].intrinsic_channels)
-            for name, problem in zip(names, problems):
-                copy_layer(*items[name], bns[name], problem, choice)
-                choices[name] = choice
+    choices = _copy_groups(coupling, swapped, bns, layers)
     notes = {}
     grains = layer_grains(coupling.groups)
-    wide = [name for name, conv, ghost in swapped
-            if len(blocks(conv.out_channels, ghost.s, ghost.intrinsic_channels, grains.get(name))) > 1]
+    wide = _wide_note(swapped, grains)
     if wide:
-        notes["wide layers"] = (f"{len(wide)} layers wider than {WIDE} channels chose each ghost's intrinsic map "
-                                f"within its run of channels, not the whole layer (faster): {', '.join(wide[:3])}"
-                                + (" ..." if len(wide) > 3 else ""))
+        notes["wide layers"] = wide
     refitted: List[str] = []
     if init in DATA_METHODS:
         once = {name for name, row in layers.items() if row.calls == 1}  # shared layers keep the copy fit
@@ -214,11 +200,7 @@ def initialise(
                                             reconstruct_mix)
     data = init in DATA_METHODS
     measured = [tuple(x[:ERROR_SAMPLES] for x in batches[0])] if data else [tuple(example_inputs)]
-    paths = {id(module): path for path, module in model.named_modules()}
-    measured_at = {name: paths[id(coupling.bn[name])] if coupling.bn[name] is not None else name
-                   for name, _, _ in swapped}  # after the batch norm, also when the Ghost module took it in
-    errors = layer_errors(original, model, {ours: layers[name].norm or ours for name, ours in measured_at.items()},
-                          measured)
+    errors = _errors(original, model, coupling, swapped, layers, measured)
     coupling.apply({name: choice.order for name, choice in choices.items()},
                    {name: ghost for name, _, ghost in swapped})
     fitted = {}
@@ -226,6 +208,48 @@ def initialise(
         gathered = ghost.out_index is not None  # then the outputs are back in the original's order
         reason = coupling.group_of(name).blocked if gathered else None
         order = list(range(ghost.out_channels)) if gathered else choices[name].order.tolist()
-        fitted[name] = Fitted(errors[measured_at[name]], gathered, reason, order)
+        fitted[name] = Fitted(errors[name], gathered, reason, order)
     return Initialised(fitted, {"error_inputs": f"first {ERROR_SAMPLES} calibration inputs" if data
                                 else "example inputs", **notes})
+
+
+def _copy_groups(coupling: Coupling, swapped: List[Tuple[str, nn.Module, GhostModule]],
+                 bns: Mapping[str, Optional[nn.Module]], layers: Mapping[str, Any]) -> Dict[str, Choice]:
+    """The data-free fit (``copy``) of every swapped layer, one channel choice per group that shares one (a
+    blocked group's layers choose alone); returns each layer's choice."""
+    items = {name: (conv, ghost) for name, conv, ghost in swapped}
+    choices: Dict[str, Choice] = {}
+    for group in coupling.groups:
+        _check_grain(group, items)
+        grain = group.grain if group.blocked is None else None
+        for names in [group.members] if group.blocked is None else [[name] for name in group.members]:
+            problems = [filter_problem(*items[name], bns[name], grain) for name in names]
+            choice = choose([pairing for pairing, _ in problems], layers[names[0]].s, grain=grain,
+                            m=items[names[0]][1].intrinsic_channels)
+            for name, problem in zip(names, problems):
+                copy_layer(*items[name], bns[name], problem, choice)
+                choices[name] = choice
+    return choices
+
+
+def _wide_note(swapped: List[Tuple[str, nn.Module, GhostModule]], grains: Mapping[str, Any]) -> Optional[str]:
+    """A note naming the layers wide enough to choose their ghosts within runs of channels (``fit.blocks``)."""
+    wide = [name for name, conv, ghost in swapped
+            if len(blocks(conv.out_channels, ghost.s, ghost.intrinsic_channels, grains.get(name))) > 1]
+    if not wide:
+        return None
+    return (f"{len(wide)} layers wider than {WIDE} channels chose each ghost's intrinsic map within its run of "
+            f"channels, not the whole layer (faster): {', '.join(wide[:3])}" + (" ..." if len(wide) > 3 else ""))
+
+
+def _errors(original: nn.Module, model: nn.Module, coupling: Coupling,
+            swapped: List[Tuple[str, nn.Module, GhostModule]], layers: Mapping[str, Any],
+            measured: Sequence[Tuple[torch.Tensor, ...]]) -> Dict[str, float]:
+    """Each swapped layer's relative output error against the original's on ``measured``, read after its batch
+    norm (also when the Ghost module took the norm in)."""
+    paths = {id(module): path for path, module in model.named_modules()}
+    measured_at = {name: paths[id(coupling.bn[name])] if coupling.bn[name] is not None else name
+                   for name, _, _ in swapped}
+    errors = layer_errors(original, model, {ours: layers[name].norm or ours for name, ours in measured_at.items()},
+                          measured)
+    return {name: errors[ours] for name, ours in measured_at.items()}
