@@ -219,6 +219,68 @@ def _evaluate(student: nn.Module, teacher: nn.Module, loader: DataLoader, device
     return (counts[0] / counts[1]).item(), ((counts[2] / counts[1]).item() if has_labels else None)
 
 
+@dataclass
+class _Objective:
+    """One batch's loss: KL divergence to the teacher's softened logits, mixed with cross-entropy on labels when
+    the batch has them, plus ``feature_weight`` times the per-layer feature loss when ``features`` are kept."""
+
+    temperature: float
+    label_weight: float
+    feature_weight: float
+    features: Optional[Features]
+    autocast: Any  # a context manager factory: autocast, or nullcontext
+
+    def __call__(self, model: nn.Module, teacher: nn.Module, x: torch.Tensor,
+                 y: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.features is not None:
+            self.features.record()
+        with torch.no_grad(), self.autocast():
+            target = teacher(x).float()
+        with self.autocast():
+            logits = model(x).float()
+        loss = kd_loss(logits, target, self.temperature)
+        if y is not None:
+            loss = (1 - self.label_weight) * loss + self.label_weight * F.cross_entropy(logits, y.to(x.device))
+        if self.features is not None:
+            loss = loss + self.feature_weight * self.features.loss()
+        return loss
+
+
+@dataclass
+class _Training:
+    """What each step updates and a checkpoint holds: the student, SGD with its cosine schedule, the gradient
+    scaler (float16 autocast on CUDA) and the exponential moving average of the weights, if kept."""
+
+    student: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    ema: Optional[torch.optim.swa_utils.AveragedModel]
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.schedule.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.student)
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "schedule": self.schedule.state_dict()}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+
+
 def finetune(
     student: nn.Module,
     teacher: nn.Module,
@@ -278,38 +340,23 @@ def finetune(
     rank, world = _distributed(device)
     teacher = teacher.to(device)
     student.train()
-    generator = torch.Generator().manual_seed(seed)
-    sampler = (DistributedSampler(dataset, world, rank, shuffle=True, seed=seed) if world > 1
-               else RandomSampler(dataset, generator=generator))
-    loader = DataLoader(dataset, batch_size, sampler=sampler, drop_last=len(dataset) >= batch_size * world)
-    val_loader = DataLoader(val, batch_size, sampler=DistributedSampler(val, world, rank, shuffle=False)
-                            if world > 1 else None)
+    loader, val_loader, reseed = _loaders(dataset, val, batch_size, rank, world, seed)
     model = nn.parallel.DistributedDataParallel(student) if world > 1 else student
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * len(loader))
     ema = (torch.optim.swa_utils.AveragedModel(student, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(
         ema_decay)) if ema_decay is not None else None)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * len(loader))
+    training = _Training(student, optimizer, schedule,
+                         torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda"), ema)
     result = ema.module if ema is not None else student  # what is measured, written and returned
     features = Features(student, teacher) if feature_weight > 0 else None  # after the EMA copy: it copies hooks
-    scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
     history, start_epoch, best = Finetuned(lr=lr), 0, None
     state_path = None if output is None else f"{output}.state.pt"
     if resume:
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        student.load_state_dict(state["student"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        if ema is not None and "ema" in state:
-            ema.load_state_dict(state["ema"])
-        start_epoch = state["epoch"]
-        history.epochs = [Epoch(**row) for row in state["history"]]
-        history.kept, best = state.get("kept", start_epoch), state.get("best")
-        if not keep_best:  # the last epoch is what comes back, whatever the earlier run kept
-            history.kept, best = start_epoch, None
-        elif best is None:  # the earlier run kept its last epoch: the one loaded
-            best = copy.deepcopy(result.state_dict())
+        start_epoch, best = _resume(state_path, device, training, history, result, keep_best)
     autocast = (lambda: torch.autocast(device.type, torch.bfloat16 if device.type == "cpu" else torch.float16)) \
         if amp else nullcontext
+    objective = _Objective(temperature, label_weight, feature_weight, features, autocast)
     # the teacher runs in eval mode (and without gradients); its flags come back afterwards
     with eval_mode(teacher), features if features is not None else nullcontext():
         if not history.epochs:  # the start, which keep_best may give back
@@ -319,34 +366,14 @@ def finetune(
             best = copy.deepcopy(result.state_dict()) if keep_best else None
         with progress("epoch {description}, loss {loss:.4f}, {rate:.0f} images/s", show=rank == 0) as bar:
             for epoch in range(start_epoch, epochs):
-                if world > 1:
-                    sampler.set_epoch(epoch)
-                else:  # each epoch's order from the seed and the epoch alone, so that a resumed run repeats it
-                    generator.manual_seed(seed + epoch)
+                reseed(epoch)
                 task = bar.add_task(f"{epoch + 1}/{epochs}", total=len(loader), loss=UNKNOWN, rate=0.0) \
                     if bar else None
                 began, seen, running = time.monotonic(), 0, 0.0
                 for batch in loader:
                     x, y = _split(batch)
-                    x = x.to(device)
-                    if features is not None:
-                        features.record()
-                    with torch.no_grad(), autocast():
-                        target = teacher(x).float()
-                    with autocast():
-                        logits = model(x).float()
-                    loss = kd_loss(logits, target, temperature)
-                    if y is not None:
-                        loss = (1 - label_weight) * loss + label_weight * F.cross_entropy(logits, y.to(device))
-                    if features is not None:
-                        loss = loss + feature_weight * features.loss()
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    schedule.step()
-                    if ema is not None:
-                        ema.update_parameters(student)
+                    loss = objective(model, teacher, x.to(device), y)
+                    training.step(loss)
                     seen += len(x) * world
                     running = loss.item() if not running else 0.9 * running + 0.1 * loss.item()
                     if bar:
@@ -356,7 +383,7 @@ def finetune(
                 if not keep_best or history.better():
                     history.kept, best = epoch + 1, copy.deepcopy(result.state_dict()) if keep_best else None
                 if rank == 0 and output is not None:
-                    _checkpoint(result, student, optimizer, schedule, ema, history, best, output, state_path)
+                    _checkpoint(result, training, history, best, output, state_path)
                 if world > 1:
                     dist.barrier()
     if history.kept != history.epochs[-1].epoch:  # an earlier epoch, or the start, measured better
@@ -365,15 +392,47 @@ def finetune(
     return result
 
 
-def _checkpoint(result: nn.Module, student: nn.Module, optimizer, schedule, ema, history: Finetuned,
+def _loaders(dataset: Dataset, val: Dataset, batch_size: int, rank: int, world: int, seed: int):
+    """The shuffled training loader (each process its share under DDP), the validation loader, and a function
+    that seeds an epoch's order from the seed and the epoch alone, so that a resumed run repeats it."""
+    generator = torch.Generator().manual_seed(seed)
+    sampler = (DistributedSampler(dataset, world, rank, shuffle=True, seed=seed) if world > 1
+               else RandomSampler(dataset, generator=generator))
+    loader = DataLoader(dataset, batch_size, sampler=sampler, drop_last=len(dataset) >= batch_size * world)
+    val_loader = DataLoader(val, batch_size, sampler=DistributedSampler(val, world, rank, shuffle=False)
+                            if world > 1 else None)
+
+    def reseed(epoch: int) -> None:
+        if world > 1:
+            sampler.set_epoch(epoch)
+        else:
+            generator.manual_seed(seed + epoch)
+
+    return loader, val_loader, reseed
+
+
+def _resume(state_path: str, device: torch.device, training: _Training, history: Finetuned, result: nn.Module,
+            keep_best: bool) -> Tuple[int, Optional[Dict[str, torch.Tensor]]]:
+    """Load an earlier run's state into ``training`` and ``history``; returns the epoch to go on from and the
+    weights kept so far."""
+    state = torch.load(state_path, map_location=device, weights_only=True)
+    training.load_state_dict(state)
+    start_epoch = state["epoch"]
+    history.epochs = [Epoch(**row) for row in state["history"]]
+    history.kept, best = state.get("kept", start_epoch), state.get("best")
+    if not keep_best:  # the last epoch is what comes back, whatever the earlier run kept
+        history.kept, best = start_epoch, None
+    elif best is None:  # the earlier run kept its last epoch: the one loaded
+        best = copy.deepcopy(result.state_dict())
+    return start_epoch, best
+
+
+def _checkpoint(result: nn.Module, training: _Training, history: Finetuned,
                 best: Optional[Dict[str, torch.Tensor]], output: str, state_path: str) -> None:
     """The ghostify file (the kept weights) and the state ``resume`` reads, each written atomically (state
     first)."""
-    state: Dict[str, Any] = {"student": student.state_dict(), "optimizer": optimizer.state_dict(),
-                             "schedule": schedule.state_dict(), "epoch": history.epochs[-1].epoch,
+    state: Dict[str, Any] = {**training.state_dict(), "epoch": history.epochs[-1].epoch,
                              "history": [vars(row) for row in history.epochs], "kept": history.kept}
-    if ema is not None:
-        state["ema"] = ema.state_dict()
     if best is not None:
         state["best"] = best
     atomic_write(state_path, lambda temp: torch.save(state, temp))
