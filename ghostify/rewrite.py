@@ -174,6 +174,8 @@ def _skip_reason(site: ConvSite, names: List[str], opts: Dict[str, Any]) -> Opti
         return "already part of a Ghost module"
     if site.calls == 0:
         return "never runs on the example inputs"
+    if site.read_directly:
+        return f"the model's code reads {site.read_directly}, which a Ghost module does not have"
     excluded = _first_match(opts["exclude"] or [], names)
     if excluded:
         return f"excluded by pattern {excluded!r}"

@@ -41,6 +41,7 @@ class ConvSite:
     output_shape: Optional[Tuple[int, ...]] = None
     is_stem: bool = False
     norm: Optional[str] = None
+    read_directly: Optional[str] = None  # a tensor of it the model's own code reads (``conv.weight.device``)
 
 
 @dataclass
@@ -282,8 +283,12 @@ def analyse(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Analysis:
         stems, functional = _fx_stems_and_functional(graph_module, {site.name for site in sites.values()})
         for site in order:
             site.is_stem = site.name in stems
+    read_by_code = {prefix + node.target.rpartition(".")[0]: prefix + node.target for prefix, part in parts
+                    for node in part.graph.nodes if node.op == "get_attr"}
     for site in order:  # the norm its Ghost module may take in: seen in the model's graph, or a traced part's
         site.norm = norms.get(site.name) if site.calls == 1 else None
+        site.read_directly = next((read_by_code[name] for name in [site.name, *site.aliases] if name in read_by_code),
+                                  None)
     unused = [site for site in sites.values() if site.calls == 0]
     return Analysis(method, order + unused, functional, [(prefix, part.graph) for prefix, part in parts])
 

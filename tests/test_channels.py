@@ -262,3 +262,40 @@ def test_spatial_mean_before_a_linear_is_absorbed():
     reference = _gathered(model, example_inputs=x).eval()  # the same fit, kept in order by a gather
     with torch.no_grad():
         torch.testing.assert_close(ghost(x), reference(x), rtol=1e-4, atol=1e-5)
+
+
+class NormAct(nn.BatchNorm2d):
+    """A batch norm with its own forward that calls ``F.batch_norm`` and then an activation, as timm's
+    ``BatchNormAct2d`` (the norm of most timm CNNs) does; torch.fx traces into it."""
+
+    def forward(self, x):
+        x = torch.nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False,
+                                           0.0, self.eps)
+        return torch.relu(x)
+
+
+def test_norms_with_their_own_forward_take_the_channel_order():
+    """ResNet-18 with ``NormAct`` norms: every layer's order is absorbed by the norm functions' own statistics
+    (no gather), with the same outputs as with every gather kept; a norm whose statistics are read twice is not
+    per channel."""
+    model = _settled(torchvision.models.resnet18(norm_layer=NormAct), torch.randn(8, 3, 64, 64))
+    x = torch.randn(2, 3, 64, 64)
+    ghost = ghostify.convert(model, example_inputs=x[:1]).eval()
+    assert not [row.name for row in ghost.ghostify_result.replaced if row.gather]
+    with torch.no_grad():
+        expected = _gathered(model, example_inputs=x[:1]).eval()(x)
+        assert torch.allclose(ghost(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
+
+    class TwiceRead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm = nn.Conv2d(3, 16, 3, padding=1), NormAct(16)
+            self.head = nn.Conv2d(16, 4, 1)
+
+        def forward(self, x):
+            return self.head(self.norm(self.conv(torch.relu(x)))) + torch.mul(x.mean(), self.norm.running_mean).sum()
+
+    twice = _settled(TwiceRead(), torch.randn(8, 3, 16, 16))
+    ghost = ghostify.convert(twice, include_stem=True, example_inputs=x[:1, :, :16, :16])
+    rows = {row.name: row for row in ghost.ghostify_result.replaced}
+    assert rows["conv"].gather and "batch_norm" in rows["conv"].gather_reason

@@ -151,6 +151,30 @@ def test_rewrite_model_that_changes_a_list_it_is_given_is_traced():
     assert ghost.ghostify_result.method == "fx" and _replaced(ghost) == ["a"]
 
 
+class ReadsAWeight(nn.Module):
+    """A conv whose weight the model's own code reads (timm's EdgeNeXt makes its positional encoding in the
+    dtype of its projection's weight)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.body, self.projection = (nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1),
+                                                 nn.Conv2d(16, 16, 1))
+
+    def forward(self, x):
+        grid = torch.ones_like(x[:, :1]).expand(-1, 16, -1, -1).to(self.projection.weight.dtype)
+        return self.body(self.stem(x)) + self.projection(grid)
+
+
+def test_rewrite_leaves_a_conv_whose_weight_the_model_reads():
+    model = ReadsAWeight().eval()
+    x = torch.randn(2, 3, 8, 8)
+    ghost = ghostify.convert(model, example_inputs=x[:1])
+    assert _replaced(ghost) == ["body"]
+    assert _reasons(ghost)["projection"] == ("the model's code reads projection.weight, which a Ghost module does "
+                                             "not have")
+    assert ghost(x).shape == model(x).shape
+
+
 def test_rewrite_model_whose_traced_graph_fails_uses_hooks(monkeypatch):
     """Where running the traced graph fails but the model runs, the analysis runs the model with hooks."""
     def fail(self, node):

@@ -240,7 +240,8 @@ def _describe(node: fx.Node) -> str:
 class _Walker:
     """One pass over the traced graph, giving each tensor-valued node a ``Layout``."""
 
-    def __init__(self, gm: fx.GraphModule, names: Sequence[str], prefix: str = "") -> None:
+    def __init__(self, root: nn.Module, gm: fx.GraphModule, names: Sequence[str], prefix: str = "") -> None:
+        self.root, self.graph = root, gm.graph  # the traced module itself, and its graph
         self.modules = dict(gm.named_modules())
         self.names = set(names)
         self.prefix = prefix  # of the graph's module paths in the model (a traced part of it)
@@ -344,11 +345,32 @@ class _Walker:
             return None
         if (method and target in _PER_CHANNEL_METHODS) or (not method and target in self.per_channel_functions):
             return layout
+        if not method and target in (F.batch_norm, torch.batch_norm):
+            return self.norm_call(node, layout)
         if (method and target in _RESHAPE_METHODS) or (not method and target in _RESHAPES):
             return self.reshaped(node, layout)
         if (method and target in _REDUCTION_METHODS) or (not method and target in _REDUCTIONS):
             return self.reduced(node, layout)
         return None
+
+    def norm_call(self, node: fx.Node, layout: Layout) -> Optional[Layout]:
+        """A batch norm function on the statistics and affine parameters of one norm module, read there alone (a
+        norm with its own forward, as timm's ``BatchNormAct2d``): per channel, as a call of that module."""
+        tensors = node.all_input_nodes[1:]
+        owners = {arg.target.rpartition(".")[0] for arg in tensors if arg.op == "get_attr"}
+        if layout.repeat != 1 or len(owners) != 1 or any(arg.op != "get_attr" for arg in tensors):
+            return None
+        (owner,) = owners
+        try:
+            module = self.root.get_submodule(owner)
+        except AttributeError:
+            return None
+        readers = {user for other in self.graph.nodes if other.op == "get_attr"
+                   and other.target.rpartition(".")[0] == owner for user in other.users}
+        if not isinstance(module, RUNNING_NORMS) or readers != {node}:
+            return None
+        self.uses.append(("per_channel", module, layout))
+        return layout
 
     def reduced(self, node: fx.Node, layout: Layout) -> Optional[Layout]:
         """A mean / sum / max over spatial dimensions only (``x.mean((2, 3))``, ``x.mean(-1)``) keeps each
@@ -424,7 +446,7 @@ def couple(model: nn.Module, names: Sequence[str], example_inputs: Sequence[torc
             parts = analyse(model, example_inputs).parts
         except ValueError:  # the model fails on these inputs: nothing is known about its readers
             parts = []
-    couplings = [_couple_part(fx.GraphModule(model.get_submodule(prefix[:-1]), graph),
+    couplings = [_couple_part(model.get_submodule(prefix[:-1]), graph,
                               [name for name in names if name.startswith(prefix)], prefix) for prefix, graph in parts]
     covered = {name for coupling in couplings for name in coupling.bn}
     traced = "not in a part of the model that traces" if parts else "the model does not trace"
@@ -432,9 +454,10 @@ def couple(model: nn.Module, names: Sequence[str], example_inputs: Sequence[torc
     return Coupling.joined(couplings)
 
 
-def _couple_part(gm: fx.GraphModule, names: Sequence[str], prefix: str) -> Coupling:
-    """``couple`` on one traced graph with shapes noted, whose module paths sit under ``prefix`` in the model."""
-    walker = _Walker(gm, names, prefix)
+def _couple_part(root: nn.Module, graph: fx.Graph, names: Sequence[str], prefix: str) -> Coupling:
+    """``couple`` on the traced graph (with shapes noted) of ``root``, the part of the model at ``prefix``."""
+    gm = fx.GraphModule(root, graph)
+    walker = _Walker(root, gm, names, prefix)
     for node in gm.graph.nodes:
         walker.visit(node)
     grains = _grains(walker.grouped)
