@@ -14,6 +14,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+class NormAct(nn.BatchNorm2d):
+    """A batch norm with its own forward: ``F.batch_norm`` on its statistics (after checking the input is 4-D),
+    then a ReLU, as timm's ``BatchNormAct2d`` (the norm of most timm CNNs) does; torch.fx traces into it."""
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, "expected a 4-D input")
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, 0.1, self.eps)
+        return torch.relu(x)
+
+
 @pytest.fixture(scope="session")
 def settled_resnet18():
     """A random torchvision ResNet-18 in eval mode, its batch norms' statistics taken from random 64x64 inputs

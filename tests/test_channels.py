@@ -4,6 +4,7 @@ order; layers writing into one tensor share one choice; the outputs are those of
 import pytest
 import torch
 import torchvision
+from conftest import NormAct
 from torch import fx, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -264,16 +265,6 @@ def test_spatial_mean_before_a_linear_is_absorbed():
         torch.testing.assert_close(ghost(x), reference(x), rtol=1e-4, atol=1e-5)
 
 
-class NormAct(nn.BatchNorm2d):
-    """A batch norm with its own forward that calls ``F.batch_norm`` and then an activation, as timm's
-    ``BatchNormAct2d`` (the norm of most timm CNNs) does; torch.fx traces into it."""
-
-    def forward(self, x):
-        x = torch.nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False,
-                                           0.0, self.eps)
-        return torch.relu(x)
-
-
 def test_norms_with_their_own_forward_take_the_channel_order():
     """ResNet-18 with ``NormAct`` norms: every layer's order is absorbed by the norm functions' own statistics
     (no gather), with the same outputs as with every gather kept; a norm whose statistics are read twice is not
@@ -285,6 +276,12 @@ def test_norms_with_their_own_forward_take_the_channel_order():
     with torch.no_grad():
         expected = _gathered(model, example_inputs=x[:1]).eval()(x)
         assert torch.allclose(ghost(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
+    names = [row.name for row in ghost.ghostify_result.replaced]  # each layer's norm, for the fits' weights
+    coupling = channels.couple(model, names, (x[:1],))
+    assert [type(coupling.bn[name]) for name in names] == [NormAct] * len(names)
+    assert all(coupling.bn[name] is model.get_submodule(name.replace("conv", "bn").replace("downsample.0",
+                                                                                        "downsample.1"))
+               for name in names)
 
     class TwiceRead(nn.Module):
         def __init__(self):

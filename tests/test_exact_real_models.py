@@ -5,6 +5,7 @@ and the whole network. A wrong channel order, a wrong fold or a wrong permutatio
 import pytest
 import torch
 import torchvision
+from conftest import NormAct
 from torch import nn
 
 import ghostify
@@ -55,11 +56,14 @@ def _settle(model: nn.Module, x: torch.Tensor) -> nn.Module:
 
 
 @pytest.mark.parametrize("name, size", [("resnet18", 64), ("resnet50", 64), ("vgg11_bn", 32), ("densenet121", 64),
-                                        ("mobilenet_v2", 64), ("googlenet", 64), ("regnet_x_400mf", 64)])
+                                        ("mobilenet_v2", 64), ("googlenet", 64), ("regnet_x_400mf", 64),
+                                        ("resnet18 with NormAct", 64)])
 def test_copy_reproduces_exact_ghost_layers_inside_real_models(name, size):
+    """``resnet18 with NormAct``: timm's kind of norm, a batch norm and activation with their own forward."""
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    model = torchvision.models.get_model(name)
+    model = (torchvision.models.resnet18(norm_layer=NormAct) if name.endswith("NormAct")
+             else torchvision.models.get_model(name))
     _exact_ghost_filters(model, generator)
     x = torch.randn(16, 3, size, size, generator=generator)
     _settle(model, x)

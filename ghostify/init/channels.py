@@ -270,8 +270,7 @@ class _Walker:
                               else "reaches the model's output")
             return
         if shape is None or len(shape) < 2:
-            harmless = node.op == "call_method" and node.target in _HARMLESS_METHODS or node.target is getattr
-            if not harmless:
+            if not _harmless(node):
                 self.block_inputs(node)
             return
         if node.op in ("placeholder", "get_attr"):
@@ -353,12 +352,14 @@ class _Walker:
             return self.reduced(node, layout)
         return None
 
-    def norm_call(self, node: fx.Node, layout: Layout) -> Optional[Layout]:
-        """A batch norm function on the statistics and affine parameters of one norm module, read there alone (a
-        norm with its own forward, as timm's ``BatchNormAct2d``): per channel, as a call of that module."""
+    def called_norm(self, node: fx.Node) -> Optional[nn.Module]:
+        """The norm module whose statistics and affine parameters alone a batch norm function call ``node`` reads,
+        and nothing else reads (a norm with its own forward, as timm's ``BatchNormAct2d``), or None."""
+        if node.op != "call_function" or node.target not in (F.batch_norm, torch.batch_norm):
+            return None
         tensors = node.all_input_nodes[1:]
         owners = {arg.target.rpartition(".")[0] for arg in tensors if arg.op == "get_attr"}
-        if layout.repeat != 1 or len(owners) != 1 or any(arg.op != "get_attr" for arg in tensors):
+        if len(owners) != 1 or any(arg.op != "get_attr" for arg in tensors):
             return None
         (owner,) = owners
         try:
@@ -367,7 +368,12 @@ class _Walker:
             return None
         readers = {user for other in self.graph.nodes if other.op == "get_attr"
                    and other.target.rpartition(".")[0] == owner for user in other.users}
-        if not isinstance(module, RUNNING_NORMS) or readers != {node}:
+        return module if isinstance(module, RUNNING_NORMS) and readers == {node} else None
+
+    def norm_call(self, node: fx.Node, layout: Layout) -> Optional[Layout]:
+        """A batch norm function call of one norm module (``called_norm``): per channel, as a call of it."""
+        module = self.called_norm(node)
+        if module is None or layout.repeat != 1:
             return None
         self.uses.append(("per_channel", module, layout))
         return layout
@@ -427,6 +433,11 @@ class _Walker:
         return Layout(tuple(space for part in parts for space in part.spaces))
 
 
+def _harmless(node: fx.Node) -> bool:
+    """A query of a tensor's size or number of dimensions, which no channel order changes."""
+    return node.op == "call_method" and node.target in _HARMLESS_METHODS or node.target is getattr
+
+
 def _shape(node) -> Optional[Tuple[int, ...]]:
     return node.meta.get("shape") if isinstance(node, fx.Node) else None
 
@@ -470,9 +481,15 @@ def _couple_part(root: nn.Module, graph: fx.Graph, names: Sequence[str], prefix:
         groups.setdefault(id(root), Group(list(root.members), root.blocked, grains.get(id(root))))
         walker.roots[name] = root
     bn = {name: None for name in names}
-    for name, node in walker.nodes.items():
-        norm = sole_norm(node, walker.modules, walker.calls, walker.modules[node.target].out_channels)
-        bn[name] = walker.modules[norm] if norm is not None else None
+    for name, node in walker.nodes.items():  # the norm that alone reads the layer: a module, or a norm's call
+        channels = walker.modules[node.target].out_channels
+        norm = sole_norm(node, walker.modules, walker.calls, channels)
+        readers = [user for user in node.users if not _harmless(user)]  # a norm's forward may check x.ndim
+        called = walker.called_norm(readers[0]) if norm is None and len(readers) == 1 else None
+        if called is not None and called.running_mean is not None and called.running_mean.numel() == channels:
+            bn[name] = called
+        else:
+            bn[name] = walker.modules[norm] if norm is not None else None
     return Coupling(list(groups.values()), bn, walker.uses, walker.roots, walker.grouped)
 
 
