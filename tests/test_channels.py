@@ -296,3 +296,25 @@ def test_norms_with_their_own_forward_take_the_channel_order():
     ghost = ghostify.convert(twice, include_stem=True, example_inputs=x[:1, :, :16, :16])
     rows = {row.name: row for row in ghost.ghostify_result.replaced}
     assert rows["conv"].gather and "batch_norm" in rows["conv"].gather_reason
+
+
+class FnLinear(nn.Linear):
+    """A linear layer with its own forward that calls ``F.linear`` (timm's ``Linear``); torch.fx traces into it."""
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def test_linear_with_its_own_forward_takes_the_channel_order():
+    """The last conv's order is absorbed by the input weights of the ``F.linear`` call that reads it, also across
+    a flatten of its spatial positions."""
+    model = _settled(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                   nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                   nn.AvgPool2d(4), nn.Flatten(), FnLinear(16 * 4, 10)), torch.randn(8, 3, 8, 8))
+    x = torch.randn(4, 3, 8, 8)
+    ghost = ghostify.convert(model, example_inputs=x[:1]).eval()
+    assert [row.name for row in ghost.ghostify_result.replaced] == ["3"]
+    assert not ghost.ghostify_result.replaced[0].gather
+    with torch.no_grad():
+        expected = _gathered(model, example_inputs=x[:1]).eval()(x)
+        assert torch.allclose(ghost(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max())

@@ -339,6 +339,8 @@ class _Walker:
             return self.elementwise(node)
         if not method and target is torch.cat:
             return self.concatenated(node)
+        if not method and target is F.linear:  # its weight is a 2-D tensor with a layout of its own: not ``first``
+            return self.linear_call(node)
         layout = self.first(node)
         if layout is None:
             return None
@@ -352,10 +354,11 @@ class _Walker:
             return self.reduced(node, layout)
         return None
 
-    def called_norm(self, node: fx.Node) -> Optional[nn.Module]:
-        """The norm module whose statistics and affine parameters alone a batch norm function call ``node`` reads,
-        and nothing else reads (a norm with its own forward, as timm's ``BatchNormAct2d``), or None."""
-        if node.op != "call_function" or node.target not in (F.batch_norm, torch.batch_norm):
+    def called_module(self, node: fx.Node, functions: Tuple, kind: type) -> Optional[nn.Module]:
+        """The module (a ``kind``) whose tensors alone a call ``node`` of one of ``functions`` reads, and nothing
+        else reads: a layer with its own forward that calls the function on them (timm's ``BatchNormAct2d``
+        calls ``F.batch_norm``, its ``Linear`` ``F.linear``), or None."""
+        if node.op != "call_function" or node.target not in functions:
             return None
         tensors = node.all_input_nodes[1:]
         owners = {arg.target.rpartition(".")[0] for arg in tensors if arg.op == "get_attr"}
@@ -368,7 +371,10 @@ class _Walker:
             return None
         readers = {user for other in self.graph.nodes if other.op == "get_attr"
                    and other.target.rpartition(".")[0] == owner for user in other.users}
-        return module if isinstance(module, RUNNING_NORMS) and readers == {node} else None
+        return module if isinstance(module, kind) and readers == {node} else None
+
+    def called_norm(self, node: fx.Node) -> Optional[nn.Module]:
+        return self.called_module(node, (F.batch_norm, torch.batch_norm), RUNNING_NORMS)
 
     def norm_call(self, node: fx.Node, layout: Layout) -> Optional[Layout]:
         """A batch norm function call of one norm module (``called_norm``): per channel, as a call of it."""
@@ -377,6 +383,16 @@ class _Walker:
             return None
         self.uses.append(("per_channel", module, layout))
         return layout
+
+    def linear_call(self, node: fx.Node) -> Optional[Layout]:
+        """``F.linear`` on one linear module's weight and bias (``called_module``), reading a flat input: the
+        module's input weights take the order, as for a call of it."""
+        module = self.called_module(node, (F.linear,), nn.Linear)
+        layout = self.layouts.get(node.args[0])
+        if module is None or layout is None or len(_shape(node.args[0])) != 2:
+            return None
+        self.uses.append(("linear", module, layout))
+        return self.fresh(node, f"made by {_describe(node)}")
 
     def reduced(self, node: fx.Node, layout: Layout) -> Optional[Layout]:
         """A mean / sum / max over spatial dimensions only (``x.mean((2, 3))``, ``x.mean(-1)``) keeps each
