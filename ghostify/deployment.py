@@ -21,7 +21,15 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 from .epilogue import assemble, fuse_epilogues
 from .module import GhostModule, channels_last, conv_dim
 from .plan import set_module
-from .trace import RUNNING_NORMS, GhostLeafTracer, module_calls, traceable_parts
+from .trace import (
+    NORM_FUNCTIONS,
+    RUNNING_NORMS,
+    GhostLeafTracer,
+    module_calls,
+    module_of_call,
+    shape_query,
+    traceable_parts,
+)
 
 RUNTIMES = ("torch", "onnxruntime", "inductor")
 
@@ -164,13 +172,13 @@ def _fold(producer: nn.Module, norm: nn.Module, fold_ghosts: bool) -> Optional[n
     return None
 
 
-def _graphs(model: nn.Module) -> Tuple[nn.Module, List[Tuple[str, fx.GraphModule]]]:
+def _graphs(model: nn.Module) -> Tuple[nn.Module, List[Tuple[str, fx.GraphModule, nn.Module]]]:
     """``model`` as a ``GraphModule`` if it traces; else ``model`` with its largest parts that trace and hold a
     conv turned into ``GraphModule``s (``trace.traceable_parts``: a detection model's backbone). Also each
-    graph with the path prefix of its modules."""
+    graph with the path prefix of its modules and the module it was traced from."""
     try:
         gm = fx.GraphModule(model, GhostLeafTracer().trace(model), class_name=type(model).__name__)
-        return gm, [("", gm)]
+        return gm, [("", gm, model)]
     except Exception:  # noqa: BLE001 - any tracing failure: look for parts that trace
         pass
     convs = [name for name, module in model.named_modules()
@@ -179,22 +187,33 @@ def _graphs(model: nn.Module) -> Tuple[nn.Module, List[Tuple[str, fx.GraphModule
     for path, part, graph in traceable_parts(model, convs):
         gm = fx.GraphModule(part, graph, class_name=type(part).__name__)
         set_module(model, path, gm)
-        graphs.append((path + ".", gm))
+        graphs.append((path + ".", gm, part))
     return model, graphs
 
 
-def _fold_graph(gm: fx.GraphModule, result: DeployResult, fold_ghosts: bool, prefix: str = "") -> None:
-    """Fold each BN that is the only user of a conv / Ghost module called once, in the traced graph (whose
-    module paths sit under ``prefix`` in the model)."""
+def _norm_call(gm: fx.GraphModule, root: nn.Module, node: fx.Node) -> Optional[str]:
+    """The norm module of ``root`` (the module ``gm`` was traced from) that ``node`` runs, called once: a norm
+    module's call, or a batch norm function on one norm's tensors alone in eval mode (a norm with its own
+    forward, as timm's ``BatchNormAct2d``, whose activation then stays in the graph)."""
+    if node.op == "call_module":
+        return node.target if isinstance(gm.get_submodule(node.target), RUNNING_NORMS) else None
+    training = node.kwargs.get("training", node.args[5] if len(node.args) > 5 else False)
+    return None if training is not False else module_of_call(root, gm.graph, node, NORM_FUNCTIONS, RUNNING_NORMS)
+
+
+def _fold_graph(gm: fx.GraphModule, root: nn.Module, result: DeployResult, fold_ghosts: bool,
+                prefix: str = "") -> None:
+    """Fold each BN (``_norm_call``) that is the only reader of a conv / Ghost module called once, in the traced
+    graph of ``root`` (whose module paths sit under ``prefix`` in the model)."""
     modules, calls = dict(gm.named_modules()), module_calls(gm.graph)
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(modules[node.target], RUNNING_NORMS) or not node.args:
+        norm = _norm_call(gm, root, node) if node.args else None
+        prev = node.args[0] if norm is not None else None
+        if not (isinstance(prev, fx.Node) and prev.op == "call_module" and calls[prev.target] == 1
+                and [user for user in prev.users if not shape_query(user)] == [node]
+                and (node.op != "call_module" or calls[node.target] == 1)):
             continue
-        prev = node.args[0]
-        if not (isinstance(prev, fx.Node) and prev.op == "call_module" and len(prev.users) == 1
-                and calls[prev.target] == 1 and calls[node.target] == 1):
-            continue
-        new = _fold(modules[prev.target], modules[node.target], fold_ghosts)
+        new = _fold(modules[prev.target], root.get_submodule(norm), fold_ghosts)
         if new is None:
             continue
         if isinstance(new, DeployedGhost):
@@ -202,8 +221,11 @@ def _fold_graph(gm: fx.GraphModule, result: DeployResult, fold_ghosts: bool, pre
         set_module(gm, prev.target, new)
         modules[prev.target] = new
         node.replace_all_uses_with(prev)
+        tensors = node.all_input_nodes[1:]
         gm.graph.erase_node(node)
-        result.folded.append(f"{prefix}{node.target} -> {prefix}{prev.target}")
+        for unused in (tensor for tensor in tensors if not tensor.users):  # a norm function's statistics
+            gm.graph.erase_node(unused)
+        result.folded.append(f"{prefix}{norm} -> {prefix}{prev.target}")
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
@@ -285,15 +307,15 @@ def deploy(model: nn.Module, *, runtime: str = "torch", compile: bool = True) ->
                            "call model.eval() first")
     deployed, graphs = _graphs(copy.deepcopy(model))
     result = DeployResult("fx" if isinstance(deployed, fx.GraphModule) else "fx parts" if graphs else "sequential")
-    for prefix, gm in graphs:
-        _fold_graph(gm, result, fold_ghosts=runtime != "onnxruntime", prefix=prefix)
+    for prefix, gm, root in graphs:
+        _fold_graph(gm, root, result, fold_ghosts=runtime != "onnxruntime", prefix=prefix)
     if not isinstance(deployed, fx.GraphModule):  # outside the traced parts
-        _fold_sequentials(deployed, result, runtime != "onnxruntime", tuple(prefix for prefix, _ in graphs))
+        _fold_sequentials(deployed, result, runtime != "onnxruntime", tuple(prefix for prefix, _, _ in graphs))
     for name, module in list(deployed.named_modules()):
         if isinstance(module, GhostModule) and (runtime != "onnxruntime" or module.inner_norms is not None):
             set_module(deployed, name, DeployedGhost.deploy(module))
             result.ghosts.append(name)
-    for _, gm in graphs:
+    for _, gm, _ in graphs:
         _drop_identities(gm)
         if runtime != "onnxruntime":
             result.epilogues += fuse_epilogues(gm, lambda m: isinstance(m, DeployedGhost) and m.out_index is None)

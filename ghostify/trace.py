@@ -207,6 +207,34 @@ def module_calls(graph: fx.Graph) -> Dict[str, int]:
     return calls
 
 
+NORM_FUNCTIONS = (F.batch_norm, torch.batch_norm)
+
+
+def shape_query(node: fx.Node) -> bool:
+    """A query of a tensor's size or number of dimensions (``x.ndim``, ``x.size()``), which reads no values."""
+    return node.op == "call_method" and node.target in ("size", "dim") or node.target is getattr
+
+
+def module_of_call(root: nn.Module, graph: fx.Graph, node: fx.Node, functions: Tuple, kind: type) -> Optional[str]:
+    """The path of the module (a ``kind``) of ``root`` whose tensors alone a call ``node`` of one of ``functions``
+    reads, and which nothing else in ``graph`` reads: a layer with its own forward that calls the function on
+    them (timm's ``BatchNormAct2d`` calls ``F.batch_norm``, its ``Linear`` ``F.linear``), or None."""
+    if node.op != "call_function" or node.target not in functions:
+        return None
+    tensors = node.all_input_nodes[1:]
+    owners = {arg.target.rpartition(".")[0] for arg in tensors if arg.op == "get_attr"}
+    if len(owners) != 1 or any(arg.op != "get_attr" for arg in tensors):
+        return None
+    (owner,) = owners
+    try:
+        module = root.get_submodule(owner)
+    except AttributeError:
+        return None
+    readers = {user for other in graph.nodes if other.op == "get_attr" and other.target.rpartition(".")[0] == owner
+               for user in other.users}
+    return owner if isinstance(module, kind) and readers == {node} else None
+
+
 def sole_norm(node: fx.Node, modules: Dict[str, nn.Module], calls: Dict[str, int],
               channels: int) -> Optional[str]:
     """The norm over ``channels`` (run once, with running statistics: ``RUNNING_NORMS``) that is the only

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torchvision
+from conftest import NormAct
 from torch import nn
 
 import ghostify
@@ -58,6 +59,18 @@ def test_deploy_folds_every_ghost_norm_in_resnet(absorb_norm):
     assert all(m.folded_norm != absorb_norm and (m.scale is None) == absorb_norm for m in deployed_ghosts)
     assert deployed.ghostify_deploy.memory_format == "channels_last"
     assert_same_outputs(ghost, deployed)
+
+
+def test_deploy_folds_norms_with_their_own_forward():
+    """A norm whose forward calls ``F.batch_norm`` and then its activation (timm's ``BatchNormAct2d``) folds
+    into the conv or Ghost module before it, in the original and the converted model; the activation stays."""
+    original = with_random_statistics(torchvision.models.resnet18(norm_layer=NormAct))
+    norms = [name for name, module in original.named_modules() if isinstance(module, NormAct)]
+    for model in (original, ghostify.convert(original, example_inputs=SMALL[:1]).eval()):
+        deployed = ghostify.deploy(model)
+        assert sorted(fold.split(" -> ")[0] for fold in deployed.ghostify_deploy.folded) == sorted(norms)
+        assert not [node for node in deployed.graph.nodes if node.target is torch.nn.functional.batch_norm]
+        assert_same_outputs(model, deployed)
 
 
 # one model per torchvision family with dense convs to convert, each with another (s, d)

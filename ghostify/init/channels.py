@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..module import GhostModule, conv_dim
-from ..trace import RUNNING_NORMS, analyse, module_calls, sole_norm
+from ..trace import NORM_FUNCTIONS, RUNNING_NORMS, analyse, module_calls, module_of_call, shape_query, sole_norm
 from .fit import Grain
 
 _PER_CHANNEL = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.ELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid,
@@ -45,7 +45,6 @@ _REDUCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
 _REDUCTION_METHODS = {"mean", "sum", "amax", "amin"}
 _RESHAPES = {torch.flatten, torch.reshape}
 _RESHAPE_METHODS = {"flatten", "view", "reshape"}
-_HARMLESS_METHODS = {"size", "dim"}
 
 
 def _per_channel_extras() -> set:
@@ -270,7 +269,7 @@ class _Walker:
                               else "reaches the model's output")
             return
         if shape is None or len(shape) < 2:
-            if not _harmless(node):
+            if not shape_query(node):
                 self.block_inputs(node)
             return
         if node.op in ("placeholder", "get_attr"):
@@ -346,7 +345,7 @@ class _Walker:
             return None
         if (method and target in _PER_CHANNEL_METHODS) or (not method and target in self.per_channel_functions):
             return layout
-        if not method and target in (F.batch_norm, torch.batch_norm):
+        if not method and target in NORM_FUNCTIONS:
             return self.norm_call(node, layout)
         if (method and target in _RESHAPE_METHODS) or (not method and target in _RESHAPES):
             return self.reshaped(node, layout)
@@ -355,26 +354,12 @@ class _Walker:
         return None
 
     def called_module(self, node: fx.Node, functions: Tuple, kind: type) -> Optional[nn.Module]:
-        """The module (a ``kind``) whose tensors alone a call ``node`` of one of ``functions`` reads, and nothing
-        else reads: a layer with its own forward that calls the function on them (timm's ``BatchNormAct2d``
-        calls ``F.batch_norm``, its ``Linear`` ``F.linear``), or None."""
-        if node.op != "call_function" or node.target not in functions:
-            return None
-        tensors = node.all_input_nodes[1:]
-        owners = {arg.target.rpartition(".")[0] for arg in tensors if arg.op == "get_attr"}
-        if len(owners) != 1 or any(arg.op != "get_attr" for arg in tensors):
-            return None
-        (owner,) = owners
-        try:
-            module = self.root.get_submodule(owner)
-        except AttributeError:
-            return None
-        readers = {user for other in self.graph.nodes if other.op == "get_attr"
-                   and other.target.rpartition(".")[0] == owner for user in other.users}
-        return module if isinstance(module, kind) and readers == {node} else None
+        """The module whose tensors alone the call ``node`` reads (``trace.module_of_call``), or None."""
+        path = module_of_call(self.root, self.graph, node, functions, kind)
+        return None if path is None else self.root.get_submodule(path)
 
     def called_norm(self, node: fx.Node) -> Optional[nn.Module]:
-        return self.called_module(node, (F.batch_norm, torch.batch_norm), RUNNING_NORMS)
+        return self.called_module(node, NORM_FUNCTIONS, RUNNING_NORMS)
 
     def norm_call(self, node: fx.Node, layout: Layout) -> Optional[Layout]:
         """A batch norm function call of one norm module (``called_norm``): per channel, as a call of it."""
@@ -449,11 +434,6 @@ class _Walker:
         return Layout(tuple(space for part in parts for space in part.spaces))
 
 
-def _harmless(node: fx.Node) -> bool:
-    """A query of a tensor's size or number of dimensions, which no channel order changes."""
-    return node.op == "call_method" and node.target in _HARMLESS_METHODS or node.target is getattr
-
-
 def _shape(node) -> Optional[Tuple[int, ...]]:
     return node.meta.get("shape") if isinstance(node, fx.Node) else None
 
@@ -500,7 +480,7 @@ def _couple_part(root: nn.Module, graph: fx.Graph, names: Sequence[str], prefix:
     for name, node in walker.nodes.items():  # the norm that alone reads the layer: a module, or a norm's call
         channels = walker.modules[node.target].out_channels
         norm = sole_norm(node, walker.modules, walker.calls, channels)
-        readers = [user for user in node.users if not _harmless(user)]  # a norm's forward may check x.ndim
+        readers = [user for user in node.users if not shape_query(user)]  # a norm's forward may check x.ndim
         called = walker.called_norm(readers[0]) if norm is None and len(readers) == 1 else None
         if called is not None and called.running_mean is not None and called.running_mean.numel() == channels:
             bn[name] = called
