@@ -5,7 +5,7 @@ Prints one row per model and initialiser (``random`` builds the architecture onl
 also fits every Ghost module to the original filters), median of ``--repeats`` runs; with ``--all``, one run
 of each torchvision classification model with the default init, then the slowest five.
 
-    python benchmarks/convert_speed.py [--repeats 3] [--threads 2] [--inits random copy]
+    python benchmarks/convert_speed.py [--repeats 3] [--threads 2] [--inits random copy] [--models resnet50 ...]
     python benchmarks/convert_speed.py --all
 """
 
@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--inits", nargs="+", default=["random", "copy"], choices=["random", "copy"])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), help="torchvision model names")
     parser.add_argument("--all", action="store_true", help="every torchvision classification model, default init")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -49,13 +50,13 @@ def main() -> None:
         return sweep(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats}")
     print(f"{'model':<20} {'init':<7} {'convert s':>10} {'report s':>10} {'total s':>10} {'FLOPs ratio':>12}  "
-          f"target < {TARGET_S} s")
-    for name, init in ((name, init) for init in args.inits for name in MODELS):
+          f"target (ResNet-50 < {TARGET_S} s, others < {TARGET_ALL_S} s)")
+    for name, init in ((name, init) for init in args.inits for name in args.models):
         runs = [time_once(name, init) for _ in range(args.repeats)]
         convert_s = statistics.median(r[0] for r in runs)
         report_s = statistics.median(r[1] for r in runs)
         total = statistics.median(r[0] + r[1] for r in runs)
-        verdict = "ok" if total < TARGET_S else "SLOWER than target"
+        verdict = "ok" if total < (TARGET_S if name == "resnet50" else TARGET_ALL_S) else "SLOWER than target"
         print(f"{name:<20} {init:<7} {convert_s:>10.2f} {report_s:>10.2f} {total:>10.2f} "
               f"{runs[0][2]:>11.2f}x  {verdict}")
 

@@ -213,6 +213,15 @@ def _is_ghost(model: nn.Module, name: str) -> bool:
         return False
 
 
+def _same_structure(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two models have the same modules, by path and class, and parameters of the same shapes (a
+    conversion that replaced nothing): one count then serves both, and a large model is traced once."""
+    return ([(name, type(module)) for name, module in a.named_modules()]
+            == [(name, type(module)) for name, module in b.named_modules()]
+            and [(name, p.shape) for name, p in a.named_parameters()]
+            == [(name, p.shape) for name, p in b.named_parameters()])
+
+
 def report(
     original: nn.Module,
     converted: Optional[nn.Module] = None,
@@ -240,7 +249,7 @@ def report(
                  before.params, before.conv_linear_flops)
     if converted is None:
         return out
-    after = Counts(converted, tuple(example_inputs))
+    after = before if _same_structure(original, converted) else Counts(converted, tuple(example_inputs))
     out.flops_after, out.params_after, out.conv_flops_after = after.flops, after.params, after.conv_linear_flops
     if result is not None:
         out.method = result.method

@@ -146,3 +146,22 @@ def test_report_counts_a_model_called_with_a_list_of_images():
     stacked = (torch.stack(images),)  # the same counts, on the body called with a tensor
     assert summary.flops_before == Counts(model.body, stacked).flops
     assert summary.flops_after == Counts(ghost.body, stacked).flops < summary.flops_before
+
+
+def test_a_conversion_that_replaced_nothing_is_counted_once(monkeypatch):
+    """ViT's only conv is its stem: the converted copy has the original's structure, so the report traces one
+    model, and its counts are the original's; a real conversion is traced on its own."""
+    traced = []
+    analyse = Counts._analyse
+    monkeypatch.setattr(Counts, "_analyse", lambda self: traced.append(self.model) or analyse(self))
+    x = torch.randn(1, 3, 32, 32)
+    model = torchvision.models.VisionTransformer(32, 16, 2, 2, 32, 64, num_classes=10).eval()
+    unchanged = ghostify.convert(model, example_inputs=x)
+    summary = ghostify.report(model, unchanged, (x,))
+    assert traced == [model]
+    assert (summary.flops_after, summary.params_after) == (summary.flops_before, summary.params_before)
+    assert summary.flops_after == Counts(unchanged, (x,)).flops
+    traced.clear()
+    resnet = torchvision.models.resnet18().eval()
+    summary = ghostify.report(resnet, ghostify.convert(resnet, example_inputs=x), (x,))
+    assert len(traced) == 2 and summary.flops_after < summary.flops_before
