@@ -11,6 +11,7 @@ pairs fold, whether the model is traced or, when torch.fx cannot trace it, walke
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -249,6 +250,34 @@ def _fold_sequentials(model: nn.Module, result: DeployResult, fold_ghosts: bool,
             result.folded.append(f"{name}.{second} -> {name}.{first}".replace(" .", " ").lstrip("."))
 
 
+_COMPARISONS = {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.and_,
+                operator.or_, operator.not_}
+
+
+def _drop_shape_checks(gm: fx.GraphModule) -> None:
+    """Remove ``torch._assert`` calls that check only tensors' shapes (timm's norms assert ``x.ndim == 4``), and
+    shape queries nothing reads: an inference graph needs neither, and they would keep a module's output from
+    taking its epilogue (``fuse_epilogues`` wants a single reader). Checks that read tensor values stay."""
+    for check in [node for node in gm.graph.nodes if node.op == "call_function" and node.target is torch._assert]:
+        dead, frontier = [check], list(check.all_input_nodes)
+        while frontier:
+            node = frontier.pop()
+            if node in dead or not all(user in dead for user in node.users):
+                continue
+            if not (shape_query(node) or node.op == "call_function" and node.target in _COMPARISONS):
+                break
+            dead.append(node)
+            if not shape_query(node):  # a shape query's input is the tensor checked, which stays
+                frontier += node.all_input_nodes
+        else:
+            for node in dead:
+                gm.graph.erase_node(node)
+    for node in [node for node in gm.graph.nodes if shape_query(node) and not node.users]:
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+
+
 def _drop_identities(gm: fx.GraphModule) -> None:
     """Remove ``nn.Identity`` calls (where norms taken into Ghost modules were)."""
     modules = dict(gm.named_modules())
@@ -308,6 +337,7 @@ def deploy(model: nn.Module, *, runtime: str = "torch", compile: bool = True) ->
     deployed, graphs = _graphs(copy.deepcopy(model))
     result = DeployResult("fx" if isinstance(deployed, fx.GraphModule) else "fx parts" if graphs else "sequential")
     for prefix, gm, root in graphs:
+        _drop_shape_checks(gm)
         _fold_graph(gm, root, result, fold_ghosts=runtime != "onnxruntime", prefix=prefix)
     if not isinstance(deployed, fx.GraphModule):  # outside the traced parts
         _fold_sequentials(deployed, result, runtime != "onnxruntime", tuple(prefix for prefix, _, _ in graphs))

@@ -71,6 +71,29 @@ def test_deploy_folds_norms_with_their_own_forward():
         assert sorted(fold.split(" -> ")[0] for fold in deployed.ghostify_deploy.folded) == sorted(norms)
         assert not [node for node in deployed.graph.nodes if node.target is torch.nn.functional.batch_norm]
         assert_same_outputs(model, deployed)
+    # the norms' ``x.ndim`` checks are dropped, so each Ghost module takes the ReLU after it as its epilogue
+    assert not [node for node in deployed.graph.nodes if node.target is torch._assert]
+    assert deployed.ghostify_deploy.epilogues == len(model.ghostify_result.replaced)
+
+
+class ChecksValues(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        torch._assert(x.dim() == 4, "a 4-D input")
+        y = self.conv(x)
+        torch._assert(torch.isfinite(y).all(), "finite outputs")
+        return y
+
+
+def test_deploy_drops_shape_checks_and_keeps_value_checks():
+    model = ChecksValues().eval()
+    deployed = ghostify.deploy(model)
+    checks = [node for node in deployed.graph.nodes if node.target is torch._assert]
+    assert [node.args[1] for node in checks] == ["finite outputs"]
+    assert_same_outputs(model, deployed)
 
 
 # one model per torchvision family with dense convs to convert, each with another (s, d)
