@@ -50,10 +50,11 @@ def agreement(original: torch.nn.Module, converted: torch.nn.Module, x: torch.Te
 
 def timed(make, device: torch.device):
     """``make()`` and its wall time in seconds, the device's queued work included."""
-    torch.cuda.synchronize(device) if device.type == "cuda" else None
+    wait = torch.cuda.synchronize if device.type == "cuda" else lambda _: None
+    wait(device)
     start = time.perf_counter()
     out = make()
-    torch.cuda.synchronize(device) if device.type == "cuda" else None
+    wait(device)
     return out, time.perf_counter() - start
 
 
@@ -66,22 +67,17 @@ def pipeline(name: str, args: argparse.Namespace, calibration: torch.Tensor, tes
         for batch in calibration.split(16):
             original.train()(batch)
     original.eval()
-    example = test[:1]
-    ghost = None
+    converted = {}
     for init in ("copy", "calibrate"):
         data = {"calibration_data": calibration} if init == "calibrate" else {}
-        options = dict(s=args.s, d=args.d, init=init, example_inputs=example, **data)
-        converted, seconds = timed(partial(ghostify.convert, original, **options), test.device)
-        converted.eval()
-        error, top1 = agreement(original, converted, test)
-        with torch.no_grad():
-            deployed = ghostify.deploy(converted)
-            got, expected = deployed(test).double(), converted(test).double()
-        deploy_error = ((got - expected).norm() / expected.norm()).item()
+        options = dict(s=args.s, d=args.d, init=init, example_inputs=test[:1], **data)
+        ghost, seconds = timed(partial(ghostify.convert, original, **options), test.device)
+        converted[init] = ghost.eval()
+        error, top1 = agreement(original, ghost, test)
+        deploy_error, _ = agreement(ghost, ghostify.deploy(ghost), test)
         print(f"| {name} | {args.s} | {init} | {seconds:.2f} | {error:.4f} | {top1:.3f} | {deploy_error:.1e} |",
               flush=True)
-        ghost = converted if init == "copy" else ghost
-    return original, ghost
+    return original, converted["copy"]
 
 
 def timed_rows(name: str, original: torch.nn.Module, args: argparse.Namespace, example: torch.Tensor) -> None:

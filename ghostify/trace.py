@@ -25,6 +25,7 @@ _CONV_TYPES = (nn.modules.conv._ConvNd,)
 # per-channel norms with running statistics a conv's output may pass through: torch's batch norms and
 # torchvision's frozen one (the norm of its detection models' pretrained backbones)
 RUNNING_NORMS = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
+NORM_FUNCTIONS = (F.batch_norm, torch.batch_norm)  # what a norm with its own forward calls on its statistics
 _FUNCTIONAL_CONVS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d,
                      F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
 
@@ -205,9 +206,6 @@ def module_calls(graph: fx.Graph) -> Dict[str, int]:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
     return calls
-
-
-NORM_FUNCTIONS = (F.batch_norm, torch.batch_norm)
 
 
 def shape_query(node: fx.Node) -> bool:
