@@ -423,7 +423,10 @@ def _overlap(per_dim: Sequence[Taps]) -> Optional[Tuple[Tuple[slice, ...], Tuple
 
 
 def restrict(weight: torch.Tensor, primary_kernel, dilation, stride, d: int) -> torch.Tensor:
-    """Each filter restricted to the primary conv's taps: the closest ``primary_kernel`` filter."""
+    """Each filter restricted to the primary conv's taps: the closest ``primary_kernel`` filter (``weight``
+    itself when the kernels are the same size)."""
+    if tuple(primary_kernel) == tuple(weight.shape[2:]):
+        return weight
     geometry = _geometry(weight, primary_kernel, dilation, stride, d)
     primary = weight.new_zeros(*weight.shape[:2], *primary_kernel)
     centre = _overlap([to_original[d // 2] for to_original, _ in geometry])
@@ -451,10 +454,11 @@ def filter_pairing(weight: torch.Tensor, primary_kernel, dilation, stride, d: in
     to_self = [g[1] for g in geometry]
     w = weight.float()
     primary = restrict(w, primary_kernel, dilation, stride, d)
-    w_last, primary_last = w.movedim(1, -1).contiguous(), primary.movedim(1, -1).contiguous()
+    same = primary is w  # the primary filters are the original ones
+    w_last = w.movedim(1, -1).contiguous()
+    primary_last = w_last if same else primary.movedim(1, -1).contiguous()
     shifts = _linked(list(itertools.product(range(d), repeat=len(geometry))), to_original, to_self)
     cross = w.new_zeros(len(w), len(w), len(shifts))
-    same = tuple(primary_kernel) == tuple(weight.shape[2:])  # the primary filters are the original ones
     done: Dict[Tuple, int] = {}
     for j, shift in enumerate(shifts):
         windows = _overlap([per_dim[u] for per_dim, u in zip(to_original, shift)])
@@ -478,7 +482,7 @@ def filter_pairing(weight: torch.Tensor, primary_kernel, dilation, stride, d: in
     zero = w.new_zeros(len(w))
     gram = torch.stack([torch.stack([auto.get(tuple(a - b for a, b in zip(u, v)), zero) for v in shifts], 1)
                         for u in shifts], 1)
-    energy = w.flatten(1).square().sum(1)
+    energy = torch.linalg.vector_norm(w.flatten(1), dim=1).square()
     taps = torch.tensor([int(np.ravel_multi_index(shift, (d,) * len(shift))) for shift in shifts])
     return Pairing(cross, gram, energy, gain.float(), taps), primary.to(weight.dtype)
 
