@@ -176,6 +176,9 @@ def _skip_reason(site: ConvSite, names: List[str], opts: Dict[str, Any]) -> Opti
         return "never runs on the example inputs"
     if site.read_directly:
         return f"the model's code reads {site.read_directly}, which a Ghost module does not have"
+    if site.reads_pooled:
+        return ("reads a pooled vector (squeeze-and-excite, a head after global pooling): a linear layer in "
+                "effect, where a cheap op could only scale copies of the intrinsic maps")
     excluded = _first_match(opts["exclude"] or [], names)
     if excluded:
         return f"excluded by pattern {excluded!r}"

@@ -10,6 +10,7 @@ conv that runs.
 from __future__ import annotations
 
 import itertools
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Collection, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -43,6 +44,7 @@ class ConvSite:
     is_stem: bool = False
     norm: Optional[str] = None
     read_directly: Optional[str] = None  # a tensor of it the model's own code reads (``conv.weight.device``)
+    reads_pooled: bool = False  # its input is a pooled vector (``_pooled_convs``)
 
 
 @dataclass
@@ -199,6 +201,31 @@ def _fx_stems_and_functional(graph_module: fx.GraphModule, conv_names: set) -> T
     return stems - not_stems, functional
 
 
+def _positions(shape: Tuple[int, ...]) -> int:
+    """Positions of a ``(N, C, *spatial)`` tensor's map (1 with no spatial dimensions)."""
+    return math.prod(shape[2:])
+
+
+def _pooled_convs(graph_module: fx.GraphModule) -> set:
+    """Conv modules that read a pooled vector: a single-position tensor that a pooling or reduction made from a
+    larger map, perhaps through element-wise ops and other such convs (the two convs of a squeeze-and-excite, a
+    head conv after global pooling). Uses the shapes ``ShapeRecorder`` noted."""
+    modules = dict(graph_module.named_modules())
+    pooled, found = set(), set()
+    for node in graph_module.graph.nodes:
+        shape = node.meta.get("shape")
+        inputs = [arg for arg in node.all_input_nodes if "shape" in arg.meta]
+        if shape is None or _positions(shape) != 1 or not inputs:
+            continue
+        if node.op == "call_module" and conv_dim(modules.get(node.target)) is not None:
+            if inputs[0] in pooled:
+                pooled.add(node)
+                found.add(node.target)
+        elif any(arg in pooled or _positions(arg.meta["shape"]) > 1 for arg in inputs):
+            pooled.add(node)
+    return found
+
+
 def module_calls(graph: fx.Graph) -> Dict[str, int]:
     """How many times the graph calls each module (by its target path)."""
     calls: Dict[str, int] = {}
@@ -300,6 +327,7 @@ def analyse(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Analysis:
             sites = conv_sites(model)
             order, parts = _run_recording_parts(model, sites, inputs)
     norms = {prefix + conv: prefix + norm for prefix, part in parts for conv, norm in _sole_norms(part).items()}
+    pooled = {prefix + conv for prefix, part in parts for conv in _pooled_convs(part)}
     if graph_module is None:
         method, functional = "hooks", []
         for site in order[:1]:
@@ -313,6 +341,7 @@ def analyse(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Analysis:
                     for node in part.graph.nodes if node.op == "get_attr"}
     for site in order:  # the norm its Ghost module may take in: seen in the model's graph, or a traced part's
         site.norm = norms.get(site.name) if site.calls == 1 else None
+        site.reads_pooled = site.name in pooled
         site.read_directly = next((read_by_code[name] for name in [site.name, *site.aliases] if name in read_by_code),
                                   None)
     unused = [site for site in sites.values() if site.calls == 0]

@@ -57,6 +57,47 @@ def test_rewrite_mixed_policy_reasons():
     assert ghost.ghostify_result.method == "fx"
 
 
+class SqueezeExcite(nn.Module):
+    """A squeeze-and-excite pair of 1x1 convs on the pooled vector; then, at the boundaries of the rule, a 1x1
+    conv on a single position a strided conv made (not pooled) and one on a pooled 2x2 map."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.body = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.fc1, self.fc2 = nn.Conv2d(16, 8, 1), nn.Conv2d(8, 16, 1)
+        self.down, self.tail, self.head = nn.Conv2d(16, 16, 3, stride=8, padding=1), nn.Conv2d(16, 16, 1), nn.Conv2d(
+            16, 16, 1)
+
+    def forward(self, x):
+        x = self.body(self.stem(x))
+        x = x * torch.sigmoid(self.fc2(torch.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+        return self.tail(self.down(x)).flatten(1) + self.head(F.adaptive_avg_pool2d(x, 2)).mean((2, 3))
+
+
+class Untraceable(nn.Module):
+    """``inner`` behind data-dependent control flow, which symbolic tracing cannot follow."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x) if x.sum() > -1e9 else x
+
+
+def test_rewrite_keeps_convs_that_read_a_pooled_vector():
+    ghost = ghostify.convert(SqueezeExcite(), example_inputs=torch.randn(1, 3, 8, 8))
+    assert _replaced(ghost) == ["body", "down", "tail", "head"]
+    assert all("pooled vector" in _reasons(ghost)[name] for name in ("fc1", "fc2"))
+    wrapped = ghostify.convert(Untraceable(SqueezeExcite()), example_inputs=torch.randn(1, 3, 8, 8))
+    assert wrapped.ghostify_result.method == "hooks"  # seen in the part that traces
+    assert _replaced(wrapped) == ["inner." + name for name in _replaced(ghost)]
+    se = ghostify.convert(torchvision.models.mobilenet_v3_small(), init="random")
+    kept = [name for name, reason in _reasons(se).items() if "pooled vector" in reason]
+    assert len(kept) == 2 * sum(".fc1" in name for name in kept) and kept
+    assert not any(".fc" in name for name in _replaced(se))
+
+
 def test_rewrite_include_stem_converts_it():
     ghost = ghostify.convert(Mixed(), include_stem=True, example_inputs=torch.randn(1, 3, 8, 8))
     assert isinstance(ghost.stem, GhostModule)
