@@ -29,7 +29,7 @@ from .init.fit import Grain, choose, explained, filter_pairing, unexplained
 from .init.measure import record
 from .latency import layer_times, model_ms
 from .module import intrinsic_count
-from .plan import planned_intrinsic
+from .plan import planned_module
 from .progress import progress as progress_display
 from .redundancy import IMAGES, RATIOS, ghost_maps, layer_errors
 from .trace import evaluating
@@ -58,9 +58,9 @@ def conv_flops(entry: Mapping, s: Optional[int], m: Optional[int] = None) -> flo
     return positions * (m * c * math.prod(entry["primary_kernel"]) + m * (s - 1) * entry["d"] ** len(kernel))
 
 
-def _intrinsic(entry: Mapping, s: int, grain: Optional[Grain], align: int) -> Optional[int]:
-    """A plan row's ``intrinsic`` at ratio ``s``, as ``convert`` sets it."""
-    return planned_intrinsic(entry["out_channels"], s, grain.width if grain else 1, align)
+def _module(entry: Mapping, s: int, grain: Optional[Grain], align: int) -> Tuple[int, Optional[int]]:
+    """The ``s`` and ``intrinsic`` ``convert`` builds a layer with when asked for ratio ``s`` (``planned_module``)."""
+    return planned_module(entry["out_channels"], s, grain.width if grain else 1, align)
 
 
 def fit_errors(conv: nn.Module, norm: Optional[nn.Module], entry: Mapping, ratios: Sequence[int] = RATIOS,
@@ -228,16 +228,17 @@ def _costs(model: nn.Module, entries: Sequence[Mapping], inputs: Sequence[torch.
     ratios = {entry["name"]: [s for s in RATIOS if s <= entry["out_channels"]] for entry in entries}
     if target_flops is not None:
         total = Counts(model, tuple(inputs)).conv_linear_flops
-        return {e["name"]: {s: conv_flops(e, s, s and _intrinsic(e, s, grains.get(e["name"]), align))
-                            for s in [None, *ratios[e["name"]]]} for e in entries}, total, "FLOPs"
-    variants = [{**entry, "s": s, "intrinsic": _intrinsic(entry, s, grains.get(entry["name"]), align)}
-                for entry in entries for s in ratios[entry["name"]]]
+        return {e["name"]: {None: conv_flops(e, None), **{s: conv_flops(e, *_module(e, s, grains.get(e["name"]), align))
+                                                          for s in ratios[e["name"]]}} for e in entries}, total, "FLOPs"
+    asked = [(entry, s) for entry in entries for s in ratios[entry["name"]]]
+    variants = [dict(entry, **dict(zip(("s", "intrinsic"), _module(entry, s, grains.get(entry["name"]), align))))
+                for entry, s in asked]
     times = layer_times(model, variants, runtime=runtime, batch=batch, progress=True)
     costs: Dict[str, Dict[Optional[int], float]] = {}
     dense: Dict[str, List[float]] = {}
-    for variant, (conv_ms, ghost_ms) in zip(variants, times):
-        costs.setdefault(variant["name"], {})[variant["s"]] = ghost_ms
-        dense.setdefault(variant["name"], []).append(conv_ms)
+    for (entry, s), (conv_ms, ghost_ms) in zip(asked, times):
+        costs.setdefault(entry["name"], {})[s] = ghost_ms
+        dense.setdefault(entry["name"], []).append(conv_ms)
     for name, samples in dense.items():
         costs[name][None] = statistics.median(samples)
     total = model_ms(model, [x.shape[1:] for x in inputs], runtime=runtime, batch=batch)
@@ -276,7 +277,9 @@ def plan(model: nn.Module, entries: Sequence[Mapping], norms: Mapping[str, Optio
     what = "target_flops" if target_flops is not None else "target_latency"
     if cheapest > target * total:
         raise ValueError(f"{what}={target} is unreachable: with every convertible layer at its cheapest ratio the "
-                         f"model keeps {cheapest / total:.3f} of its {unit}; ask for more")
+                         f"model keeps {cheapest / total:.3f} of its {unit}; ask for more"
+                         + (f" (or align=1: intrinsic maps in multiples of {align} channels cost more)"
+                            if align > 1 else ""))
     errors = output_errors(model, entries, norms, batches, progress=progress) if batches else \
         _errors(model, entries, norms, progress, grains, align)
     options = {group: [Option(s, sum(costs[n][s] for n in group), sum(errors[n][s] if s else 0.0 for n in group))

@@ -25,11 +25,15 @@ def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
         setattr(model.get_submodule(parent), child, module)
 
 
-def planned_intrinsic(n: int, s: int, width: int = 1, align: int = 1) -> Optional[int]:
-    """A plan row's ``intrinsic`` for ``n`` outputs at ratio ``s`` (``module.intrinsic_count``): None when it is
-    the default ``ceil(n / s)``."""
+def planned_module(n: int, s: int, width: int = 1, align: int = 1) -> Tuple[int, Optional[int]]:
+    """A plan row's ``s`` and ``intrinsic`` for ``n`` outputs asked for at ratio ``s``: ``m`` from
+    ``module.intrinsic_count`` (``intrinsic`` None when it is the default ``ceil(n / s)``), and ``s`` lowered to
+    the runs of ghosts the other ``n - m`` channels fill, where ``m`` is so large (aligned, whole groups) that
+    fewer than ``s - 1`` do: the module then computes no ghost it drops (32 outputs at s=4 aligned to 16 are
+    16 intrinsic maps and one run of 16 ghosts: s=2)."""
     m = intrinsic_count(n, s, width, align)
-    return None if m == -(-n // s) else m
+    s = min(s, 1 + -(-(n - m) // m))
+    return s, None if m == -(-n // s) else m
 
 
 def apply_plan(model: nn.Module, plan: Iterable[Mapping[str, Any]],

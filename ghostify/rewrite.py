@@ -28,7 +28,7 @@ from .module import (
     conv_dim,
     primary_padding,
 )
-from .plan import apply_plan, planned_intrinsic
+from .plan import apply_plan, planned_module
 from .trace import Analysis, ConvSite, _shape, analyse, placement, random_inputs
 
 PerLayer = Union[Any, Mapping[str, Any]]
@@ -284,21 +284,30 @@ def _budgeted(model: nn.Module, rows: List[Replaced], norms: Dict[str, Optional[
     return converted, kept
 
 
-def _set_intrinsic(rows: List[Replaced], widths: Mapping[str, int], align: int) -> Optional[str]:
+def _set_intrinsic(rows: List[Replaced], widths: Mapping[str, int], align: int) -> Dict[str, str]:
     """Each row's intrinsic map count: whole groups of the grouped conv that reads it (``widths``), parts on
-    ``align``-channel blocks where its width allows (``intrinsic_count``); a note naming the unaligned layers."""
-    unaligned = []
+    ``align``-channel blocks where its width allows, and its ``s`` lowered where that many intrinsic maps leave
+    fewer runs of ghosts (``plan.planned_module``); notes naming the unaligned and the lowered layers."""
+    unaligned, lowered = [], []
     for row in rows:
-        n = row.out_channels
-        row.intrinsic = planned_intrinsic(n, row.s, widths.get(row.name, 1), align)
+        n, asked = row.out_channels, row.s
+        row.s, row.intrinsic = planned_module(n, asked, widths.get(row.name, 1), align)
         m = row.intrinsic or -(-n // row.s)
         if m % align or n % align:
             unaligned.append(row.name)
-    if not unaligned or align == 1:
-        return None
-    return (f"{len(unaligned)} of {len(rows)} layers have parts off the {align}-channel blocks (their width is "
-            f"not a multiple of {align}, or no multiple of {align} intrinsic maps fits): {', '.join(unaligned[:3])}"
-            + (" ..." if len(unaligned) > 3 else ""))
+        if row.s < asked:
+            lowered.append(f"{row.name} (s={asked} -> {row.s}, m={m})")
+    notes = {}
+    if unaligned and align > 1:
+        notes["unaligned"] = (f"{len(unaligned)} of {len(rows)} layers have parts off the {align}-channel blocks "
+                              f"(their width is not a multiple of {align}, or no multiple of {align} intrinsic maps "
+                              f"fits): {', '.join(unaligned[:3])}" + (" ..." if len(unaligned) > 3 else ""))
+    if lowered:
+        notes["lowered s"] = (f"{len(lowered)} layers have so many intrinsic maps (multiples of {align} channels, or "
+                              "whole groups of a grouped conv that reads them) that fewer runs of ghosts fill the "
+                              "rest, so they use a smaller s and compute no ghost they would drop (align=1 keeps "
+                              f"ceil(n / s)): {', '.join(lowered[:3])}" + (" ..." if len(lowered) > 3 else ""))
+    return notes
 
 
 def convert(
@@ -468,12 +477,13 @@ def _plan(model: nn.Module, converted: nn.Module, analysis: Analysis, opts: Dict
     replaced = [r for r in decisions if isinstance(r, Replaced)]
     skipped = [r for r in decisions if isinstance(r, Skipped)]
     widths = grouped_widths(converted, {row.name: row for row in replaced}, inputs, analysis.parts)
-    _set_intrinsic(replaced, widths, align)  # layer timings build the modules convert builds
+    notes = _set_intrinsic(replaced, widths, align)  # layer timings build the modules convert builds
     if (target_flops is not None or target_latency is not None) and replaced:
         norms = {site.name: site.norm for site in analysis.sites}
         replaced, kept = _budgeted(model, replaced, norms, inputs, batches, target_flops, target_latency, runtime,
                                    runtime_batch, align)
         skipped += kept
+        notes = _set_intrinsic(replaced, widths, align)  # for the s the budget chose
     elif runtime is not None and replaced:
         replaced, slower = _keep_faster(model, replaced, runtime, runtime_batch)
         skipped += slower
@@ -481,9 +491,7 @@ def _plan(model: nn.Module, converted: nn.Module, analysis: Analysis, opts: Dict
                 for name in analysis.functional]
     result = ConversionResult(analysis.method, replaced, skipped, [_shape(x) for x in inputs], init,
                               source=getattr(model, "ghostify_source", None))
-    unaligned = _set_intrinsic(replaced, widths, align)  # a budget may have changed s
-    if unaligned:
-        result.notes["unaligned"] = unaligned
+    result.notes.update(notes)
     if not replaced:
         reasons = sorted({row.reason for row in skipped})
         warnings.warn(f"no convolution was converted (the model is unchanged): {'; '.join(reasons[:3])}"

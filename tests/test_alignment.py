@@ -93,3 +93,33 @@ def test_bad_align_is_refused(align):
 def test_module_refuses_an_intrinsic_count_out_of_range():
     with pytest.raises(ValueError, match=r"intrinsic_channels must be in \[ceil\(n / s\), n\) = \[8, 16\)"):
         GhostModule(4, 16, 3, intrinsic_channels=16)
+
+
+class Narrow(nn.Module):
+    """A stem, then two 32-wide convs: at s=4 aligned to 16, 16 intrinsic maps leave one run of ghosts."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.b, self.c = (nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1),
+                                     nn.Conv2d(32, 32, 3, padding=1))
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.stem(x)))))
+
+
+def test_alignment_that_leaves_fewer_ghost_runs_lowers_s():
+    """A higher s never costs more than a lower one: a module whose aligned intrinsic maps leave fewer runs of
+    ghosts than s - 1 uses the smaller s (computing no ghost it would drop), and the note says so."""
+    model, x = Narrow(), torch.randn(1, 3, 16, 16)
+    flops = {}
+    for s in (2, 4):
+        ghost = ghostify.convert(model, s=s, example_inputs=x, init="random")
+        flops[s] = ghostify.report(model, ghost, (x,)).flops_after
+        assert [(row.s, ghost.get_submodule(row.name).cheap_conv.out_channels) for row in
+                ghost.ghostify_result.replaced] == [(2, 16), (2, 16)]
+    assert flops[4] == flops[2]
+    assert "b (s=4 -> 2, m=16)" in ghost.ghostify_result.notes["lowered s"]
+    paper = ghostify.convert(model, s=4, example_inputs=x, init="random", align=1)
+    assert [row.s for row in paper.ghostify_result.replaced] == [4, 4]
+    assert "lowered s" not in paper.ghostify_result.notes
+    assert ghostify.report(model, paper, (x,)).flops_after < flops[2]
