@@ -11,7 +11,7 @@ import sys
 import warnings
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import click
 
@@ -109,11 +109,15 @@ def _status(message: str, quiet: bool = False) -> Iterator[None]:
         yield
 
 
-def _inputs(input_size: Optional[Tuple[int, ...]], default: Tuple[int, ...], model):
-    """One random example input of the given (or default) size, in ``model``'s dtype and on its device."""
+def _inputs(input_size: Optional[Tuple[int, ...]], sizes: Sequence[Tuple[int, ...]], model):
+    """Random example inputs in ``model``'s dtype and on its device: one of ``input_size`` when given, else one
+    per entry of ``sizes`` (``_input_sizes``)."""
     from .trace import random_inputs
 
-    return random_inputs(model, (1, *(input_size or default)))
+    if input_size and len(sizes) > 1:
+        raise ValueError(f"the model takes {len(sizes)} inputs and --input-size sets one; leave it out to use the "
+                         "sizes it was converted at")
+    return random_inputs(model, *[(1, *size) for size in ([input_size] if input_size else sizes)])
 
 
 def _to_device(model, device: Optional[str]):
@@ -133,14 +137,12 @@ def _to_device(model, device: Optional[str]):
     return model.to(target)
 
 
-def _input_size_of(text: str, loaded) -> Tuple[int, ...]:
-    """The per-sample input size MODEL was converted at (a ghostify file), or its default."""
+def _input_sizes(text: str, loaded) -> List[Tuple[int, ...]]:
+    """The per-sample sizes of the inputs MODEL was converted at (a ghostify file), or its default size."""
     from .sources import default_input_size, parse
+    from .trace import input_sizes
 
-    result = getattr(loaded, "ghostify_result", None)
-    if result is not None and result.input_shapes and result.input_shapes[0]:
-        return tuple(result.input_shapes[0][1:])
-    return default_input_size(parse(text))
+    return input_sizes(loaded, default=default_input_size(parse(text)))
 
 
 def _print_report(report, as_json: bool) -> None:
@@ -297,7 +299,7 @@ def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_s
 
     with _status(f"Building {model}", as_json):
         source = _to_device(load_model(model, weights, trust_source, arch), device)
-    inputs = _inputs(input_size, _input_size_of(model, source), source)
+    inputs = _inputs(input_size, _input_sizes(model, source), source)
     calibration = None
     if calib_data is not None:
         from .init.data import load_calibration
@@ -368,7 +370,7 @@ def analyze(model, images, tables, sizes, cheap_d, tolerance, plot, original_mod
 
     from .trace import placement
 
-    shape = _inputs(input_size, _input_size_of(model, loaded), loaded)[0].shape[1:]
+    shape = tuple(input_size) if input_size else _input_sizes(model, loaded)[0]
     batches = load_calibration(images, tuple(shape), IMAGES)
     dtype, where = placement(loaded)
     inputs = torch.cat([batch[0] for batch in batches]).to(dtype=dtype, device=where)
@@ -398,7 +400,7 @@ def report(model, input_size, as_json, trust_source, arch, device) -> None:
 
     with _status(f"Counting {model}", as_json):
         loaded = _to_device(load_model(model, trust_source=trust_source, arch=arch), device)
-        inputs = _inputs(input_size, _input_size_of(model, loaded), loaded)
+        inputs = _inputs(input_size, _input_sizes(model, loaded), loaded)
         result = getattr(loaded, "ghostify_result", None)
         if result is None:
             summary = ghostify.report(loaded, None, inputs, name=model)
@@ -473,7 +475,7 @@ def finetune(ghost_file, teacher, teacher_weights, data_path, val_data, epochs, 
     if getattr(student, "ghostify_result", None) is None:
         raise ValueError(f"{ghost_file} is not a ghostify file (convert a model first)")
     source = _to_device(load_model(teacher, teacher_weights, trust_source), device)
-    shape = tuple(input_size) if input_size else _input_size_of(ghost_file, student)
+    shape = tuple(input_size) if input_size else _input_sizes(ghost_file, student)[0]
     data = read_dataset(data_path, shape)
     val = read_dataset(val_data, shape) if val_data else None
     tuned = ghostify.finetune(student, source, data, val_data=val, epochs=epochs, lr=lr, batch_size=batch_size,
@@ -523,9 +525,10 @@ def export(model, fmt, input_size, dynamic_batch, trust_source, arch, force, out
         if getattr(loaded, "ghostify_result", None) is None:
             warnings.warn(f"{model} is not a ghostify file: exporting the original model, unconverted "
                           "(convert it first: ghostify convert MODEL -o FILE)", UserWarning, stacklevel=1)
-        done = export_model(loaded, output, fmt, input_size=input_size or _input_size_of(model, loaded),
+        done = export_model(loaded, output, fmt, input_size=input_size or _input_sizes(model, loaded),
                             dynamic_batch=dynamic_batch, overwrite=force)
-    click.echo(f"wrote {done.path} ({fmt}, input {'x'.join(map(str, done.input_shape))}"
+    shapes = done.input_shape if isinstance(done.input_shape[0], tuple) else (done.input_shape,)
+    click.echo(f"wrote {done.path} ({fmt}, input {', '.join('x'.join(map(str, shape)) for shape in shapes)}"
                f"{', dynamic batch' if dynamic_batch else ''}); max abs diff vs PyTorch: {done.max_abs_diff:.2e}")
 
 
@@ -562,14 +565,14 @@ def bench(model, ghost_file, batches, runtime, threads, repeats, s, d, input_siz
             converted, original = original, _original_of(model, original, arch, trust_source)
         elif converted is not None:
             _check_same_source(model, ghost_file, converted)
-        size = tuple(input_size or _input_size_of(ghost_file or model, converted if converted is not None else
-                                                  original))
+        sizes = [tuple(input_size)] if input_size else _input_sizes(ghost_file or model, converted if converted
+                                                                     is not None else original)
         original = _to_device(original, device)
         converted = _to_device(converted, device) if converted is not None else None
         if converted is None:
-            converted = ghostify.convert(original, s=s, d=d, example_inputs=_inputs(size, size, original))
+            converted = ghostify.convert(original, s=s, d=d, example_inputs=_inputs(None, sizes, original))
     result = run_bench(original.eval(), converted.eval(), batches=batches or (1, 16), runtime=runtime,
-                       threads=threads, repeats=repeats, input_size=size, name=model, progress=not as_json)
+                       threads=threads, repeats=repeats, input_size=sizes, name=model, progress=not as_json)
     _print_report(result, as_json)
 
 

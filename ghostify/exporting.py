@@ -12,14 +12,14 @@ import os
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 from torch import nn
 
 from .deployment import deploy
 from .files import atomic_write
-from .trace import placement, random_inputs
+from .trace import input_sizes, placement, random_inputs
 
 FORMATS = ("onnx", "torchscript", "pt2")
 ONNX_OPSET = 17
@@ -48,7 +48,7 @@ class ExportResult:
 
     path: str
     format: str
-    input_shape: Tuple[int, ...]
+    input_shape: Tuple  # the example's shape; one per input for a model with several
     dynamic_batch: bool
     max_abs_diff: float
 
@@ -82,48 +82,58 @@ def onnx_session(path: str, threads: int = 0):
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
-def write_onnx(model: nn.Module, path: str, example: torch.Tensor, dynamic_batch: bool) -> None:
+def _names(kind: str, count: int):
+    """ONNX input/output names: ``input``, or ``input_0``, ``input_1``, ... for several."""
+    return [kind] if count == 1 else [f"{kind}_{i}" for i in range(count)]
+
+
+def write_onnx(model: nn.Module, path: str, examples: Tuple[torch.Tensor, ...], dynamic_batch: bool) -> None:
     """``torch.onnx.export`` (TorchScript-based exporter: it runs offline and keeps Conv/Concat as they are)."""
     require_onnx()
-    axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
+    inputs = _names("input", len(examples))
+    axes = {name: {0: "batch"} for name in [*inputs, "output"]} if dynamic_batch else None
     with _quiet_exporters():
-        torch.onnx.export(model, (example,), path, dynamo=False, opset_version=ONNX_OPSET,
-                          input_names=["input"], output_names=["output"], dynamic_axes=axes)
+        torch.onnx.export(model, examples, path, dynamo=False, opset_version=ONNX_OPSET, input_names=inputs,
+                          output_names=["output"], dynamic_axes=axes)
 
 
-def _write_torchscript(model: nn.Module, path: str, example: torch.Tensor) -> None:
+def _write_torchscript(model: nn.Module, path: str, examples: Tuple[torch.Tensor, ...]) -> None:
     with _quiet_exporters():
-        traced = torch.jit.trace(model, (example,), check_trace=False)
+        traced = torch.jit.trace(model, examples, check_trace=False)
     traced.save(path)
 
 
-def _write_pt2(model: nn.Module, path: str, example: torch.Tensor, dynamic_batch: bool) -> None:
-    shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
+def _write_pt2(model: nn.Module, path: str, examples: Tuple[torch.Tensor, ...], dynamic_batch: bool) -> None:
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    shapes = tuple({0: batch} for _ in examples) if dynamic_batch else None
     buffer = io.BytesIO()  # torch.export.save wants a .pt2 name; atomic_write hands us a temp name
     with _quiet_exporters():
-        program = torch.export.export(model, (example,), dynamic_shapes=shapes)
+        program = torch.export.export(model, examples, dynamic_shapes=shapes)
         torch.export.save(program, buffer)
     with open(path, "wb") as handle:
         handle.write(buffer.getvalue())
 
 
-def _run_file(path: str, fmt: str, x: torch.Tensor) -> torch.Tensor:
+def _run_file(path: str, fmt: str, xs: Tuple[torch.Tensor, ...]) -> torch.Tensor:
     if fmt == "onnx":
         session = onnx_session(path)
-        return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.cpu().numpy()})[0])
+        feed = {spec.name: x.cpu().numpy() for spec, x in zip(session.get_inputs(), xs)}
+        return torch.from_numpy(session.run(None, feed)[0])
     with _quiet_exporters():
-        return torch.jit.load(path)(x) if fmt == "torchscript" else torch.export.load(path).module()(x)
+        return torch.jit.load(path)(*xs) if fmt == "torchscript" else torch.export.load(path).module()(*xs)
 
 
-def export(model: nn.Module, path: str, format: str = "onnx", *, input_size: Sequence[int] = (3, 224, 224),
-           dynamic_batch: bool = False, overwrite: bool = True) -> ExportResult:
+def export(model: nn.Module, path: str, format: str = "onnx", *, input_size=None, dynamic_batch: bool = False,
+           overwrite: bool = True) -> ExportResult:
     """Export ``ghostify.deploy(model)`` to ``path`` and check the file against it.
 
     Args:
         model: a converted (or any) model in eval mode; it is not modified.
         path: the file to write (atomically).
         format: ``"onnx"``, ``"torchscript"`` or ``"pt2"``.
-        input_size: C, H, W of the example input (C, L for a 1-D model; C, D, H, W for a 3-D one).
+        input_size: C, H, W of the example input (C, L for a 1-D model; C, D, H, W for a 3-D one), or one such
+            size per input of a model with several; default: the sizes the model was converted at
+            (``input_sizes``).
         dynamic_batch: let the batch size vary in the exported file (checked with batch 1 and 3).
         overwrite: replace ``path`` if it exists.
 
@@ -134,9 +144,7 @@ def export(model: nn.Module, path: str, format: str = "onnx", *, input_size: Seq
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
-    if not 2 <= len(input_size) <= 4 or min(input_size) < 1:
-        raise ValueError("input_size must be positive ints C H W (C L for 1-D, C D H W for 3-D models), "
-                         f"got {tuple(input_size)!r}")
+    sizes = input_sizes(model, input_size)
     if format == "onnx":
         require_onnx()
         dtype, _ = placement(model)
@@ -144,23 +152,25 @@ def export(model: nn.Module, path: str, format: str = "onnx", *, input_size: Seq
             raise ValueError(f"ONNX export of a {dtype} model: onnxruntime's CPU kernels run float32 and float16 "
                              "convolutions only; export model.float() instead")
     deployed = deploy(model, runtime="onnxruntime" if format == "onnx" else "inductor", compile=False)
-    (example,) = random_inputs(deployed, (2 if dynamic_batch else 1, *input_size))
+    examples = random_inputs(deployed, *[(2 if dynamic_batch else 1, *size) for size in sizes])
     with torch.no_grad():
         try:
-            deployed(example)
+            deployed(*examples)
         except Exception as error:  # noqa: BLE001 - the model rejects this input size: bad input
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ValueError(f"the model fails on an input of size {tuple(example.shape)}: {first}; "
-                             "pass an input size it accepts (CLI: --input-size C H W)") from None
+            shapes = ", ".join(str(tuple(x.shape)) for x in examples)
+            raise ValueError(f"the model fails on {'inputs of sizes' if len(examples) > 1 else 'an input of size'} "
+                             f"{shapes}: {first}; pass an input size it accepts (CLI: --input-size)") from None
         if format == "onnx":
-            atomic_write(path, lambda temp: write_onnx(deployed, temp, example, dynamic_batch), overwrite)
+            atomic_write(path, lambda temp: write_onnx(deployed, temp, examples, dynamic_batch), overwrite)
         elif format == "torchscript":
-            atomic_write(path, lambda temp: _write_torchscript(deployed, temp, example), overwrite)
+            atomic_write(path, lambda temp: _write_torchscript(deployed, temp, examples), overwrite)
         else:
-            atomic_write(path, lambda temp: _write_pt2(deployed, temp, example, dynamic_batch), overwrite)
+            atomic_write(path, lambda temp: _write_pt2(deployed, temp, examples, dynamic_batch), overwrite)
         diff = 0.0
         for batch in ((1, 3) if dynamic_batch else (1,)):
-            (x,) = random_inputs(deployed, (batch, *input_size))
-            expected = deployed(x)
-            diff = max(diff, float((_run_file(os.fspath(path), format, x).to(expected) - expected).abs().max()))
-    return ExportResult(os.fspath(path), format, tuple(example.shape), dynamic_batch, diff)
+            xs = random_inputs(deployed, *[(batch, *size) for size in sizes])
+            expected = deployed(*xs)
+            diff = max(diff, float((_run_file(os.fspath(path), format, xs).to(expected) - expected).abs().max()))
+    shapes = [tuple(x.shape) for x in examples]
+    return ExportResult(os.fspath(path), format, shapes[0] if len(shapes) == 1 else tuple(shapes), dynamic_batch, diff)

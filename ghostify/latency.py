@@ -24,7 +24,7 @@ from .deployment import RUNTIMES
 from .epilogue import follows
 from .plan import apply_plan
 from .progress import progress as progress_display
-from .trace import GhostLeafTracer, evaluating, random_inputs
+from .trace import GhostLeafTracer, evaluating, input_sizes, random_inputs
 
 
 @dataclass
@@ -103,40 +103,40 @@ def interleaved(runners: Sequence[Callable[[], Any]], repeats: int, warmup: int 
     return [statistics.median(t) for t in times]
 
 
-def _torch_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
-    if x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
+def _torch_runner(model: nn.Module, xs: Tuple[torch.Tensor, ...]) -> Callable[[], Any]:
+    xs = tuple(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in xs)
 
     def run():
         with torch.inference_mode():
-            out = model(x)
-        if x.is_cuda:  # CUDA runs asynchronously: time the work, not the launch
-            torch.cuda.synchronize(x.device)
+            out = model(*xs)
+        if xs[0].is_cuda:  # CUDA runs asynchronously: time the work, not the launch
+            torch.cuda.synchronize(xs[0].device)
         return out
 
     return run
 
 
-def _onnx_runners(models: Sequence[nn.Module], x: torch.Tensor, threads: int, folder: str) -> List[Callable[[], Any]]:
+def _onnx_runners(models: Sequence[nn.Module], xs: Tuple[torch.Tensor, ...], threads: int,
+                  folder: str) -> List[Callable[[], Any]]:
     from .exporting import onnx_session, write_onnx
 
     runners = []
     for index, model in enumerate(models):
         path = os.path.join(folder, f"model{index}.onnx")
         with torch.no_grad():
-            write_onnx(model, path, x, dynamic_batch=False)
+            write_onnx(model, path, xs, dynamic_batch=False)
         session = onnx_session(path, threads)
-        feed = {session.get_inputs()[0].name: x.cpu().numpy()}
+        feed = {spec.name: x.cpu().numpy() for spec, x in zip(session.get_inputs(), xs)}
         runners.append(lambda session=session, feed=feed: session.run(None, feed))
     return runners
 
 
-def _runners(models: Sequence[nn.Module], x: torch.Tensor, runtime: str, threads: int,
+def _runners(models: Sequence[nn.Module], xs: Tuple[torch.Tensor, ...], runtime: str, threads: int,
              folder: str) -> List[Callable[[], Any]]:
-    """One callable per deployed model running it on ``x`` in ``runtime``."""
+    """One callable per deployed model running it on the inputs ``xs`` in ``runtime``."""
     if runtime == "onnxruntime":
-        return _onnx_runners(models, x, threads, folder)
-    return [_torch_runner(m, x) for m in models]
+        return _onnx_runners(models, xs, threads, folder)
+    return [_torch_runner(m, xs) for m in models]
 
 
 def _check(runtime: str, batches: Sequence[int], repeats: int) -> None:
@@ -211,42 +211,41 @@ def layer_times(model: nn.Module, plan: Sequence[Dict[str, Any]], *, runtime: st
         task = bar.add_task(f"layers ({runtime}, batch {batch})", total=len(plan)) if bar else None
         for entry in plan:
             units, x = _units(model, entry, batch, graph)
-            runners = _runners([deploy(unit, runtime=runtime) for unit in units], x, runtime, threads, folder)
+            runners = _runners([deploy(unit, runtime=runtime) for unit in units], (x,), runtime, threads, folder)
             times.append(tuple(interleaved(runners, repeats, warmup=2)))
             if bar:
                 bar.advance(task)
     return times
 
 
-def model_ms(model: nn.Module, input_sizes: Sequence[Sequence[int]], *, runtime: str = "torch", batch: int = 1,
+def model_ms(model: nn.Module, sizes: Sequence[Sequence[int]], *, runtime: str = "torch", batch: int = 1,
              threads: Optional[int] = None, repeats: int = 10) -> float:
-    """Median ms of one batch through ``model``'s deploy form for ``runtime`` (random inputs of ``input_sizes``)."""
+    """Median ms of one batch through ``model``'s deploy form for ``runtime`` (random inputs of the per-sample
+    ``sizes``, one per input)."""
     from .deployment import deploy
 
     _check(runtime, [batch], repeats)
     threads = threads or torch.get_num_threads()
-    if len(input_sizes) != 1:
-        raise ValueError(f"latency is timed for models with one input, this one takes {len(input_sizes)}")
-    (x,) = random_inputs(model, (batch, *input_sizes[0]))
+    xs = random_inputs(model, *[(batch, *size) for size in sizes])
     with evaluating(model):
         deployed = deploy(model, runtime=runtime)
     with torch_threads(threads), tempfile.TemporaryDirectory() as folder:
-        (runner,) = _runners([deployed], x, runtime, threads, folder)
+        (runner,) = _runners([deployed], xs, runtime, threads, folder)
         return interleaved([runner], repeats, warmup=2)[0]
 
 
-def flops_ratio(original: nn.Module, converted: nn.Module, input_size: Sequence[int]) -> float:
-    """Conv + linear multiply-adds of ``original`` over ``converted`` (the paper's convention)."""
+def flops_ratio(original: nn.Module, converted: nn.Module, sizes: Sequence[Sequence[int]]) -> float:
+    """Conv + linear multiply-adds of ``original`` over ``converted`` (the paper's convention) on inputs of the
+    per-sample ``sizes``."""
     from .count import Counts
 
-    inputs = random_inputs(original, (1, *input_size))
+    inputs = random_inputs(original, *[(1, *size) for size in sizes])
     return Counts(original, inputs).conv_linear_flops / Counts(converted, inputs).conv_linear_flops
 
 
 def bench(original: nn.Module, converted: nn.Module, *, batches: Sequence[int] = (1, 16), runtime: str = "torch",
           threads: Optional[int] = None, repeats: int = 10, warmup: int = 2,
-          input_size: Tuple[int, int, int] = (3, 224, 224), name: str = "model",
-          progress: bool = False) -> BenchResult:
+          input_size=None, name: str = "model", progress: bool = False) -> BenchResult:
     """Time ``original`` against ``converted``, both deployed, at each batch size.
 
     Args:
@@ -257,6 +256,9 @@ def bench(original: nn.Module, converted: nn.Module, *, batches: Sequence[int] =
         threads: intra-op threads for both runtimes (default: torch's current setting).
         repeats: timed runs per model and batch size; the median is reported.
         warmup: untimed runs first.
+        input_size: C, H, W of each sample (C, L or C, D, H, W), or one such size per input of a model with
+            several; default: the sizes ``converted`` was converted at (``trace.input_sizes``).
+        name: the model's name in the result.
         progress: show a rich progress bar on stderr.
 
     Raises:
@@ -269,14 +271,15 @@ def bench(original: nn.Module, converted: nn.Module, *, batches: Sequence[int] =
     _check(runtime, batches, repeats)
     threads = threads or torch.get_num_threads()
     models = [deploy(m, runtime=runtime) for m in (original, converted)]
-    result = BenchResult(name, flops_ratio(original, converted, input_size), threads, repeats)
+    sizes = input_sizes(converted, input_size)
+    result = BenchResult(name, flops_ratio(original, converted, sizes), threads, repeats)
     with torch_threads(threads), tempfile.TemporaryDirectory() as folder, \
             progress_display("timing {description}", show=progress) as bar:
         task = bar.add_task(f"{name} ({runtime})", total=len(batches) * repeats) if bar else None
         step = (lambda: bar.advance(task)) if bar else None
         for batch in batches:
-            (x,) = random_inputs(original, (batch, *input_size))
-            runners = _runners(models, x, runtime, threads, folder)
+            xs = random_inputs(original, *[(batch, *size) for size in sizes])
+            runners = _runners(models, xs, runtime, threads, folder)
             original_ms, converted_ms = interleaved(runners, repeats, warmup, step)
             result.rows.append(BenchRow(runtime, batch, original_ms, converted_ms))
     return result

@@ -75,6 +75,28 @@ def random_inputs(model: nn.Module, *shapes: Sequence[int]) -> Tuple[torch.Tenso
     return tuple(torch.randn(*shape, dtype=dtype, device=device) for shape in shapes)
 
 
+def input_sizes(model: nn.Module, input_size=None, default: Sequence[int] = (3, 224, 224)) -> List[Tuple[int, ...]]:
+    """Per-sample sizes of ``model``'s inputs: ``input_size`` (one size, or one per input), else the sizes it was
+    converted at (``ghostify_result``, when every input was a tensor), else ``default``.
+
+    Raises:
+        ValueError: a size that is not 2 to 4 positive ints.
+    """
+    if input_size is None:
+        result = getattr(model, "ghostify_result", None)
+        shapes = result.input_shapes if result is not None and result.input_shapes else []
+        sizes = [tuple(shape[1:]) for shape in shapes] if shapes and all(shapes) else [tuple(default)]
+    elif all(isinstance(v, int) for v in input_size):
+        sizes = [tuple(input_size)]
+    else:
+        sizes = [tuple(size) for size in input_size]
+    for size in sizes:
+        if not 2 <= len(size) <= 4 or not all(isinstance(v, int) and v >= 1 for v in size):
+            raise ValueError("input_size must be positive ints C H W (C L for 1-D, C D H W for 3-D models), or one "
+                             f"such size per input, got {tuple(input_size or ())!r}")
+    return sizes
+
+
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` in eval mode; every module's training flag is restored afterwards."""
