@@ -225,7 +225,7 @@ class GhostModule(nn.Module):
         intrinsic = self.primary(x)
         ghosts = self.cheap(intrinsic if self.s == 2 else intrinsic.repeat(1, self.s - 1, *[1] * self.dim))
         every_map = self.intrinsic_channels * self.s == self.out_channels
-        if self.out_index is not None and every_map:
+        if self.out_index is not None and every_map and not torch.jit.is_tracing():  # a traced export: gather
             return self._gathered(intrinsic, ghosts)
         out = torch.cat([intrinsic, ghosts], dim=1)
         if self.out_index is not None:

@@ -151,3 +151,30 @@ def test_onnx_of_converted_resnet50_is_only_convs_concats_and_the_originals_ops(
     assert len(depthwise) == 52 * (s - 1)  # ResNet-50's 52 converted convs, s - 1 ghost runs each
     assert all(weights[name][0] == groups[name] for name in depthwise)
     assert result.max_abs_diff < 1e-3
+
+
+class DataDependent(torch.nn.Module):
+    """Two convs behind data-dependent control flow: the model does not trace, so its layers keep gathers."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 32, 3, padding=1)
+
+    def forward(self, x):
+        x = torch.relu(self.a(x))
+        return self.b(x) if x.mean() > -1e9 else x
+
+
+def test_onnx_export_of_a_gathered_module_is_a_gather(tmp_path):
+    """A Ghost module that keeps a gather exports as Concat + Gather: no scatter of a buffer whose shape the
+    export would freeze (a file thousands of times larger, fixed to the export's input size)."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    ghost = ghostify.convert(DataDependent(), example_inputs=torch.randn(1, 3, 16, 16)).eval()
+    assert ghost.ghostify_result.replaced[0].gather
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the model's own branch is frozen, as it says
+        result = ghostify.export(ghost, tmp_path / "g.onnx", "onnx", input_size=(3, 64, 64), dynamic_batch=True)
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "g.onnx")).graph.node}
+    assert "Gather" in ops and not ops & {"ScatterElements", "ScatterND"}, ops
+    assert result.max_abs_diff < 1e-4
