@@ -7,6 +7,7 @@ input, 1 for anything else; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from contextlib import contextmanager
@@ -88,6 +89,9 @@ class GhostifyGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except BrokenPipeError:  # stdout's reader stopped (``ghostify models | head``): stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+            sys.exit(1)
         except Exception as error:  # noqa: BLE001 - the single place errors become messages
             if ctx.params.get("debug"):
                 raise
@@ -459,8 +463,6 @@ def finetune(ghost_file, teacher, teacher_weights, data_path, val_data, epochs, 
              label_weight, feature_weight, ema_decay, amp, keep_last, resume, input_size, trust_source, arch, device,
              force, output) -> None:
     """Distil the original model (--teacher) into a converted GHOST_FILE; runs unchanged under torchrun."""
-    import os
-
     import ghostify
 
     from .distillation import read_dataset

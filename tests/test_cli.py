@@ -180,6 +180,15 @@ def test_console_script_in_subprocess(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip() == "error: d must be an odd integer >= 1, got 4"
 
 
+def test_closed_stdout_stops_quietly():
+    """``ghostify models | head -1``: the reader stops early; no error message, no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "ghostify", "models"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # before it writes a line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 1 and err == b"", err
+
+
 def test_missing_output_folder_fails_before_any_work(tmp_path):
     result = invoke("convert", "resnet18", *SMALL, "-o", tmp_path / "no" / "such" / "g.pt")
     assert_one_line_error(result, "folder does not exist")
