@@ -580,12 +580,12 @@ def bench(model, ghost_file, batches, runtime, threads, repeats, s, d, input_siz
 
 def _check_same_source(model: str, ghost_file: str, converted) -> None:
     """Refuse to compare a ghostify file with a MODEL it was not converted from."""
-    from .sources import parse
+    from .sources import describe, parse
 
     recorded, given = converted.ghostify_result.source, parse(model)
     if recorded is None or given.get("kind") == "ghostify_file":
         return
     keys = ("kind", "name", "module", "factory")
     if any(recorded.get(key) != given.get(key) for key in keys):
-        was = recorded.get("name") or f"{recorded.get('module', recorded.get('path'))}:{recorded.get('factory')}"
-        raise ValueError(f"{ghost_file} was converted from {was}, not {model}; bench the model it came from")
+        raise ValueError(f"{ghost_file} was converted from {describe(recorded)}, not {model}; bench the model it "
+                         "came from")

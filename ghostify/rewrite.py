@@ -87,7 +87,8 @@ class ConversionResult:
     def plan(self) -> List[Dict[str, Any]]:
         """The per-layer settings that rebuild the converted architecture from the original one."""
         return [{"name": r.name, "s": r.s, "d": r.d, "primary_kernel": list(r.primary_kernel), "norm": r.norm,
-                 "gather": r.gather, "intrinsic": r.intrinsic} for r in self.replaced]
+                 "gather": r.gather, "intrinsic": r.intrinsic, "in_channels": r.in_channels,
+                 "out_channels": r.out_channels, "kernel_size": list(r.kernel_size)} for r in self.replaced]
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)

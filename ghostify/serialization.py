@@ -20,7 +20,7 @@ from .files import atomic_write
 from .module import GhostModule
 from .plan import apply_plan
 from .rewrite import ConversionResult, Replaced, Skipped
-from .sources import build, load_weights, parse, read_data
+from .sources import build, describe, load_weights, parse, read_data
 
 FORMAT = "ghostify"
 VERSION = 2  # 2: ghosts of s > 2 modules ordered ghost-major (1: per intrinsic map; still read, see _upgrade)
@@ -107,15 +107,14 @@ def build_source(source: Any, path: str, trust_source: bool = False) -> nn.Modul
     """
     if source is None:
         raise ValueError(f"{path} was converted from a Python object, not a MODEL name; rebuild it with "
-                         "ghostify.load(path, model=<the original architecture>)")
+                         "ghostify.load(path, model=<the original architecture>) (CLI: --arch MODEL)")
     kind = source.get("kind") if isinstance(source, dict) else None
     if kind in NAMED_SOURCES or (trust_source and kind in CODE_SOURCES):
         return build(source)
     if kind in CODE_SOURCES:
-        code = f"{source.get('module', source.get('path'))}:{source.get('factory')}"
-        raise ValueError(f"{path} was converted from code ({code!r}); loading it would import and run that code. "
-                         "Pass the architecture (ghostify.load(path, model=...)) or, if you trust the file, "
-                         "trust_source=True (CLI: --trust-source)")
+        raise ValueError(f"{path} was converted from code ({describe(source)!r}); loading it would import and run "
+                         "that code. Pass the architecture (ghostify.load(path, model=...), CLI: --arch MODEL) or, if "
+                         "you trust the file, trust_source=True (CLI: --trust-source)")
     raise ValueError(f"{path} names an architecture source ghostify does not build ({source!r}); "
                      "pass the architecture: ghostify.load(path, model=...)")
 

@@ -64,6 +64,15 @@ def parse(text: str) -> Spec:
     raise ValueError(f"unknown model {text!r}{hint}")
 
 
+def describe(spec: Spec) -> str:
+    """The MODEL string ``parse`` reads as ``spec``."""
+    if spec.get("kind") == "timm":
+        return f"timm:{spec['name']}"
+    if spec.get("kind") in ("module", "file"):
+        return f"{spec.get('module', spec.get('path'))}:{spec['factory']}"
+    return str(spec.get("name", spec.get("path")))
+
+
 def _call_factory(obj: Any, where: str) -> nn.Module:
     if not callable(obj):
         raise ValueError(f"{where} is not callable")
@@ -99,7 +108,7 @@ def build(spec: Spec) -> nn.Module:
             module = importlib.import_module(spec["module"])
         except ImportError as error:
             raise ValueError(f"cannot import {spec['module']!r}: {error}") from None
-        model = _call_factory(getattr(module, spec["factory"], None), f"{spec['module']}:{spec['factory']}")
+        model = _call_factory(getattr(module, spec["factory"], None), describe(spec))
     elif kind == "file":
         loader = importlib.util.spec_from_file_location(f"ghostify_user_{abs(hash(spec['path']))}", spec["path"])
         module = importlib.util.module_from_spec(loader)
@@ -109,7 +118,7 @@ def build(spec: Spec) -> nn.Module:
             raise ValueError(f"{spec['path']} has a syntax error at line {error.lineno}: {error.msg}") from None
         except FileNotFoundError:
             raise FileNotFoundError(f"no such Python file: {spec['path']}") from None
-        model = _call_factory(getattr(module, spec["factory"], None), f"{spec['path']}:{spec['factory']}")
+        model = _call_factory(getattr(module, spec["factory"], None), describe(spec))
     else:
         raise ValueError(f"cannot build a model from source {spec!r}")
     model.ghostify_source = dict(spec)

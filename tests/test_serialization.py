@@ -159,6 +159,18 @@ def test_load_into_wrong_architecture_is_clear(tmp_path):
     ghostify.save(ghostify.convert(Net(), example_inputs=X), path)
     with pytest.raises(ValueError, match="has no layer 'features.3'"):
         ghostify.load(path, model=nn.Sequential(nn.Conv2d(3, 8, 3)))
+    other = Net()
+    other.features[3] = nn.Conv1d(8, 16, 3, stride=2, padding=1)  # same path, another conv
+    with pytest.raises(ValueError, match=r"'features.3' is a Conv1d 8->16 with kernel \(3,\), but the converted one "
+                                         r"was 8->16 with kernel \(3, 3\)"):
+        ghostify.load(path, model=other)
+
+
+@pytest.mark.parametrize("text", ["resnet18", "ghostnet_100", "timm:resnet18", "torchvision.models:resnet18"])
+def test_a_source_is_described_as_the_model_string_it_came_from(text):
+    from ghostify.sources import describe, parse
+
+    assert describe(parse(text)) == text
 
 
 def test_save_plain_model_refused():
