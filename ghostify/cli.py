@@ -180,6 +180,12 @@ class Numbers(click.ParamType):
         return tuple(int(part) for part in parts)
 
 
+def _odd(value: int) -> int:
+    if value < 1 or value % 2 == 0:
+        raise click.BadParameter(f"must be an odd integer >= 1, got {value}")
+    return value
+
+
 def _gather_sizes(args):
     """``--input-size 3 224 224`` as one token ``3,224,224`` (click options take a fixed number of values; an
     input size takes 2 to 4: C L, C H W or C D H W), and ``analyze``'s ``--d 1 3 5 7`` as ``1,3,5,7``."""
@@ -342,7 +348,8 @@ def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_s
 @click.option("--d", "sizes", type=Numbers("D...", "odd positive integers", lambda v: v % 2 == 1),
               default="1,3,5,7", show_default=True,
               help="Depthwise filter sizes for --layer's table.")
-@click.option("--cheap-d", type=int, default=3, show_default=True, help="Cheap kernel the per-layer scores assume.")
+@click.option("--cheap-d", type=int, default=3, show_default=True, callback=lambda ctx, param, value: _odd(value),
+              help="Cheap kernel the per-layer scores assume (odd).")
 @click.option("--tolerance", type=click.FloatRange(0, 1), default=0.1, show_default=True,
               help="The suggested s loses at most this share of a layer's output energy.")
 @click.option("--plot", type=click.Path(file_okay=False), metavar="DIR", help="Write PNG figures here (matplotlib).")

@@ -198,6 +198,16 @@ def _distributed(device: torch.device) -> Tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
 
 
+def _check_pair(student: nn.Module, teacher: nn.Module, x: torch.Tensor) -> None:
+    """Refuse, before any training, a teacher whose outputs on ``x`` are not shaped like the student's."""
+    with eval_mode(student), eval_mode(teacher), torch.no_grad():
+        ours, theirs = student(x), teacher(x)
+    if ours.shape != theirs.shape:
+        raise ValueError(f"the teacher's outputs ({tuple(theirs.shape)} for one sample) are not shaped like the "
+                         f"student's ({tuple(ours.shape)}): the teacher must be the model the student was converted "
+                         "from")
+
+
 def _evaluate(student: nn.Module, teacher: nn.Module, loader: DataLoader, device: torch.device,
               world: int) -> Tuple[float, Optional[float]]:
     """Top-1 agreement with the teacher, and top-1 against the labels when there are labels (all ranks)."""
@@ -335,10 +345,14 @@ def finetune(
                          "in [0, 1], feature_weight at least 0")
     if resume and output is None:
         raise ValueError("resume needs output (the file of an earlier run)")
+    if resume and not os.path.isfile(f"{output}.state.pt"):
+        raise FileNotFoundError(f"nothing to resume: no {output}.state.pt (what a run writes beside its output "
+                                "after each epoch); leave out resume to start")
     dataset, val = as_dataset(data), as_dataset(val_data if val_data is not None else data)
     _, device = placement(student)
     rank, world = _distributed(device)
     teacher = teacher.to(device)
+    _check_pair(student, teacher, _split(dataset[0])[0][None].to(device))
     student.train()
     loader, val_loader, reseed = _loaders(dataset, val, batch_size, rank, world, seed)
     model = nn.parallel.DistributedDataParallel(student) if world > 1 else student

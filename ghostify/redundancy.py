@@ -23,7 +23,7 @@ from .init.calibrate import ROWS, _design, map_pairing
 from .init.datafree import bn_gain
 from .init.fit import choose, explained, solve, unexplained
 from .init.measure import record
-from .module import GhostModule, conv_dim
+from .module import GhostModule, check_cheap_kernel, conv_dim
 from .progress import progress as progress_display
 from .trace import analyse
 
@@ -174,6 +174,7 @@ def analyze(model: nn.Module, inputs: Sequence[torch.Tensor] | torch.Tensor, *, 
         ValueError: a named layer is not in the model (or, for ``layers``, is not a dense conv that runs).
         ImportError: ``plot`` without matplotlib (before any work).
     """
+    check_cheap_kernel(d)
     if plot is not None:
         figures.require_matplotlib()
     inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)

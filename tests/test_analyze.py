@@ -158,3 +158,11 @@ def test_cli_original_is_only_for_a_ghostify_files_figures(photo_folder, tmp_pat
     refused = CliRunner().invoke(main, args + ["--original", "resnet18", "--layer", "layer1.0", "--plot",
                                                str(tmp_path / "figs")])
     assert refused.exit_code == 2 and "--original is for a ghostify file" in refused.stderr
+
+
+def test_an_even_cheap_kernel_is_refused_before_any_work(photo_folder):
+    refused = CliRunner().invoke(main, ["analyze", "resnet18", "--images", str(photo_folder), "--cheap-d", "2"])
+    assert refused.exit_code == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "Invalid value for '--cheap-d': must be an odd integer >= 1, got 2" in refused.stderr
+    with pytest.raises(ValueError, match="d must be an odd integer >= 1, got 4"):
+        ghostify.analyze(torchvision.models.resnet18(), photos(32)[:2], d=4, progress=False)

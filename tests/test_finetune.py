@@ -109,6 +109,21 @@ def test_bad_settings_are_refused(converted):
         ghostify.finetune(ghost, teacher, "images/")
 
 
+def test_a_wrong_teacher_or_nothing_to_resume_is_refused_before_training(converted, tmp_path):
+    ghost, teacher, x = converted
+    before = copy.deepcopy(ghost.state_dict())
+    other = copy.deepcopy(teacher)
+    other[-1] = torch.nn.Linear(32, 3)  # another task's head
+    with pytest.raises(ValueError, match=r"teacher's outputs \(\(1, 3\) for one sample\) are not shaped like the "
+                                         r"student's \(\(1, 10\)\)"):
+        ghostify.finetune(ghost, other, x[:8])
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        ghostify.finetune(ghost, teacher, x[:8], output=str(tmp_path / "tuned.pt"), resume=True)
+    assert not any(tmp_path.iterdir())
+    for name, value in ghost.state_dict().items():
+        torch.testing.assert_close(value, before[name], msg=name)
+
+
 def test_cli_under_torchrun_with_two_processes(tmp_path):
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "teacher.pth")
