@@ -122,7 +122,8 @@ def build_source(source: Any, path: str, trust_source: bool = False) -> nn.Modul
 def load(path: str, model: Optional[nn.Module] = None, *, trust_source: bool = False) -> nn.Module:
     """Rebuild a converted model saved by ``ghostify.save``.
 
-    The architecture is rebuilt from the file's spec when it is a torchvision, zoo or timm name. A file
+    The architecture is rebuilt from the file's spec when it is a torchvision, zoo or timm name, in the dtype
+    the file's weights have (on the CPU, or where ``model`` is). A file
     converted from code (``module:factory``, ``file.py:factory``) needs ``model`` or ``trust_source=True``:
     loading a file must not import and run code the file names.
 
@@ -145,6 +146,9 @@ def load(path: str, model: Optional[nn.Module] = None, *, trust_source: bool = F
     except (KeyError, TypeError) as error:
         raise ValueError(f"{path} is a damaged ghostify file: {error}") from None
     rebuilt = copy.deepcopy(model) if model is not None else build_source(result.source, path, trust_source)
+    dtypes = {value.dtype for value in state.values() if value.is_floating_point()}
+    if len(dtypes) == 1:  # the model as it was saved (float64, half), not as a fresh build makes it
+        rebuilt.to(dtypes.pop())
     apply_plan(rebuilt, result.plan(), fill=False)
     try:
         rebuilt.load_state_dict(state)

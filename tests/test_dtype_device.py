@@ -40,6 +40,19 @@ def test_convert_report_deploy_follow_the_dtype(reference, dtype):
     assert summary.conv_flops_after == ghostify.report(twin32, twin, (x[:1],)).conv_flops_after
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_saved_model_loads_in_its_own_dtype(reference, dtype, tmp_path):
+    """From its MODEL name and into a float32 architecture alike: the file's dtype, bit for bit."""
+    model32, ghost32, x = reference
+    ghost = copy.deepcopy(ghost32).to(dtype)
+    ghost.ghostify_result.source = {"kind": "torchvision", "name": "resnet18"}
+    ghostify.save(ghost, tmp_path / "g.pt")
+    for loaded in (ghostify.load(tmp_path / "g.pt"), ghostify.load(tmp_path / "g.pt", model=model32)):
+        assert {p.dtype for p in loaded.parameters()} == {dtype}
+        with torch.no_grad():
+            assert torch.equal(loaded.eval()(x.to(dtype)), ghost(x.to(dtype)))
+
+
 def test_calibrate_a_float64_model_matches_float32(reference):
     model32, _, x = reference
     model64 = copy.deepcopy(model32).double()
