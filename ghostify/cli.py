@@ -180,6 +180,15 @@ class Numbers(click.ParamType):
         return tuple(int(part) for part in parts)
 
 
+def _only_with(allowed: bool, needs: str, got: str, *params: str) -> None:
+    """Refuse options given on the command line that only mean something with ``needs``."""
+    ctx = click.get_current_context()
+    given = [f"--{p.replace('_', '-')}" for p in params
+             if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
+    if given and not allowed:
+        raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} only used with {needs}, got {got}")
+
+
 def _odd(value: int) -> int:
     if value < 1 or value % 2 == 0:
         raise click.BadParameter(f"must be an odd integer >= 1, got {value}")
@@ -288,7 +297,7 @@ def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_s
             calib_samples, recon_steps, recon_seconds, recon_network, recon_mix, keep_head, no_mirror, form,
             runtime, runtime_batch, target_flops, target_latency, align, as_json, trust_source, arch, device, force,
             output) -> None:
-    """Convert MODEL's Conv2d layers to Ghost modules, print the report, write OUT."""
+    """Convert MODEL's convolutions (Conv1d, Conv2d, Conv3d) to Ghost modules, print the report, write OUT."""
     from .files import check_output
 
     check_output(output, overwrite=force)
@@ -296,13 +305,11 @@ def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_s
 
     if init in DATA_METHODS and calib_data is None:
         raise ValueError(f"--init {init} needs --calib-data PATH (an image folder or a .pt tensor file)")
-    if init not in DATA_METHODS and (calib_data is not None or keep_head or no_mirror):
-        raise ValueError("--calib-data, --keep-head and --no-mirror are only used by --init calibrate or reconstruct, "
-                         f"got --init {init}")
-    if init != "reconstruct" and (recon_steps is not None or recon_seconds is not None or recon_network
-                                  or recon_mix is not None):
-        raise ValueError("--recon-steps, --recon-seconds, --recon-network and --recon-mix are only used by --init "
-                         f"reconstruct, got --init {init}")
+    _only_with(init in DATA_METHODS, "--init calibrate or reconstruct", f"--init {init}", "calib_data", "keep_head",
+               "no_mirror")
+    _only_with(init == "reconstruct", "--init reconstruct", f"--init {init}", "recon_steps", "recon_seconds",
+               "recon_network", "recon_mix")
+    _only_with(runtime is not None, "--runtime", "no --runtime", "runtime_batch")
     import ghostify
 
     from .serialization import load_model

@@ -73,7 +73,11 @@ def describe(spec: Spec) -> str:
     return str(spec.get("name", spec.get("path")))
 
 
-def _call_factory(obj: Any, where: str) -> nn.Module:
+def _call_factory(module: Any, spec: Spec) -> nn.Module:
+    where = describe(spec)
+    if not hasattr(module, spec["factory"]):
+        raise ValueError(f"{where}: {spec.get('module', spec.get('path'))} has no {spec['factory']!r}")
+    obj = getattr(module, spec["factory"])
     if not callable(obj):
         raise ValueError(f"{where} is not callable")
     model = obj()
@@ -108,7 +112,7 @@ def build(spec: Spec) -> nn.Module:
             module = importlib.import_module(spec["module"])
         except ImportError as error:
             raise ValueError(f"cannot import {spec['module']!r}: {error}") from None
-        model = _call_factory(getattr(module, spec["factory"], None), describe(spec))
+        model = _call_factory(module, spec)
     elif kind == "file":
         loader = importlib.util.spec_from_file_location(f"ghostify_user_{abs(hash(spec['path']))}", spec["path"])
         module = importlib.util.module_from_spec(loader)
@@ -118,7 +122,7 @@ def build(spec: Spec) -> nn.Module:
             raise ValueError(f"{spec['path']} has a syntax error at line {error.lineno}: {error.msg}") from None
         except FileNotFoundError:
             raise FileNotFoundError(f"no such Python file: {spec['path']}") from None
-        model = _call_factory(getattr(module, spec["factory"], None), describe(spec))
+        model = _call_factory(module, spec)
     else:
         raise ValueError(f"cannot build a model from source {spec!r}")
     model.ghostify_source = dict(spec)
@@ -147,13 +151,19 @@ def read_data(path: str, what: str) -> Any:
         raise ValueError(f"{path} is not a readable {what} (corrupt, truncated or not written by torch.save)") from None
 
 
+CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")  # where training scripts put the weights
+
+
 def load_weights(model: nn.Module, path: str) -> None:
-    """Load a state_dict file (or a checkpoint dict with a 'state_dict' entry) into ``model``."""
+    """Load a state_dict file into ``model``: a state_dict, or a training checkpoint holding one under
+    ``CHECKPOINT_KEYS``; the ``module.`` prefix of a model saved inside ``DataParallel`` / DDP is dropped."""
     state = read_data(path, "weights file")
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    if isinstance(state, dict):
+        state = next((state[key] for key in CHECKPOINT_KEYS if isinstance(state.get(key), dict)), state)
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a state_dict")
+    if state and all(isinstance(key, str) and key.startswith("module.") for key in state):
+        state = {key[len("module."):]: value for key, value in state.items()}
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

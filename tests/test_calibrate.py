@@ -52,7 +52,8 @@ def test_image_folder_is_resized_and_normalised(tmp_path):
 @pytest.mark.parametrize("args, text", [
     (["--init", "calibrate"], "needs --calib-data"),
     (["--init", "calibrate", "--calib-data", "missing.pt"], "no such calibration file"),
-    (["--calib-data", "{tensor}"], "only used by --init calibrate"),
+    (["--calib-data", "{tensor}"], "--calib-data is only used with --init calibrate"),
+    (["--runtime-batch", "4"], "--runtime-batch is only used with --runtime, got no --runtime"),
     (["--init", "calibrate", "--calib-data", "{wrong}"], "shape (N, 3, 32, 32), got (4, 1, 32, 32)"),
     (["--init", "calibrate", "--calib-data", "{folder}"], "no images"),
 ])

@@ -65,5 +65,5 @@ def test_cli_keeps_the_head_on_request_and_refuses_it_without_calibration(tmp_pa
     assert "fc" in calibrated_notes()["head"] and "head" not in calibrated_notes("--keep-head")
     result = CliRunner().invoke(main, ["convert", "resnet18", "--keep-head", "-o", str(tmp_path / "c.pt")])
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert "--keep-head and --no-mirror are only used by --init calibrate or reconstruct" in result.stderr
+    assert "--keep-head is only used with --init calibrate or reconstruct, got --init copy" in result.stderr
     assert not (tmp_path / "c.pt").exists()

@@ -263,3 +263,23 @@ def test_version_1_files_load_with_their_old_outputs(tmp_path):
         expected, actual = old(X), loaded(X)
         assert not torch.allclose(model(X), expected)  # the two orders really differ on these weights
     torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("layout", ["plain", "model", "state_dict under DataParallel"])
+def test_weights_load_from_the_usual_checkpoint_layouts(tmp_path, layout):
+    from ghostify.sources import load_weights
+
+    source = Net()
+    state = source.state_dict()
+    saved = {"plain": state, "model": {"model": state, "epoch": 3, "optimizer": {}},
+             "state_dict under DataParallel": {"state_dict": {f"module.{k}": v for k, v in state.items()}}}[layout]
+    torch.save(saved, tmp_path / "w.pth")
+    model = Net()
+    load_weights(model, str(tmp_path / "w.pth"))
+    assert all(torch.equal(value, state[name]) for name, value in model.state_dict().items())
+
+
+def test_a_factory_the_file_lacks_is_named(tmp_path):
+    (tmp_path / "nets.py").write_text("import torch\n\ndef small():\n    return torch.nn.Conv2d(3, 8, 3)\n")
+    with pytest.raises(ValueError, match=r"nets\.py has no 'nope'"):
+        build({"kind": "file", "path": str(tmp_path / "nets.py"), "factory": "nope"})
