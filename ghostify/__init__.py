@@ -43,4 +43,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__():
-    return sorted(list(globals()) + __all__)
+    return list(__all__)

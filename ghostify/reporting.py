@@ -137,7 +137,8 @@ class Report:
                 table.add_row(row.name, row.gather_reason)
             parts.append(table)
         if self.skipped:
-            skipped = Table(title=f"{len(self.skipped)} convolutions left as they are")
+            skipped = Table(title=f"{len(self.skipped)} convolution{'s' if len(self.skipped) != 1 else ''} left as "
+                                  f"{'they are' if len(self.skipped) != 1 else 'it is'}")
             for column in ("layer", "type", "reason"):
                 skipped.add_column(column)
             for item in self.skipped:

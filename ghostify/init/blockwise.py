@@ -148,8 +148,8 @@ def reconstruct(model: nn.Module, original: nn.Module, blocks: Sequence[str], ba
     start, generator = time.monotonic(), torch.Generator().manual_seed(0)
     theirs = {path: (targets or {}).get(path, path) for path in blocks}
     done: Dict[str, Tuple[float, float]] = {}
-    with evaluating(model), evaluating(original), loss_progress("reconstructing", "block error") as bar:
-        task = bar.add_task("", total=len(blocks) + network, loss=UNKNOWN)
+    with evaluating(model), evaluating(original), loss_progress("reconstructing", "error") as bar:
+        task = bar.add_task("blocks", total=len(blocks) + network, loss=UNKNOWN)
         inputs = activations(model, batches, blocks)
         outputs = activations(original, batches, {*theirs.values(), *blocks})
         for index, path in enumerate(blocks):

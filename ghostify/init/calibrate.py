@@ -333,7 +333,7 @@ def calibrate(model: nn.Module, original: nn.Module, swapped: List[Tuple[str, nn
     fitted = [name for name, _, _ in swapped]
     last = heads(model, list(ghosts), tuple(x[:1] for x in batches[0])) if fitted and head else []
     with evaluating(model), evaluating(original), loss_progress("calibrating", "fit error") as bar:
-        task = bar.add_task("", total=len(swapped) + len(last), loss=UNKNOWN)
+        task = bar.add_task("layers", total=len(swapped) + len(last), loss=UNKNOWN)
         batches = [_channels_last(batch) for batch in batches]
         inputs = activations(model, batches, leaves=last)
         targets = _Targets(original, fitted + list(groups) + last, batches)
@@ -370,7 +370,7 @@ def _fit_heads(model: nn.Module, names: Sequence[str], inputs, targets: _Targets
 def refit_heads(model: nn.Module, original: nn.Module, names: Sequence[str], batches: Sequence[Batch]) -> None:
     """Refit the heads ``names`` of ``model`` (``fit_linear``) on their inputs as ``model`` now makes them."""
     with evaluating(model), evaluating(original), loss_progress("refitting", "fit error") as bar:
-        task = bar.add_task("", total=len(names), loss=UNKNOWN)
+        task = bar.add_task("heads", total=len(names), loss=UNKNOWN)
         batches = [_channels_last(batch) for batch in batches]
         _fit_heads(model, names, activations(model, batches, leaves=names), _Targets(original, names, batches), bar,
                    task)
