@@ -228,11 +228,13 @@ def _costs(model: nn.Module, entries: Sequence[Mapping], inputs: Sequence[torch.
     ratios = {entry["name"]: [s for s in RATIOS if s <= entry["out_channels"]] for entry in entries}
     if target_flops is not None:
         total = Counts(model, tuple(inputs)).conv_linear_flops
-        return {e["name"]: {None: conv_flops(e, None), **{s: conv_flops(e, *_module(e, s, grains.get(e["name"]), align))
-                                                          for s in ratios[e["name"]]}} for e in entries}, total, "FLOPs"
+        return {e["name"]: {s: conv_flops(e, *(_module(e, s, grains.get(e["name"]), align) if s else (None,)))
+                            for s in [None, *ratios[e["name"]]]} for e in entries}, total, "FLOPs"
     asked = [(entry, s) for entry in entries for s in ratios[entry["name"]]]
-    variants = [dict(entry, **dict(zip(("s", "intrinsic"), _module(entry, s, grains.get(entry["name"]), align))))
-                for entry, s in asked]
+    variants = []
+    for entry, s in asked:  # timed as convert would build it (a smaller s where alignment leaves fewer ghosts)
+        built, intrinsic = _module(entry, s, grains.get(entry["name"]), align)
+        variants.append({**entry, "s": built, "intrinsic": intrinsic})
     times = layer_times(model, variants, runtime=runtime, batch=batch, progress=True)
     costs: Dict[str, Dict[Optional[int], float]] = {}
     dense: Dict[str, List[float]] = {}

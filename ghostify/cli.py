@@ -355,7 +355,7 @@ def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_s
 @click.option("--d", "sizes", type=Numbers("D...", "odd positive integers", lambda v: v % 2 == 1),
               default="1,3,5,7", show_default=True,
               help="Depthwise filter sizes for --layer's table.")
-@click.option("--cheap-d", type=int, default=3, show_default=True, callback=lambda ctx, param, value: _odd(value),
+@click.option("--cheap-d", type=int, default=3, show_default=True, callback=lambda _ctx, _param, value: _odd(value),
               help="Cheap kernel the per-layer scores assume (odd).")
 @click.option("--tolerance", type=click.FloatRange(0, 1), default=0.1, show_default=True,
               help="The suggested s loses at most this share of a layer's output energy.")

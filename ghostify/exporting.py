@@ -12,7 +12,7 @@ import os
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -82,15 +82,15 @@ def onnx_session(path: str, threads: int = 0):
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
-def _names(kind: str, count: int):
-    """ONNX input/output names: ``input``, or ``input_0``, ``input_1``, ... for several."""
-    return [kind] if count == 1 else [f"{kind}_{i}" for i in range(count)]
+def _input_names(count: int) -> List[str]:
+    """ONNX input names: ``input``, or ``input_0``, ``input_1``, ... for several."""
+    return ["input"] if count == 1 else [f"input_{i}" for i in range(count)]
 
 
 def write_onnx(model: nn.Module, path: str, examples: Tuple[torch.Tensor, ...], dynamic_batch: bool) -> None:
     """``torch.onnx.export`` (TorchScript-based exporter: it runs offline and keeps Conv/Concat as they are)."""
     require_onnx()
-    inputs = _names("input", len(examples))
+    inputs = _input_names(len(examples))
     axes = {name: {0: "batch"} for name in [*inputs, "output"]} if dynamic_batch else None
     with _quiet_exporters():
         torch.onnx.export(model, examples, path, dynamo=False, opset_version=ONNX_OPSET, input_names=inputs,

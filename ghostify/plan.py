@@ -67,12 +67,13 @@ def apply_plan(model: nn.Module, plan: Iterable[Mapping[str, Any]],
         dim = conv_dim(conv)
         if dim is None:
             raise ValueError(f"layer {name!r} is a {type(conv).__name__}, not the conv that was converted")
-        planned = tuple(entry.get(key) for key in ("in_channels", "out_channels", "kernel_size"))
         found = (conv.in_channels, conv.out_channels, tuple(conv.kernel_size))
-        if None not in planned and (planned[:2], tuple(planned[2])) != (found[:2], found[2]):
+        planned = (entry["in_channels"], entry["out_channels"], tuple(entry["kernel_size"])) \
+            if "kernel_size" in entry else found  # a row without the shapes (a plan written by hand)
+        if planned != found:
             raise ValueError(f"layer {name!r} is a {type(conv).__name__} {found[0]}->{found[1]} with kernel "
                              f"{found[2]}, but the converted one was {planned[0]}->{planned[1]} with kernel "
-                             f"{tuple(planned[2])}; is it the architecture that was converted?")
+                             f"{planned[2]}; is it the architecture that was converted?")
         norm = _planned_norm(model, entry.get("norm"), name, dim)
         inner = {} if norm is None else {"inner_bn": True, "norm_layer": partial(
             NORMS[dim], eps=norm.eps, momentum=norm.momentum)}
