@@ -82,7 +82,8 @@ def align_table(args: argparse.Namespace) -> None:
         for s in args.s:
             plain = ghostify.convert(original, s=s, align=1, **options).eval()
             aligned = ghostify.convert(original, s=s, align=args.align, **options).eval()
-            changed = sum(row.intrinsic is not None for row in aligned.ghostify_result.replaced)
+            changed = sum((ours.s, ours.intrinsic) != (theirs.s, theirs.intrinsic) for ours, theirs in
+                          zip(aligned.ghostify_result.replaced, plain.ghostify_result.replaced))
             for runtime in args.runtimes:
                 print_rows(args, plain, aligned, runtime, [name, s, changed, runtime])
 

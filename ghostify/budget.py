@@ -281,7 +281,7 @@ def plan(model: nn.Module, entries: Sequence[Mapping], norms: Mapping[str, Optio
         raise ValueError(f"{what}={target} is unreachable: with every convertible layer at its cheapest ratio the "
                          f"model keeps {cheapest / total:.3f} of its {unit}; ask for more"
                          + (f" (or align=1: intrinsic maps in multiples of {align} channels cost more)"
-                            if align > 1 else ""))
+                            if align > 1 and target_flops is not None else ""))
     errors = output_errors(model, entries, norms, batches, progress=progress) if batches else \
         _errors(model, entries, norms, progress, grains, align)
     options = {group: [Option(s, sum(costs[n][s] for n in group), sum(errors[n][s] if s else 0.0 for n in group))
