@@ -205,7 +205,7 @@ def _gather_sizes(args):
         out.append(token)
         if token in lists:
             numbers = []
-            while rest and len(numbers) < lists[token] and rest[0].isdigit():
+            while rest and len(numbers) < lists[token] and rest[0].lstrip("-").isdigit():  # -64: refused as a size
                 numbers.append(rest.pop(0))
             out.append(",".join(numbers) if numbers else (rest.pop(0) if rest else ""))
     return out

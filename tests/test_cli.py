@@ -68,6 +68,8 @@ def test_existing_output_kept_unless_force(tmp_path):
     (["resnet18", "--s", "1"], "s must be an integer >= 2, got 1"),
     (["resnet18", "--primary-kernel", "0"], "primary_kernel must be positive"),
     (["resnet18", "--input-size", "5", "64", "64"], "fails on example inputs of shape (1, 5, 64, 64)"),
+    (["resnet18", "--input-size", "3", "-64", "64"], "needs 2 to 4 positive integers (C L, C H W or C D H W), got "
+                                                     "'3 -64 64'"),
     (["no_such_module_xyz:factory"], "cannot import 'no_such_module_xyz'"),
     (["missing_file.py:factory"], "no such Python file"),
 ])
