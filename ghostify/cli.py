@@ -44,18 +44,20 @@ class ModelParam(click.ParamType):
 _LIBRARY_NOISE = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
 
 
-def _echo_warnings(caught) -> None:
-    """Print each distinct warning once, on one line, with how often it came; deprecation notices are
-    about libraries' APIs, not the user's model, and are left out."""
-    counts = {}
-    for warning in caught:
-        if not issubclass(warning.category, _LIBRARY_NOISE):
-            key = (warning.category.__name__, str(warning.message).strip().splitlines()[0] if str(warning.message)
-                   else "")
-            counts[key] = counts.get(key, 0) + 1
-    for (category, message), count in counts.items():
-        kind = "" if category == "UserWarning" else f" ({category})"
-        click.echo(f"warning{kind}: {message}" + (f" [{count} times]" if count > 1 else ""), err=True)
+class _WarningPrinter:
+    """Prints each distinct warning once, on one line, when it is first raised (before the long work it warns
+    about, not after); deprecation notices are about libraries' APIs, not the user's model, and are left out."""
+
+    def __init__(self) -> None:
+        self.seen = set()
+
+    def __call__(self, message, category, filename, lineno, file=None, line=None) -> None:
+        text = str(message).strip().splitlines()[0] if str(message).strip() else ""
+        if issubclass(category, _LIBRARY_NOISE) or (category.__name__, text) in self.seen:
+            return
+        self.seen.add((category.__name__, text))
+        kind = "" if category is UserWarning else f" ({category.__name__})"
+        click.echo(f"warning{kind}: {text}", err=True)
 
 
 class GhostifyGroup(click.Group):
@@ -78,12 +80,10 @@ class GhostifyGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
-            with warnings.catch_warnings(record=True) as caught:
+            with warnings.catch_warnings():
                 warnings.simplefilter("always")
-                try:
-                    return super().invoke(ctx)
-                finally:
-                    _echo_warnings(caught)
+                warnings.showwarning = _WarningPrinter()
+                return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except KeyboardInterrupt:

@@ -108,6 +108,9 @@ def test_useless_results_warn(tmp_path):
     result = invoke("convert", "resnet18", *SMALL, "--init", "calibrate", "--calib-data", tmp_path / "few.pt",
                     "--calib-samples", 64, "-o", tmp_path / "c.pt")
     assert result.exit_code == 0 and "holds 5 calibration inputs, fewer than --calib-samples 64" in result.stderr
+    lines = result.stderr.splitlines()  # said before the work it is about, once
+    warned = [i for i, line in enumerate(lines) if "fewer than --calib-samples" in line]
+    assert len(warned) == 1 and warned[0] < min(i for i, line in enumerate(lines) if line.startswith("calibrating"))
 
 
 def test_file_from_a_python_object_works_with_arch(tmp_path):
