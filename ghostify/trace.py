@@ -82,14 +82,11 @@ def input_sizes(model: nn.Module, input_size=None, default: Sequence[int] = (3, 
     Raises:
         ValueError: a size that is not 2 to 4 positive ints.
     """
-    if input_size is None:
+    if input_size is None:  # recorded from the inputs the model ran on: any shape it took
         result = getattr(model, "ghostify_result", None)
         shapes = result.input_shapes if result is not None and result.input_shapes else []
-        sizes = [tuple(shape[1:]) for shape in shapes] if shapes and all(shapes) else [tuple(default)]
-    elif all(isinstance(v, int) for v in input_size):
-        sizes = [tuple(input_size)]
-    else:
-        sizes = [tuple(size) for size in input_size]
+        return [tuple(shape[1:]) for shape in shapes] if shapes and all(shapes) else [tuple(default)]
+    sizes = [tuple(input_size)] if all(isinstance(v, int) for v in input_size) else [tuple(v) for v in input_size]
     for size in sizes:
         if not 2 <= len(size) <= 4 or not all(isinstance(v, int) and v >= 1 for v in size):
             raise ValueError("input_size must be positive ints C H W (C L for 1-D, C D H W for 3-D models), or one "

@@ -97,3 +97,23 @@ def test_cli_report_and_export_use_the_recorded_sizes(models, factory, tmp_path)
     assert "input 1x3x16x16, 1x1x12x12" in export.output
     one = runner.invoke(main, ["report", str(path), "--arch", factory, "--input-size", "3", "16", "16"])
     assert one.exit_code == 2 and "takes 2 inputs" in one.output
+
+
+class ImageAndVector(torch.nn.Module):
+    """An image and a feature vector (no spatial dimensions), joined before the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = torch.nn.Linear(16 + 4, 2)
+
+    def forward(self, x, v):
+        return self.fc(torch.cat([self.b(torch.relu(self.a(x))).mean((2, 3)), v], 1))
+
+
+def test_an_input_of_any_shape_the_model_ran_on_is_taken_as_recorded(tmp_path):
+    model = ImageAndVector().eval()
+    ghost = ghostify.convert(model, example_inputs=(torch.randn(1, 3, 16, 16), torch.randn(1, 4))).eval()
+    done = ghostify.export(ghost, tmp_path / "iv.ts", "torchscript")
+    assert done.input_shape == ((1, 3, 16, 16), (1, 4)) and done.max_abs_diff < 1e-5
+    assert ghostify.bench(model, ghost, batches=(1,), repeats=1).rows[0].converted_ms > 0
