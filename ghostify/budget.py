@@ -228,8 +228,11 @@ def _costs(model: nn.Module, entries: Sequence[Mapping], inputs: Sequence[torch.
     ratios = {entry["name"]: [s for s in RATIOS if s <= entry["out_channels"]] for entry in entries}
     if target_flops is not None:
         total = Counts(model, tuple(inputs)).conv_linear_flops
-        return {e["name"]: {s: conv_flops(e, *(_module(e, s, grains.get(e["name"]), align) if s else (None,)))
-                            for s in [None, *ratios[e["name"]]]} for e in entries}, total, "FLOPs"
+        def flops(entry: Mapping, s: Optional[int]) -> float:  # as convert builds the layer at ratio s
+            return conv_flops(entry, None) if s is None else conv_flops(entry, *_module(entry, s, grains.get(
+                entry["name"]), align))
+
+        return {e["name"]: {s: flops(e, s) for s in [None, *ratios[e["name"]]]} for e in entries}, total, "FLOPs"
     asked = [(entry, s) for entry in entries for s in ratios[entry["name"]]]
     variants = []
     for entry, s in asked:  # timed as convert would build it (a smaller s where alignment leaves fewer ghosts)

@@ -190,9 +190,13 @@ def _only_with(allowed: bool, needs: str, got: str, *params: str) -> None:
 
 
 def _odd(value: int) -> int:
-    if value < 1 or value % 2 == 0:
-        raise click.BadParameter(f"must be an odd integer >= 1, got {value}")
-    return value
+    """A cheap kernel size given as an option, checked by the module's own rule (``check_cheap_kernel``)."""
+    from .module import check_cheap_kernel
+
+    try:
+        return check_cheap_kernel(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error).removeprefix("d ")) from None
 
 
 def _gather_sizes(args):
