@@ -164,5 +164,5 @@ def test_an_even_cheap_kernel_is_refused_before_any_work(photo_folder):
     refused = CliRunner().invoke(main, ["analyze", "resnet18", "--images", str(photo_folder), "--cheap-d", "2"])
     assert refused.exit_code == 2 and len(refused.stderr.strip().splitlines()) == 1
     assert "Invalid value for '--cheap-d': must be an odd integer >= 1, got 2" in refused.stderr
-    with pytest.raises(ValueError, match="d must be an odd integer >= 1, got 4"):
-        ghostify.analyze(torchvision.models.resnet18(), photos(32)[:2], d=4, progress=False)
+    with pytest.raises(ValueError, match="d must be an odd integer >= 1, got 4"):  # before the model runs:
+        ghostify.analyze(torchvision.models.resnet18(), photos(32)[:2, :1], d=4, progress=False)  # 1 channel
