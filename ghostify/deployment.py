@@ -82,7 +82,7 @@ class DeployedGhost(nn.Module):
         self.register_buffer("scale", None if scale is None else scale.reshape(per_channel))
         self.register_buffer("shift", None if shift is None else shift.reshape(per_channel))
         self.register_buffer("out_index", None if out_index is None else out_index.clone())
-        self.relu = False  # set by ``epilogue.fuse_epilogues``: a ReLU (after the shortcut, if any) is done here
+        self.activation: Optional[str] = None  # set by ``epilogue.fuse_epilogues``: done here, after any shortcut
         self.functional = False  # write the epilogue for torch.compile rather than with out= ops
 
     @classmethod
@@ -136,12 +136,12 @@ class DeployedGhost(nn.Module):
         extra = sum(part.shape[1] for part in parts) - self.out_channels
         if extra:
             parts[-1] = parts[-1][:, : parts[-1].shape[1] - extra]
-        if self.relu or residual is not None:
-            return assemble(parts, residual, self.relu, self.functional)
+        if self.activation or residual is not None:
+            return assemble(parts, residual, self.activation, self.functional)
         return torch.cat(parts, dim=1)
 
     def extra_repr(self) -> str:
-        return f"out_channels={self.out_channels}, folded_norm={self.folded_norm}, relu={self.relu}"
+        return f"out_channels={self.out_channels}, folded_norm={self.folded_norm}, activation={self.activation}"
 
 
 @dataclass
@@ -306,7 +306,7 @@ def deploy(model: nn.Module, *, runtime: str = "torch", compile: bool = True) ->
             it is copied, never modified.
         runtime: where the result will run. ``"torch"`` (eager): BNs after Ghost modules folded too, conv
             weights in channels-last order (oneDNN's fastest on CPU; activations follow the weights), and a
-            residual addition and ReLU after a Ghost module written with its two halves (``epilogue``).
+            residual addition and activation after a Ghost module done in the module (``epilogue``).
             ``"inductor"``: the same form with a functional epilogue, compiled with ``torch.compile`` and
             freezing (``dynamic=False``: one compilation per input shape, on the first call). ``"onnxruntime"``:
             no epilogue and, for the linear Ghost form, the BN after it kept (onnxruntime runs Conv -> Concat

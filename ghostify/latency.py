@@ -21,7 +21,7 @@ import torch
 from torch import fx, nn
 
 from .deployment import RUNTIMES
-from .epilogue import follows
+from .epilogue import ACTIVATIONS, follows
 from .plan import apply_plan
 from .progress import progress as progress_display
 from .trace import GhostLeafTracer, evaluating, input_sizes, random_inputs
@@ -152,18 +152,18 @@ def _check(runtime: str, batches: Sequence[int], repeats: int) -> None:
 
 class _Unit(nn.Module):
     """One layer (a conv or a Ghost module, with the norm it takes in) and what follows it in its model: a
-    residual addition (of a fixed random shortcut) and/or a ReLU, which a deployed Ghost module takes in."""
+    residual addition (of a fixed random shortcut) and/or an activation, which a deployed Ghost module takes in."""
 
-    def __init__(self, layer: nn.Module, shortcut: Optional[torch.Tensor], relu: bool) -> None:
+    def __init__(self, layer: nn.Module, shortcut: Optional[torch.Tensor], activation: Optional[str]) -> None:
         super().__init__()
-        self.layer, self.relu = layer, relu
+        self.layer, self.activation = layer, activation
         self.register_buffer("shortcut", shortcut)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.layer(x)
         if self.shortcut is not None:
             y = y + self.shortcut
-        return torch.relu(y) if self.relu else y
+        return ACTIVATIONS[self.activation](y) if self.activation else y
 
 
 def _units(model: nn.Module, entry: Dict[str, Any], batch: int, graph: Optional[fx.GraphModule]):
@@ -176,10 +176,10 @@ def _units(model: nn.Module, entry: Dict[str, Any], batch: int, graph: Optional[
     apply_plan(ghost, [{**entry, "name": "0", "norm": "1" if entry.get("norm") else None, "gather": False}])
     weight = dense[0].weight
     factory = {"dtype": weight.dtype, "device": weight.device}
-    add, relu = follows(graph, entry["name"], entry.get("norm")) if graph is not None else (False, False)
+    add, activation = follows(graph, entry["name"], entry.get("norm")) if graph is not None else (False, None)
     shortcut = torch.randn(batch, *entry["output_shape"][1:], **factory) if add else None
     x = torch.randn(batch, *entry["input_shape"][1:], **factory)
-    return [_Unit(layer, shortcut, relu).eval() for layer in (dense, ghost)], x
+    return [_Unit(layer, shortcut, activation).eval() for layer in (dense, ghost)], x
 
 
 def layer_times(model: nn.Module, plan: Sequence[Dict[str, Any]], *, runtime: str = "torch", batch: int = 1,
@@ -187,7 +187,7 @@ def layer_times(model: nn.Module, plan: Sequence[Dict[str, Any]], *, runtime: st
                 progress: bool = False) -> List[Tuple[float, float]]:
     """For each plan row, ``(conv ms, Ghost ms)``: the layer timed alone against the Ghost module the plan makes
     of it, both in ``runtime``'s deploy form, interleaved, on a random input of the layer's real shape at
-    ``batch``. Each unit includes the norm the plan takes in and the residual addition and/or ReLU that
+    ``batch``. Each unit includes the norm the plan takes in and the residual addition and/or activation that
     follow the layer in ``model`` (which a deployed Ghost module writes with its output).
 
     Args:

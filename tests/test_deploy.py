@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from conftest import NormAct
 from torch import nn
@@ -270,3 +271,37 @@ def test_inductor_runtime_compiles_the_ghost_form_with_the_same_outputs():
     functional = ghostify.deploy(ghost, runtime="inductor", compile=False)
     assert not hasattr(functional, "_orig_mod")
     assert_same_outputs(ghost, functional)
+
+
+class Activations(nn.Module):
+    """Conv + BN + each activation an epilogue takes (as a module, as a function), and SiLU after a shortcut."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.convs = nn.ModuleList(nn.Conv2d(16, 16, 3, padding=1, bias=False) for _ in range(6))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(16) for _ in range(6))
+        self.acts = nn.ModuleList([nn.ReLU6(inplace=True), nn.SiLU(inplace=True), nn.Hardswish()])
+        self.head = nn.Conv2d(16, 4, 1)  # reads the last output: no Ghost module keeps a gather
+
+    def forward(self, x):
+        x = self.stem(x)
+        for conv, bn, act in zip(self.convs, self.bns, self.acts):
+            x = act(bn(conv(x)))
+        x = F.relu6(self.bns[3](self.convs[3](x)))
+        x = F.hardswish(self.bns[4](self.convs[4](x)))
+        return self.head(F.silu(x + self.bns[5](self.convs[5](x))))
+
+
+@pytest.mark.parametrize("runtime", ["torch", "inductor"])
+def test_epilogues_take_relu6_silu_and_hardswish(runtime):
+    """Each activation after a Ghost module, also after its shortcut, is done as the module's halves are
+    written (for inductor: pointwise inputs of the cat), with the converted model's outputs."""
+    ghost = with_random_statistics(ghostify.convert(Activations(), example_inputs=SMALL[:1]))
+    deployed = ghostify.deploy(ghost, runtime=runtime, compile=False)
+    names = [m.activation for m in deployed.modules() if isinstance(m, DeployedGhost)]
+    assert names == ["relu6", "silu", "hardswish", "relu6", "hardswish", "silu", None]  # the head: nothing after it
+    assert deployed.ghostify_deploy.epilogues == 6
+    left = [node.target for node in deployed.graph.nodes if node.op == "call_function"]
+    assert not left  # no activation, no addition left in the graph
+    assert_same_outputs(ghost, deployed, SMALL * 4)  # inputs wide enough to reach ReLU6's upper clip

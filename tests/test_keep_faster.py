@@ -104,16 +104,16 @@ def test_timed_units_carry_the_residual_add_and_relu_that_follow_the_layer():
     module writes); its first conv with the ReLU only. Deployed, the Ghost unit computes what it did before."""
     model = torchvision.models.resnet18().eval()
     graph = torch.fx.GraphModule(model, GhostLeafTracer().trace(model))
-    assert follows(graph, "layer1.0.conv2", "layer1.0.bn2") == (True, True)
-    assert follows(graph, "layer1.0.conv1", "layer1.0.bn1") == (False, True)
-    assert follows(graph, "layer1.0.conv1") == (False, False)  # its output goes to the norm, not a ReLU
+    assert follows(graph, "layer1.0.conv2", "layer1.0.bn2") == (True, "relu")
+    assert follows(graph, "layer1.0.conv1", "layer1.0.bn1") == (False, "relu")
+    assert follows(graph, "layer1.0.conv1") == (False, None)  # its output goes to the norm, not a ReLU
     entry = {"name": "layer1.0.conv2", "s": 2, "d": 3, "primary_kernel": [3, 3], "norm": "layer1.0.bn2",
              "input_shape": (1, 64, 16, 16), "output_shape": (1, 64, 16, 16)}
     (dense, ghost), x = _units(model, entry, 2, graph)
-    assert dense.shortcut.shape == (2, 64, 16, 16) and dense.relu
+    assert dense.shortcut.shape == (2, 64, 16, 16) and dense.activation == "relu"
     deployed = ghostify.deploy(ghost)
     (module,) = [m for m in deployed.modules() if isinstance(m, DeployedGhost)]
-    assert module.relu and deployed.ghostify_deploy.epilogues == 1
+    assert module.activation == "relu" and deployed.ghostify_deploy.epilogues == 1
     with torch.no_grad():
         torch.testing.assert_close(deployed(x), ghost(x), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(ghostify.deploy(dense)(x), dense(x), rtol=1e-4, atol=1e-4)
