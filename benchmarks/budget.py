@@ -4,11 +4,12 @@
    uniform s = 2 and s = 4, then with ``target_flops`` set to the FLOPs fraction each uniform model has,
    all with ``init="calibrate"`` on 256 training images and no training; prints top-1, agreement with the
    original and logit error on the 500 test images.
-2. With ``target_latency`` in eager torch (2 threads), converts random-init torchvision models and times the
-   result against the original (``ghostify.bench``, interleaved) at the batch the budget was timed at.
+2. With ``target_latency`` in one runtime (eager torch by default, 2 threads), converts random-init
+   torchvision models and times the result against the original in that runtime (``ghostify.bench``,
+   interleaved) at the batch the budget was timed at.
 
     python benchmarks/budget.py [--models resnet18 vgg-small] [--latency-models mobilenet_v2 efficientnet_b0]
-                                [--target-latency 0.9] [--batches 1 16]
+                                [--target-latency 0.9] [--batches 1 16] [--runtime torch|onnxruntime|inductor]
 """
 
 from __future__ import annotations
@@ -60,13 +61,14 @@ def flops_table(args: argparse.Namespace) -> None:
 
 
 def latency_table(args: argparse.Namespace) -> None:
-    print("\n| model | target_latency | batch | layers converted | original ms | ghost ms | speed-up | FLOPs ratio |")
+    print(f"\nlatency budgets in {args.runtime}:\n")
+    print("| model | target_latency | batch | layers converted | original ms | ghost ms | speed-up | FLOPs ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.latency_models:
         original = torchvision.models.get_model(name).eval()
         for batch in args.batches:
             try:
-                ghost = ghostify.convert(original, target_latency=args.target_latency, runtime="torch",
+                ghost = ghostify.convert(original, target_latency=args.target_latency, runtime=args.runtime,
                                          runtime_batch=batch).eval()
             except ValueError as error:
                 print(f"| {name} | {args.target_latency} | {batch} | {error} | | | | |", flush=True)
@@ -74,7 +76,7 @@ def latency_table(args: argparse.Namespace) -> None:
             result = ghost.ghostify_result
             kept = sum("budget" in row.reason for row in result.skipped)
             layers = f"{len(result.replaced)} of {len(result.replaced) + kept}"
-            timed = bench(original, ghost, batches=[batch], runtime="torch", threads=args.threads,
+            timed = bench(original, ghost, batches=[batch], runtime=args.runtime, threads=args.threads,
                           repeats=args.repeats, name=name)
             row = timed.rows[0]
             print(f"| {name} | {args.target_latency} | {batch} | {layers} | {row.original_ms:.1f} | "
@@ -88,6 +90,8 @@ def main() -> None:
     parser.add_argument("--latency-models", nargs="*", default=["mobilenet_v2", "efficientnet_b0"])
     parser.add_argument("--target-latency", type=float, default=0.9)
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--runtime", choices=["torch", "onnxruntime", "inductor"], default="torch",
+                        help="the runtime the latency budget is timed and the result benchmarked in")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=8)
     args = parser.parse_args()

@@ -107,6 +107,9 @@ def test_timed_units_carry_the_residual_add_and_relu_that_follow_the_layer():
     assert follows(graph, "layer1.0.conv2", "layer1.0.bn2") == (True, "relu")
     assert follows(graph, "layer1.0.conv1", "layer1.0.bn1") == (False, "relu")
     assert follows(graph, "layer1.0.conv1") == (False, None)  # its output goes to the norm, not a ReLU
+    mobile = torchvision.models.mobilenet_v2().eval()
+    mobile_graph = torch.fx.GraphModule(mobile, GhostLeafTracer().trace(mobile))
+    assert follows(mobile_graph, "features.1.conv.0.0", "features.1.conv.0.1") == (False, "relu6")
     entry = {"name": "layer1.0.conv2", "s": 2, "d": 3, "primary_kernel": [3, 3], "norm": "layer1.0.bn2",
              "input_shape": (1, 64, 16, 16), "output_shape": (1, 64, 16, 16)}
     (dense, ghost), x = _units(model, entry, 2, graph)
