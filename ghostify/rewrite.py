@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -488,16 +489,29 @@ def _plan(model: nn.Module, converted: nn.Module, analysis: Analysis, opts: Dict
     elif runtime is not None and replaced:
         replaced, slower = _keep_faster(model, replaced, runtime, runtime_batch)
         skipped += slower
+        notes = _set_intrinsic(replaced, widths, align)  # for the layers kept
     skipped += [Skipped(name, "F.conv", "functional convolution call; only conv modules are replaced")
                 for name in analysis.functional]
     result = ConversionResult(analysis.method, replaced, skipped, [_shape(x) for x in inputs], init,
                               source=getattr(model, "ghostify_source", None))
     result.notes.update(notes)
     if not replaced:
-        reasons = sorted({row.reason for row in skipped})
-        warnings.warn(f"no convolution was converted (the model is unchanged): {'; '.join(reasons[:3])}"
-                      f"{' ...' if len(reasons) > 3 else ''}", UserWarning, stacklevel=3)
+        warnings.warn(f"no convolution was converted (the model is unchanged): {_commonest_reasons(skipped)}",
+                      UserWarning, stacklevel=3)
     return result
+
+
+def _commonest_reasons(rows: List[Skipped], most: int = 3) -> str:
+    """Why ``rows`` were left alone, the commonest reasons first, as 'N layers: reason'; reasons that differ
+    only in their figures (a layer's groups, its timings) count as one."""
+    groups: Dict[str, List[str]] = {}
+    for row in rows:
+        head = row.reason.split(":")[0]
+        groups.setdefault(re.sub(r"\d+(\.\d+)?", "#", head), []).append(head)
+    ordered = sorted(groups.values(), key=len, reverse=True)
+    parts = [f"{len(heads)} {'layer' if len(heads) == 1 else 'layers'}: {heads[0]}"
+             + (", and similar" if len(set(heads)) > 1 else "") for heads in ordered[:most]]
+    return ". ".join(parts) + (" ..." if len(ordered) > most else "")
 
 
 def _record_fits(rows: List[Replaced], fitted: Mapping[str, Any]) -> None:

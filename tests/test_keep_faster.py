@@ -120,3 +120,19 @@ def test_timed_units_carry_the_residual_add_and_relu_that_follow_the_layer():
     with torch.no_grad():
         torch.testing.assert_close(deployed(x), ghost(x), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(ghostify.deploy(dense)(x), dense(x), rtol=1e-4, atol=1e-4)
+
+
+def test_notes_and_warning_speak_of_the_layers_timing_left_alone(monkeypatch):
+    """When timing leaves every layer a conv, no note names layers as converted ones, and the warning gives
+    the commonest reason first: the timing, not the depthwise convs that were never candidates."""
+    monkeypatch.setattr(rewrite, "layer_times", lambda model, plan, **kwargs: [(1.0, 1.0)] * len(plan))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 24, 3, padding=1), nn.Conv2d(24, 24, 3, padding=1, groups=24),
+                          nn.Conv2d(24, 40, 1), nn.Conv2d(40, 40, 3, padding=1, groups=40),
+                          nn.Conv2d(40, 24, 1), nn.Conv2d(24, 8, 1)).eval()
+    with pytest.warns(UserWarning, match=r"no convolution was converted .*: 3 layers: not 10% faster as a Ghost "
+                                         r"module in torch \(batch 1\)\. 2 layers: depthwise conv \(groups=24\) "
+                                         r"is already cheap, and similar\. 1 layer: stem conv"):
+        ghost = ghostify.convert(model, example_inputs=X, runtime="torch")
+    assert not ghost.ghostify_result.replaced and "unaligned" not in ghost.ghostify_result.notes
+    assert "unaligned" in ghostify.convert(model, example_inputs=X).ghostify_result.notes  # 24, 40: off the block
