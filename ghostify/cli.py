@@ -124,6 +124,16 @@ def _inputs(input_size: Optional[Tuple[int, ...]], sizes: Sequence[Tuple[int, ..
     return random_inputs(model, *[(1, *size) for size in ([input_size] if input_size else sizes)])
 
 
+def _writable(output: str, force: bool) -> None:
+    """``files.check_output`` before any work, its "exists" error in the command line's words."""
+    from .files import check_output
+
+    try:
+        check_output(output, overwrite=force)
+    except FileExistsError:
+        raise FileExistsError(f"{output} exists; pass --force to replace it") from None
+
+
 def _to_device(model, device: Optional[str]):
     """``model`` moved to ``device`` (None: where it is), with a clear error for a device torch cannot use."""
     if device is None:
@@ -302,9 +312,7 @@ def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_s
             runtime, runtime_batch, target_flops, target_latency, align, as_json, trust_source, arch, device, force,
             output) -> None:
     """Convert MODEL's convolutions (Conv1d, Conv2d, Conv3d) to Ghost modules, print the report, write OUT."""
-    from .files import check_output
-
-    check_output(output, overwrite=force)
+    _writable(output, force)
     from .init import DATA_METHODS
 
     if init in DATA_METHODS and calib_data is None:
@@ -484,11 +492,10 @@ def finetune(ghost_file, teacher, teacher_weights, data_path, val_data, epochs, 
     import ghostify
 
     from .distillation import read_dataset
-    from .files import check_output
     from .serialization import load_model
 
     if not resume:
-        check_output(output, overwrite=force)
+        _writable(output, force)
     if device is not None and device.startswith("cuda") and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process under torchrun
     student = _to_device(load_model(ghost_file, trust_source=trust_source, arch=arch), device)
@@ -536,10 +543,9 @@ def models() -> None:
 def export(model, fmt, input_size, dynamic_batch, trust_source, arch, force, output) -> None:
     """Export MODEL (usually a ghostify file) in its deploy form: BNs folded, ready to run without ghostify."""
     from .exporting import export as export_model
-    from .files import check_output
     from .serialization import load_model
 
-    check_output(output, overwrite=force)
+    _writable(output, force)
     with _status(f"Exporting {model} as {fmt}"):
         loaded = load_model(model, trust_source=trust_source, arch=arch).eval()
         if getattr(loaded, "ghostify_result", None) is None:
@@ -549,7 +555,8 @@ def export(model, fmt, input_size, dynamic_batch, trust_source, arch, force, out
                             dynamic_batch=dynamic_batch, overwrite=force)
     shapes = done.input_shape if isinstance(done.input_shape[0], tuple) else (done.input_shape,)
     click.echo(f"wrote {done.path} ({fmt}, input {', '.join('x'.join(map(str, shape)) for shape in shapes)}"
-               f"{', dynamic batch' if dynamic_batch else ''}); max abs diff vs PyTorch: {done.max_abs_diff:.2e}")
+               f"{', dynamic batch' if dynamic_batch else ''}); max abs diff vs PyTorch: {done.max_abs_diff:.2e} "
+               f"({done.max_rel_diff:.2e} of the output's largest magnitude)")
 
 
 @main.command()

@@ -8,6 +8,7 @@ back and run against the PyTorch deploy form; the largest absolute difference is
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from contextlib import contextmanager
@@ -51,6 +52,7 @@ class ExportResult:
     input_shape: Tuple  # the example's shape; one per input for a model with several
     dynamic_batch: bool
     max_abs_diff: float
+    max_rel_diff: float  # max_abs_diff over the largest output magnitude: meaningful for tiny outputs too
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -167,10 +169,14 @@ def export(model: nn.Module, path: str, format: str = "onnx", *, input_size=None
             atomic_write(path, lambda temp: _write_torchscript(deployed, temp, examples), overwrite)
         else:
             atomic_write(path, lambda temp: _write_pt2(deployed, temp, examples, dynamic_batch), overwrite)
-        diff = 0.0
+        diff = relative = 0.0
         for batch in ((1, 3) if dynamic_batch else (1,)):
             xs = random_inputs(deployed, *[(batch, *size) for size in sizes])
             expected = deployed(*xs)
-            diff = max(diff, float((_run_file(os.fspath(path), format, xs).to(expected) - expected).abs().max()))
+            error = float((_run_file(os.fspath(path), format, xs).to(expected) - expected).abs().max())
+            scale = float(expected.abs().max())
+            diff = max(diff, error)
+            relative = max(relative, error / scale if scale > 0 else 0.0 if error == 0 else math.inf)
     shapes = [tuple(x.shape) for x in examples]
-    return ExportResult(os.fspath(path), format, shapes[0] if len(shapes) == 1 else tuple(shapes), dynamic_batch, diff)
+    return ExportResult(os.fspath(path), format, shapes[0] if len(shapes) == 1 else tuple(shapes), dynamic_batch,
+                        diff, relative)

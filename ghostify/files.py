@@ -36,7 +36,7 @@ def check_output(path: str, overwrite: bool = True) -> str:
     if os.path.lexists(path) and not os.path.isfile(path):
         raise ValueError(f"{path} is not a regular file; refusing to replace it (write to a file path)")
     if not overwrite and os.path.exists(path):
-        raise FileExistsError(f"{path} exists; pass --force (overwrite=True) to replace it")
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"folder does not exist: {folder}")

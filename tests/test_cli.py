@@ -56,7 +56,7 @@ def test_convert_json_is_the_only_stdout(tmp_path):
 def test_existing_output_kept_unless_force(tmp_path):
     out = tmp_path / "g.pt"
     out.write_bytes(b"precious")
-    assert_one_line_error(invoke("convert", "resnet18", *SMALL, "-o", out), "pass --force")
+    assert_one_line_error(invoke("convert", "resnet18", *SMALL, "-o", out), "exists; pass --force to replace it")
     assert out.read_bytes() == b"precious"
     assert invoke("convert", "resnet18", *SMALL, "--force", "-o", out).exit_code == 0
     assert out.read_bytes() != b"precious"

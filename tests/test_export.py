@@ -49,7 +49,7 @@ def test_export_loads_without_ghostify_and_matches(ghost, fmt, tmp_path):
         pytest.importorskip("onnxruntime")
     path = tmp_path / f"model.{fmt}"
     result = ghostify.export(ghost, path, fmt, input_size=SIZE, dynamic_batch=True)
-    assert result.max_abs_diff < 1e-3 and result.path == str(path)
+    assert result.max_abs_diff < 1e-3 and result.max_rel_diff < 1e-5 and result.path == str(path)
     x = torch.randn(3, *SIZE)
     torch.save(x, tmp_path / "x.pt")
     subprocess.run([sys.executable, "-c", LOAD_WITHOUT_GHOSTIFY, str(path), fmt, str(tmp_path / "x.pt"),
@@ -178,3 +178,23 @@ def test_onnx_export_of_a_gathered_module_is_a_gather(tmp_path):
     ops = {node.op_type for node in onnx.load(str(tmp_path / "g.onnx")).graph.node}
     assert "Gather" in ops and not ops & {"ScatterElements", "ScatterND"}, ops
     assert result.max_abs_diff < 1e-4
+
+
+def test_export_reports_the_difference_relative_to_the_output_scale(monkeypatch, tmp_path):
+    """A file whose outputs are off by a fixed fraction of the largest output reports that fraction, however
+    small the outputs are (a random-weight network's can be 1e-9, where any absolute difference looks fine)."""
+    from ghostify import exporting
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten()).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(1e-9)
+        model[0].bias.zero_()
+
+    def off_by_a_quarter(path, fmt, xs):
+        out = exporting.deploy(model, runtime="inductor", compile=False)(*xs)
+        return out + 0.25 * out.abs().max()
+
+    monkeypatch.setattr(exporting, "_run_file", off_by_a_quarter)
+    result = ghostify.export(model, tmp_path / "m.pt2", "pt2", input_size=(3, 8, 8))
+    assert result.max_abs_diff < 1e-8
+    assert result.max_rel_diff == pytest.approx(0.25, rel=1e-5)

@@ -197,7 +197,7 @@ def test_saving_leaves_the_process_umask_alone(tmp_path, converted, monkeypatch)
 def test_existing_file_kept_without_overwrite(tmp_path, converted):
     path = tmp_path / "ghost.pt"
     path.write_bytes(b"keep me")
-    with pytest.raises(FileExistsError, match="exists"):
+    with pytest.raises(FileExistsError, match="exists; pass overwrite=True to replace it"):
         ghostify.save(converted, path, overwrite=False)
     assert path.read_bytes() == b"keep me"
 
