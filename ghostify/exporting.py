@@ -2,7 +2,7 @@
 
 The written files need neither ghostify nor the model's Python classes to run: ONNX runs in onnxruntime,
 TorchScript loads with ``torch.jit.load`` and .pt2 with ``torch.export.load``. Every export is loaded
-back and run against the PyTorch deploy form; the largest absolute difference is returned.
+back and run against the PyTorch deploy form; the largest difference is returned, absolute and relative.
 """
 
 from __future__ import annotations
