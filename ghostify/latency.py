@@ -166,8 +166,9 @@ class _Unit(nn.Module):
         return ACTIVATIONS[self.activation](y) if self.activation else y
 
 
-def _units(model: nn.Module, entry: Dict[str, Any], batch: int, graph: Optional[fx.GraphModule]):
-    """The planned layer of ``model`` as a conv unit and as a Ghost unit, and a random input for both."""
+def _units(model: nn.Module, entry: Dict[str, Any], batch: int, after: Tuple[bool, Optional[str]]):
+    """The planned layer of ``model`` as a conv unit and as a Ghost unit, and a random input for both;
+    ``after``: the residual addition and activation that follow it (``epilogue.follows``)."""
     layers = [copy.deepcopy(model.get_submodule(entry["name"]))]
     if entry.get("norm"):
         layers.append(copy.deepcopy(model.get_submodule(entry["norm"])))
@@ -176,7 +177,7 @@ def _units(model: nn.Module, entry: Dict[str, Any], batch: int, graph: Optional[
     apply_plan(ghost, [{**entry, "name": "0", "norm": "1" if entry.get("norm") else None, "gather": False}])
     weight = dense[0].weight
     factory = {"dtype": weight.dtype, "device": weight.device}
-    add, activation = follows(graph, entry["name"], entry.get("norm")) if graph is not None else (False, None)
+    add, activation = after
     shortcut = torch.randn(batch, *entry["output_shape"][1:], **factory) if add else None
     x = torch.randn(batch, *entry["input_shape"][1:], **factory)
     return [_Unit(layer, shortcut, activation).eval() for layer in (dense, ghost)], x
@@ -195,7 +196,9 @@ def layer_times(model: nn.Module, plan: Sequence[Dict[str, Any]], *, runtime: st
         plan: ``ConversionResult.plan()`` rows with ``input_shape`` and ``output_shape`` (``asdict`` of the
             ``Replaced`` rows ``convert`` makes).
 
-    A lookup table in NetAdapt's sense: each layer alone, not a profile of the whole model.
+    A lookup table in NetAdapt's sense: each layer alone, not a profile of the whole model. Layers alike (the
+    same modules, plan, input shape and what follows them: a ResNet stage's repeated blocks) are timed once and
+    share the figures, so twins never get different decisions from timing noise.
     """
     from .deployment import deploy
 
@@ -209,13 +212,27 @@ def layer_times(model: nn.Module, plan: Sequence[Dict[str, Any]], *, runtime: st
     with torch_threads(threads), tempfile.TemporaryDirectory() as folder, \
             progress_display("timing {description}", show=progress) as bar:
         task = bar.add_task(f"layers ({runtime}, batch {batch})", total=len(plan)) if bar else None
+        timed: Dict[Tuple, Tuple[float, float]] = {}
         for entry in plan:
-            units, x = _units(model, entry, batch, graph)
-            runners = _runners([deploy(unit, runtime=runtime) for unit in units], (x,), runtime, threads, folder)
-            times.append(tuple(interleaved(runners, repeats, warmup=2)))
+            after = follows(graph, entry["name"], entry.get("norm")) if graph is not None else (False, None)
+            key = _signature(model, entry, after)
+            if key not in timed:
+                units, x = _units(model, entry, batch, after)
+                runners = _runners([deploy(unit, runtime=runtime) for unit in units], (x,), runtime, threads, folder)
+                timed[key] = tuple(interleaved(runners, repeats, warmup=2))
+            times.append(timed[key])
             if bar:
                 bar.advance(task)
     return times
+
+
+def _signature(model: nn.Module, entry: Dict[str, Any], after: Tuple[bool, Optional[str]]) -> Tuple:
+    """What a layer's timing depends on: its conv and norm as configured (their repr, not their weights), the
+    Ghost module planned for it, its input shape (which with the conv fixes the output's) and what follows it."""
+    norm = entry.get("norm")
+    return (repr(model.get_submodule(entry["name"])), repr(model.get_submodule(norm)) if norm else None,
+            entry["s"], entry["d"], tuple(entry["primary_kernel"]), entry.get("intrinsic"),
+            tuple(entry["input_shape"][1:]), after)
 
 
 def model_ms(model: nn.Module, sizes: Sequence[Sequence[int]], *, runtime: str = "torch", batch: int = 1,

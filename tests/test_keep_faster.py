@@ -112,7 +112,7 @@ def test_timed_units_carry_the_residual_add_and_relu_that_follow_the_layer():
     assert follows(mobile_graph, "features.1.conv.0.0", "features.1.conv.0.1") == (False, "relu6")
     entry = {"name": "layer1.0.conv2", "s": 2, "d": 3, "primary_kernel": [3, 3], "norm": "layer1.0.bn2",
              "input_shape": (1, 64, 16, 16), "output_shape": (1, 64, 16, 16)}
-    (dense, ghost), x = _units(model, entry, 2, graph)
+    (dense, ghost), x = _units(model, entry, 2, follows(graph, entry["name"], entry["norm"]))
     assert dense.shortcut.shape == (2, 64, 16, 16) and dense.activation == "relu"
     deployed = ghostify.deploy(ghost)
     (module,) = [m for m in deployed.modules() if isinstance(m, DeployedGhost)]
@@ -136,3 +136,26 @@ def test_notes_and_warning_speak_of_the_layers_timing_left_alone(monkeypatch):
         ghost = ghostify.convert(model, example_inputs=X, runtime="torch")
     assert not ghost.ghostify_result.replaced and "unaligned" not in ghost.ghostify_result.notes
     assert "unaligned" in ghostify.convert(model, example_inputs=X).ghostify_result.notes  # 24, 40: off the block
+
+
+def test_layers_alike_are_timed_once_and_share_their_figures(monkeypatch):
+    """ResNet-18's layer1 has four alike 3x3 convs (same conv, norm, plan, input and ReLU after; two with a
+    shortcut before it): two timings for the four, then one for a conv with another input, each pair given
+    back to every layer alike."""
+    from ghostify import latency
+
+    calls = []
+
+    def fake_interleaved(runners, repeats, warmup=1, step=None):
+        calls.append(len(runners))
+        return [float(len(calls)), float(len(calls)) / 2]
+
+    monkeypatch.setattr(latency, "interleaved", fake_interleaved)
+    model = torchvision.models.resnet18().eval()
+    names = ["layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "layer1.1.conv2", "layer2.1.conv1"]
+    plan = [{"name": name, "s": 2, "d": 3, "primary_kernel": [3, 3], "norm": name.replace("conv", "bn"),
+             "input_shape": (1, 64, 16, 16) if name.startswith("layer1") else (1, 128, 8, 8),
+             "output_shape": (1, 64, 16, 16) if name.startswith("layer1") else (1, 128, 8, 8)} for name in names]
+    times = layer_times(model, plan, runtime="torch", batch=1, repeats=1)
+    assert len(calls) == 3  # conv1s (ReLU after), conv2s (shortcut and ReLU after), layer2.1.conv1
+    assert times == [(1.0, 0.5), (2.0, 1.0), (1.0, 0.5), (2.0, 1.0), (3.0, 1.5)]
