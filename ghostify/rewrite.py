@@ -286,19 +286,24 @@ def _budgeted(model: nn.Module, rows: List[Replaced], norms: Dict[str, Optional[
     return converted, kept
 
 
-def _set_intrinsic(rows: List[Replaced], widths: Mapping[str, int], align: int) -> Dict[str, str]:
+def _set_intrinsic(rows: List[Replaced], widths: Mapping[str, int], align: int) -> None:
     """Each row's intrinsic map count: whole groups of the grouped conv that reads it (``widths``), parts on
     ``align``-channel blocks where its width allows, and its ``s`` lowered where that many intrinsic maps leave
-    fewer runs of ghosts (``plan.planned_module``); notes naming the unaligned and the lowered layers."""
+    fewer runs of ghosts (``plan.planned_module``)."""
+    for row in rows:
+        row.s, row.intrinsic = planned_module(row.out_channels, row.s, widths.get(row.name, 1), align)
+
+
+def _intrinsic_notes(rows: List[Replaced], asked: Mapping[str, int], align: int) -> Dict[str, str]:
+    """Notes naming the layers with parts off the ``align``-channel blocks, and those built with a smaller s
+    than ``asked``."""
     unaligned, lowered = [], []
     for row in rows:
-        n, asked = row.out_channels, row.s
-        row.s, row.intrinsic = planned_module(n, asked, widths.get(row.name, 1), align)
-        m = row.intrinsic or -(-n // row.s)
-        if m % align or n % align:
+        m = row.intrinsic or -(-row.out_channels // row.s)
+        if m % align or row.out_channels % align:
             unaligned.append(row.name)
-        if row.s < asked:
-            lowered.append(f"{row.name} (s={asked} -> {row.s}, m={m})")
+        if row.s < asked[row.name]:
+            lowered.append(f"{row.name} (s={asked[row.name]} -> {row.s}, m={m})")
     notes = {}
     if unaligned and align > 1:
         notes["unaligned"] = (f"{len(unaligned)} of {len(rows)} layers have parts off the {align}-channel blocks "
@@ -479,22 +484,23 @@ def _plan(model: nn.Module, converted: nn.Module, analysis: Analysis, opts: Dict
     replaced = [r for r in decisions if isinstance(r, Replaced)]
     skipped = [r for r in decisions if isinstance(r, Skipped)]
     widths = grouped_widths(converted, {row.name: row for row in replaced}, inputs, analysis.parts)
-    notes = _set_intrinsic(replaced, widths, align)  # layer timings build the modules convert builds
+    asked = {row.name: row.s for row in replaced}
+    _set_intrinsic(replaced, widths, align)  # layer timings build the modules convert builds
     if (target_flops is not None or target_latency is not None) and replaced:
         norms = {site.name: site.norm for site in analysis.sites}
         replaced, kept = _budgeted(model, replaced, norms, inputs, batches, target_flops, target_latency, runtime,
                                    runtime_batch, align)
         skipped += kept
-        notes = _set_intrinsic(replaced, widths, align)  # for the s the budget chose
+        asked = {row.name: row.s for row in replaced}  # the s the budget chose
+        _set_intrinsic(replaced, widths, align)
     elif runtime is not None and replaced:
         replaced, slower = _keep_faster(model, replaced, runtime, runtime_batch)
         skipped += slower
-        notes = _set_intrinsic(replaced, widths, align)  # for the layers kept
     skipped += [Skipped(name, "F.conv", "functional convolution call; only conv modules are replaced")
                 for name in analysis.functional]
     result = ConversionResult(analysis.method, replaced, skipped, [_shape(x) for x in inputs], init,
                               source=getattr(model, "ghostify_source", None))
-    result.notes.update(notes)
+    result.notes.update(_intrinsic_notes(replaced, asked, align))  # of the layers replaced in the end
     if not replaced:
         warnings.warn(f"no convolution was converted (the model is unchanged): {_commonest_reasons(skipped)}",
                       UserWarning, stacklevel=3)

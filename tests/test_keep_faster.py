@@ -159,3 +159,12 @@ def test_layers_alike_are_timed_once_and_share_their_figures(monkeypatch):
     times = layer_times(model, plan, runtime="torch", batch=1, repeats=1)
     assert len(calls) == 3  # conv1s (ReLU after), conv2s (shortcut and ReLU after), layer2.1.conv1
     assert times == [(1.0, 0.5), (2.0, 1.0), (1.0, 0.5), (2.0, 1.0), (3.0, 1.5)]
+
+
+def test_timing_keeps_the_notes_of_the_layers_it_keeps(fake_times):
+    """A 32-wide layer asked for s=4 with 16-channel alignment becomes an s=2 module (16 intrinsic maps leave
+    one run of ghosts); timing keeps it, and the report still says its s was lowered."""
+    ghost = ghostify.convert(small(), example_inputs=X, runtime="torch", s=4)
+    (row,) = ghost.ghostify_result.replaced
+    assert (row.name, row.s) == ("6", 2)
+    assert "6 (s=4 -> 2, m=16)" in ghost.ghostify_result.notes["lowered s"]
