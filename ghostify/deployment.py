@@ -13,13 +13,13 @@ from __future__ import annotations
 import copy
 import operator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
-from .epilogue import assemble, fuse_epilogues
+from .epilogue import Residual, assemble, fuse_epilogues
 from .module import GhostModule, channels_last, conv_dim
 from .plan import set_module
 from .trace import (
@@ -84,6 +84,7 @@ class DeployedGhost(nn.Module):
         self.register_buffer("out_index", None if out_index is None else out_index.clone())
         self.activation: Optional[str] = None  # set by ``epilogue.fuse_epilogues``: done here, after any shortcut
         self.functional = False  # write the epilogue for torch.compile rather than with out= ops
+        self.parts_out = False  # set by ``epilogue.fuse_epilogues``: return the parts, another one's shortcut
 
     @classmethod
     def deploy(cls, ghost: GhostModule, norm: Optional[nn.Module] = None) -> "DeployedGhost":
@@ -126,7 +127,16 @@ class DeployedGhost(nn.Module):
         scale, shift = fuse_conv_bn_weights(ones, None, maps[0][:m], maps[1][:m], norm.eps, maps[2][:m], maps[3][:m])
         return cls(primary, _runs(cheap, m, runs), n, scale.detach(), shift.detach(), index)
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def widths(self) -> Optional[List[int]]:
+        """The widths of the parts the output is assembled from; None when it is gathered."""
+        if self.out_index is not None:
+            return None
+        m = self.primary[0].out_channels
+        runs = [m] * (1 + len(self.cheap))
+        runs[-1] -= sum(runs) - self.out_channels
+        return runs
+
+    def forward(self, x: torch.Tensor, residual: Residual = None) -> Union[torch.Tensor, List[torch.Tensor]]:
         intrinsic = self.primary(x)
         parts = [intrinsic] + [run(intrinsic) for run in self.cheap]
         if self.scale is not None:
@@ -136,6 +146,8 @@ class DeployedGhost(nn.Module):
         extra = sum(part.shape[1] for part in parts) - self.out_channels
         if extra:
             parts[-1] = parts[-1][:, : parts[-1].shape[1] - extra]
+        if self.parts_out:
+            return parts
         if self.activation or residual is not None:
             return assemble(parts, residual, self.activation, self.functional)
         return torch.cat(parts, dim=1)
@@ -152,6 +164,7 @@ class DeployResult:
     folded: List[str] = field(default_factory=list)
     ghosts: List[str] = field(default_factory=list)
     epilogues: int = 0
+    parts_shortcuts: int = 0
     memory_format: str = "contiguous"
 
     def to_dict(self) -> Dict[str, Any]:
@@ -309,9 +322,9 @@ def deploy(model: nn.Module, *, runtime: str = "torch", compile: bool = True) ->
             residual addition and activation after a Ghost module done in the module (``epilogue``).
             ``"inductor"``: the same form with a functional epilogue, compiled with ``torch.compile`` and
             freezing (``dynamic=False``: one compilation per input shape, on the first call). ``"onnxruntime"``:
-            no epilogue and, for the linear Ghost form, the BN after it kept (onnxruntime runs Conv -> Concat
-            -> BatchNormalization faster than a per-channel affine, which breaks its blocked layout).
-            Outputs are the same.
+            epilogues only where the shortcut is another Ghost module's parts (no ``Slice``), and, for the
+            linear Ghost form, the BN after it kept (onnxruntime runs Conv -> Concat -> BatchNormalization
+            faster than a per-channel affine, which breaks its blocked layout). Outputs are the same.
         compile: for ``"inductor"``, False returns the form written for ``torch.compile`` uncompiled (plain
             functional ops: what ``export`` writes for TorchScript and ``torch.export``).
 
@@ -347,11 +360,12 @@ def deploy(model: nn.Module, *, runtime: str = "torch", compile: bool = True) ->
             result.ghosts.append(name)
     for _, gm, _ in graphs:
         _drop_identities(gm)
-        if runtime != "onnxruntime":
-            result.epilogues += fuse_epilogues(gm, lambda m: isinstance(m, DeployedGhost) and m.out_index is None)
+        result.epilogues += fuse_epilogues(gm, lambda m: m.widths() if isinstance(m, DeployedGhost) else None,
+                                           parts_only=runtime == "onnxruntime")
     for module in deployed.modules():
         if isinstance(module, DeployedGhost):
-            module.functional = runtime == "inductor"
+            module.functional = runtime != "torch"
+            result.parts_shortcuts += module.parts_out
     if runtime != "onnxruntime":
         _channels_last(deployed)
         result.memory_format = "channels_last"

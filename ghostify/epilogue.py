@@ -9,13 +9,14 @@ the rectified sum straight into the output's slice, one pass instead of three (`
 Inductor computes pointwise inputs of a ``cat`` straight into its buffer. The activations taken are the
 element-wise ones CNNs put after a conv: ReLU, ReLU6 (MobileNets), SiLU (EfficientNets) and Hardswish. In
 eager PyTorch only ReLU is written per half; the others' kernels, writing into a slice of the output,
-measured no faster than ``cat`` and the activation in place, which is what they do there.
+measured no faster than ``cat`` and the activation in place, which is what they do there. A shortcut that is
+another Ghost module's output, split alike (a ResNet's projection), is handed over in parts: never concatenated.
 """
 
 from __future__ import annotations
 
 import operator
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -33,16 +34,23 @@ _ACTIVATION_CALLS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", "r
 _ADDS = {operator.add, operator.iadd, torch.add, "add", "add_"}
 
 
-def assemble(parts: Sequence[torch.Tensor], residual: Optional[torch.Tensor], activation: Optional[str],
+Residual = Union[torch.Tensor, List[torch.Tensor], None]
+
+
+def assemble(parts: Sequence[torch.Tensor], residual: Residual, activation: Optional[str],
              functional: bool) -> torch.Tensor:
     """``cat(parts, 1)``, plus ``residual`` when given, through ``activation`` (an ``ACTIVATIONS`` name) when
-    given; one pass per part where the form allows it."""
+    given; one pass per part where the form allows it. ``residual`` may come as parts of the same widths
+    (another Ghost module's, see ``fuse_epilogues``): then it is never concatenated."""
     act = ACTIVATIONS[activation] if activation else None
     widths = [part.shape[1] for part in parts]
     first = parts[0]
-    per_part = residual is None or (residual.dim() == first.dim() and residual.shape[1] == sum(widths)
-                                    and residual.shape[2:] == first.shape[2:])  # not a broadcast shortcut
-    shortcuts = [None] * len(parts) if residual is None else residual.split(widths, 1) if per_part else None
+    if isinstance(residual, list):  # widths checked by ``fuse_epilogues``
+        shortcuts, per_part = residual, True
+    else:
+        per_part = residual is None or (residual.dim() == first.dim() and residual.shape[1] == sum(widths)
+                                        and residual.shape[2:] == first.shape[2:])  # not a broadcast shortcut
+        shortcuts = [None] * len(parts) if residual is None else residual.split(widths, 1) if per_part else None
     if functional and per_part:
         outs = [part if r is None else part + r for part, r in zip(parts, shortcuts)]
         return torch.cat([act(out) if act else out for out in outs], 1)
@@ -117,20 +125,33 @@ def follows(gm: fx.GraphModule, name: str, norm: Optional[str] = None) -> Tuple[
     return residual is not None, activation
 
 
-def fuse_epilogues(gm: fx.GraphModule, accepts: Callable[[nn.Module], bool]) -> int:
-    """Give each call of a module that ``accepts`` (a deployed Ghost module, called once) whose output only
-    goes into a residual addition and/or an activation that epilogue: the call takes the shortcut as a second
-    argument, the module's ``activation`` is set, and it returns the finished tensor. Returns how many were fused."""
+def fuse_epilogues(gm: fx.GraphModule, widths: Callable[[nn.Module], Optional[List[int]]],
+                   parts_only: bool = False) -> int:
+    """Give each call of a module that ``widths`` accepts (a deployed Ghost module, called once; ``widths``
+    gives its parts' widths, None for other modules) whose output only goes into a residual addition and/or
+    an activation that epilogue: the call takes the shortcut as a second argument, the module's
+    ``activation`` is set, and it returns the finished tensor. A shortcut that is another such module's
+    output, read by nothing else and split alike (a ResNet's projection shortcut), comes as its parts
+    (``parts_out``), so it is added part by part and never concatenated. With ``parts_only``, only such
+    epilogues are fused (onnxruntime: a shortcut split by ``Slice`` costs more than it saves). Returns how
+    many were fused."""
     modules, calls = dict(gm.named_modules()), module_calls(gm.graph)
     fused = 0
     for node in list(gm.graph.nodes):
-        if (node.op != "call_module" or not accepts(modules[node.target]) or calls[node.target] != 1
+        if (node.op != "call_module" or widths(modules[node.target]) is None or calls[node.target] != 1
                 or len(node.args) != 1 or node.kwargs):
             continue
         chain, residual, activation = _chain(node, modules)
         if not chain:
             continue
+        source = modules[residual.target] if residual is not None and residual.op == "call_module" else None
+        parts = (source is not None and calls[residual.target] == 1 and _only_user(residual) is chain[0]
+                 and widths(source) == widths(modules[node.target]))
+        if parts_only and not parts:
+            continue
         modules[node.target].activation = activation
+        if parts:
+            source.parts_out = True
         with gm.graph.inserting_after(chain[-1]):
             call = gm.graph.call_module(node.target, (node.args[0],) + ((residual,) if residual is not None else ()))
         chain[-1].replace_all_uses_with(call)

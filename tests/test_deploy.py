@@ -209,7 +209,10 @@ def test_deploy_untraceable_model_deploys_its_traced_parts_as_graphs(runtime):
     assert result.method == "fx parts" and isinstance(deployed.body, torch.fx.GraphModule)
     assert len(result.ghosts) == len(ghost.ghostify_result.replaced) and "body.1 -> body.0" in result.folded
     alone = ghostify.deploy(ghost.body, runtime=runtime).ghostify_deploy  # the body as a model of its own
-    assert result.epilogues == alone.epilogues == (14 if runtime == "torch" else 0)  # a ReLU or add + ReLU after each
+    # a ReLU or add + ReLU after each; in onnxruntime only those whose shortcut is a projection's parts, in
+    # layer2 and layer3 (layer4's modules keep their gathers: the body's output is the model's)
+    assert result.epilogues == alone.epilogues == (14 if runtime == "torch" else 2)
+    assert result.parts_shortcuts == alone.parts_shortcuts == 2
     assert_same_outputs(ghost, deployed)
 
 
@@ -232,6 +235,7 @@ def test_resnet_epilogues_take_every_residual_add_and_relu():
     ghost = with_random_statistics(ghostify.convert(torchvision.models.resnet50(), example_inputs=SMALL[:1]))
     deployed = ghostify.deploy(ghost)
     assert deployed.ghostify_deploy.epilogues == 16 * 3  # conv1, conv2 (ReLU) and conv3 (+ shortcut, ReLU)
+    assert deployed.ghostify_deploy.parts_shortcuts == 4  # each stage's projection, added in parts
     left = [node.target for node in deployed.graph.nodes if node.op != "call_module" and node.op != "placeholder"]
     assert not any("add" in str(target) for target in left)
     assert_same_outputs(ghost, deployed)
@@ -239,6 +243,33 @@ def test_resnet_epilogues_take_every_residual_add_and_relu():
     assert not out.requires_grad and not any(p.requires_grad for p in deployed.parameters())
     with torch.no_grad():
         assert torch.equal(out, deployed(SMALL))
+
+
+class Projection(nn.Module):
+    """A block of Ghost modules whose shortcut is a projection; their ratios say how each splits its output."""
+
+    def __init__(self, s_conv: int, s_project: int):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv = ghostify.GhostModule(16, 48, 3, padding=1, s=s_conv, inner_bn=True)
+        self.project = ghostify.GhostModule(16, 48, 1, s=s_project, inner_bn=True)
+        self.head = nn.Conv2d(48, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(F.relu(self.conv(x) + self.project(x)))
+
+
+@pytest.mark.parametrize("runtime", ["torch", "inductor", "onnxruntime"])
+@pytest.mark.parametrize("s_project, parts", [(2, 1), (3, 0)])
+def test_projection_shortcut_comes_in_parts_when_split_alike(runtime, s_project, parts):
+    """A shortcut that is a Ghost module's output, split like the module it is added to, is added part by
+    part; split otherwise (16 + 16 + 16 against 24 + 24), it is concatenated first. Same outputs either way."""
+    model = with_random_statistics(Projection(2, s_project))
+    deployed = ghostify.deploy(model, runtime=runtime, compile=False)
+    assert deployed.ghostify_deploy.parts_shortcuts == parts
+    assert deployed.ghostify_deploy.epilogues == (1 if runtime != "onnxruntime" else parts)
+    assert_same_outputs(model, deployed)
 
 
 class BroadcastShortcut(nn.Module):

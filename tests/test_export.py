@@ -144,6 +144,8 @@ def test_onnx_of_converted_resnet50_is_only_convs_concats_and_the_originals_ops(
     ops = {node.op_type for node in graph.node}
     assert not ops & {"Slice", "Gather", "BatchNormalization", "Mul"}, ops
     assert {"Conv", "Concat"} <= ops
+    # the four projection shortcuts are added to their blocks' last modules part by part, never concatenated
+    assert sum(node.op_type == "Concat" for node in graph.node) == 52 - 4
     weights = {init.name: numpy_helper.to_array(init).shape for init in graph.initializer}
     groups = {node.input[1]: next((a.i for a in node.attribute if a.name == "group"), 1)
               for node in graph.node if node.op_type == "Conv"}
