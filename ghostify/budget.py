@@ -27,7 +27,7 @@ from .init.channels import Group, couple, layer_grains
 from .init.datafree import bn_gain
 from .init.fit import Grain, choose, explained, filter_pairing, unexplained
 from .init.measure import record
-from .latency import layer_times, model_ms
+from .latency import layer_times, model_times
 from .module import intrinsic_count
 from .plan import planned_module
 from .progress import progress as progress_display
@@ -246,7 +246,7 @@ def _costs(model: nn.Module, entries: Sequence[Mapping], inputs: Sequence[torch.
         dense.setdefault(entry["name"], []).append(conv_ms)
     for name, samples in dense.items():
         costs[name][None] = statistics.median(samples)
-    total = model_ms(model, [x.shape[1:] for x in inputs], runtime=runtime, batch=batch)
+    (total,) = model_times(model, [], [x.shape[1:] for x in inputs], runtime=runtime, batch=batch)
     return costs, total, f"ms in {runtime}"
 
 

@@ -235,20 +235,33 @@ def _signature(model: nn.Module, entry: Dict[str, Any], after: Tuple[bool, Optio
             tuple(entry["input_shape"][1:]), after)
 
 
-def model_ms(model: nn.Module, sizes: Sequence[Sequence[int]], *, runtime: str = "torch", batch: int = 1,
-             threads: Optional[int] = None, repeats: int = 10) -> float:
-    """Median ms of one batch through ``model``'s deploy form for ``runtime`` (random inputs of the per-sample
-    ``sizes``, one per input)."""
+def model_times(model: nn.Module, plans: Sequence[Sequence[Dict[str, Any]]], sizes: Sequence[Sequence[int]], *,
+                runtime: str = "torch", batch: int = 1, threads: Optional[int] = None, repeats: int = 15,
+                progress: bool = False) -> List[float]:
+    """Median ms of one batch through ``model`` and through a copy of it with each plan applied, each in
+    ``runtime``'s deploy form, interleaved in one run; the original's first. The copies' Ghost modules are
+    fresh (random weights: the time does not depend on them). Inputs are random, of the per-sample ``sizes``.
+
+    The whole model, where ``layer_times`` times layers alone: it sees what a Ghost module costs its
+    neighbours (onnxruntime's layout changes, caches) and what a runtime fuses across layers.
+    """
     from .deployment import deploy
 
     _check(runtime, [batch], repeats)
     threads = threads or torch.get_num_threads()
     xs = random_inputs(model, *[(batch, *size) for size in sizes])
+    versions = []
     with evaluating(model):
-        deployed = deploy(model, runtime=runtime)
-    with torch_threads(threads), tempfile.TemporaryDirectory() as folder:
-        (runner,) = _runners([deployed], xs, runtime, threads, folder)
-        return interleaved([runner], repeats, warmup=2)[0]
+        for plan in [None, *plans]:
+            version = model if plan is None else copy.deepcopy(model)
+            if plan is not None:
+                apply_plan(version, [{**row, "gather": False} for row in plan])
+            versions.append(deploy(version.eval(), runtime=runtime))
+    with torch_threads(threads), tempfile.TemporaryDirectory() as folder, \
+            progress_display("timing {description}", show=progress) as bar:
+        task = bar.add_task(f"whole models ({runtime}, batch {batch})", total=repeats) if bar else None
+        runners = _runners(versions, xs, runtime, threads, folder)
+        return interleaved(runners, repeats, warmup=2, step=(lambda: bar.advance(task)) if bar else None)
 
 
 def flops_ratio(original: nn.Module, converted: nn.Module, sizes: Sequence[Sequence[int]]) -> float:

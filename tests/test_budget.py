@@ -167,7 +167,7 @@ def test_budgeted_plan_is_saved_and_replayed(tmp_path):
 def test_target_latency_uses_layer_times(monkeypatch):
     """Latency costs come from the layer timings (a fixed table here) and the original's measured time."""
     monkeypatch.setattr(budget, "layer_times", lambda model, plan, **kw: [(1.0, 1.0 / row["s"]) for row in plan])
-    monkeypatch.setattr(budget, "model_ms", lambda model, sizes, **kw: 20.0)
+    monkeypatch.setattr(budget, "model_times", lambda model, plans, sizes, **kw: [20.0])
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
                           nn.Conv2d(16, 16, 3, padding=1)).eval()
     # 20 ms, of which the two convertible layers take 1 ms each: 0.925 leaves them 0.5 ms in all

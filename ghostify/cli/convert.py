@@ -61,8 +61,8 @@ from .app import (
               help="ghostnet: a conv and the batch norm after it become one Ghost module (folds exactly at deploy); "
                    "linear: the norm stays after a linear Ghost module.")
 @click.option("--runtime", type=click.Choice(["torch", "onnxruntime", "inductor"]),
-              help="Time each layer alone as a conv and as a Ghost module in this runtime's deploy form, and keep "
-                   "as convs the layers a Ghost module does not make faster.")
+              help="Time each layer alone as a conv and as a Ghost module in this runtime's deploy form, then the "
+                   "whole model with the layers that pay; convert only what made the whole model faster.")
 @click.option("--runtime-batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="--runtime: the batch size to time at.")
 @click.option("--target-flops", type=click.FloatRange(0, 1, min_open=True), metavar="F",
