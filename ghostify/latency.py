@@ -252,11 +252,10 @@ def model_times(model: nn.Module, plans: Sequence[Sequence[Dict[str, Any]]], siz
     xs = random_inputs(model, *[(batch, *size) for size in sizes])
     versions = []
     with evaluating(model):
-        for plan in [None, *plans]:
-            version = model if plan is None else copy.deepcopy(model)
-            if plan is not None:
-                apply_plan(version, [{**row, "gather": False} for row in plan])
-            versions.append(deploy(version.eval(), runtime=runtime))
+        for plan in [[], *plans]:
+            version = copy.deepcopy(model) if plan else model  # copies made here are in eval mode too
+            apply_plan(version, [{**row, "gather": False} for row in plan])
+            versions.append(deploy(version, runtime=runtime))
     with torch_threads(threads), tempfile.TemporaryDirectory() as folder, \
             progress_display("timing {description}", show=progress) as bar:
         task = bar.add_task(f"whole models ({runtime}, batch {batch})", total=repeats) if bar else None

@@ -250,31 +250,34 @@ def _keep_faster(model: nn.Module, rows: List[Replaced], runtime: str, batch: in
         row.dense_ms, row.ghost_ms = dense_ms, ghost_ms
     candidates: List[Tuple[Optional[float], List[Replaced]]] = []  # (cut on ghost / conv time alone, layers)
     for cut in (0.8, 1 - FASTER, 1.0, None):
-        chosen = [row for row in rows if cut is None or row.ghost_ms <= cut * row.dense_ms]
+        chosen = _faster_alone(rows, cut)
         if chosen and all(chosen != other for _, other in candidates):
             candidates.append((cut, chosen))
-    where, note = f"in {runtime} (batch {batch})", None
-    if all(isinstance(x, torch.Tensor) for x in inputs) and candidates:
+    where = f"in {runtime} (batch {batch})"
+    if not all(isinstance(x, torch.Tensor) for x in inputs):
+        cut, note = 1 - FASTER, None
+        why = f"not {FASTER:.0%} faster as a Ghost module {where}, timed alone"
+    else:
         original_ms, *whole = model_times(model, [[asdict(row) for row in chosen] for _, chosen in candidates],
                                           [x.shape[1:] for x in inputs], runtime=runtime, batch=batch,
                                           progress=True)
-        best = min(range(len(whole)), key=whole.__getitem__)
         note = f"{where}: the original {original_ms:.3g} ms; " + "; ".join(
             f"{len(chosen)} layers ({_cut_label(cut)}) {ms:.3g} ms" for (cut, chosen), ms in zip(candidates, whole))
-        if whole[best] > (1 - WHOLE_FASTER) * original_ms:
-            return [], [Skipped(row.name, type(model.get_submodule(row.name)).__name__,
-                                f"the whole model was not {WHOLE_FASTER:.0%} faster {where} with Ghost modules: "
-                                f"this layer alone {row.ghost_ms:.3g} ms vs {row.dense_ms:.3g} ms as a conv")
-                        for row in rows], note
-        cut = candidates[best][0]
-    else:
-        cut = 1 - FASTER
-    faster = [row for row in rows if cut is None or row.ghost_ms <= cut * row.dense_ms]
+        best = min(range(len(whole)), key=whole.__getitem__)
+        none = whole[best] > (1 - WHOLE_FASTER) * original_ms
+        cut = 0.0 if none else candidates[best][0]
+        why = (f"the whole model was not {WHOLE_FASTER:.0%} faster {where} with Ghost modules" if none else
+               f"the whole model ran fastest {where} with only layers {_cut_label(cut)}")
+    faster = _faster_alone(rows, cut)
     slower = [Skipped(row.name, type(model.get_submodule(row.name)).__name__,
-                      f"the whole model ran fastest {where} with only layers {_cut_label(cut)}: this one "
-                      f"{row.ghost_ms:.3g} ms vs {row.dense_ms:.3g} ms as a conv")
+                      f"{why}: this layer alone {row.ghost_ms:.3g} ms vs {row.dense_ms:.3g} ms as a conv")
               for row in rows if row not in faster]
     return faster, slower, note
+
+
+def _faster_alone(rows: List[Replaced], cut: Optional[float]) -> List[Replaced]:
+    """The rows whose Ghost module took at most ``cut`` of the conv's time, timed alone; None: every row."""
+    return [row for row in rows if cut is None or row.ghost_ms <= cut * row.dense_ms]
 
 
 def _cut_label(cut: Optional[float]) -> str:
