@@ -275,6 +275,24 @@ def _keep_faster(model: nn.Module, rows: List[Replaced], runtime: str, batch: in
     return faster, slower, note
 
 
+def _budget_check(model: nn.Module, rows: List[Replaced], inputs, runtime: str, batch: int,
+                  target: float) -> Optional[str]:
+    """A note of the whole model's time with the budget's plan against the original's, timed interleaved; a
+    warning when it misses ``target`` (the budget adds up layers timed alone, which the whole model need not
+    follow). None without tensor inputs to time the whole model with."""
+    if not all(isinstance(x, torch.Tensor) for x in inputs):
+        return None
+    original_ms, planned_ms = model_times(model, [[asdict(row) for row in rows]], [x.shape[1:] for x in inputs],
+                                          runtime=runtime, batch=batch, progress=True)
+    fraction = planned_ms / original_ms
+    if fraction > target:
+        warnings.warn(f"the budgeted model measured {fraction:.2f} of the original's time in {runtime} (batch "
+                      f"{batch}), above target_latency={target:g}: its layers timed alone do not add up to the "
+                      "whole model's time", UserWarning, stacklevel=4)
+    return (f"in {runtime} (batch {batch}): the original {original_ms:.3g} ms; {len(rows)} layers (the budget's "
+            f"plan) {planned_ms:.3g} ms, {fraction:.2f} of it (target {target:g})")
+
+
 def _faster_alone(rows: List[Replaced], cut: Optional[float]) -> List[Replaced]:
     """The rows whose Ghost module took at most ``cut`` of the conv's time, timed alone; None: every row."""
     return [row for row in rows if cut is None or row.ghost_ms <= cut * row.dense_ms]
@@ -519,7 +537,7 @@ def _plan(model: nn.Module, converted: nn.Module, analysis: Analysis, opts: Dict
     widths = grouped_widths(converted, {row.name: row for row in replaced}, inputs, analysis.parts)
     asked = {row.name: row.s for row in replaced}
     _set_intrinsic(replaced, widths, align)  # layer timings build the modules convert builds
-    whole = None  # the whole-model times, when layers are converted for speed
+    whole = None  # the whole-model times, when layers are converted for speed or a latency budget
     if (target_flops is not None or target_latency is not None) and replaced:
         norms = {site.name: site.norm for site in analysis.sites}
         replaced, kept = _budgeted(model, replaced, norms, inputs, batches, target_flops, target_latency, runtime,
@@ -527,6 +545,8 @@ def _plan(model: nn.Module, converted: nn.Module, analysis: Analysis, opts: Dict
         skipped += kept
         asked = {row.name: row.s for row in replaced}  # the s the budget chose
         _set_intrinsic(replaced, widths, align)
+        if target_latency is not None and replaced:
+            whole = _budget_check(model, replaced, inputs, runtime, runtime_batch, target_latency)
     elif runtime is not None and replaced:
         replaced, slower, whole = _keep_faster(model, replaced, runtime, runtime_batch, inputs)
         skipped += slower

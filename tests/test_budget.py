@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import warnings
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from click.testing import CliRunner
 from torch import nn
 
 import ghostify
-from ghostify import budget
+from ghostify import budget, rewrite
 from ghostify.budget import Option, fit_errors, search
 from ghostify.cli import main
 from ghostify.count import Counts
@@ -171,11 +172,27 @@ def test_target_latency_uses_layer_times(monkeypatch):
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
                           nn.Conv2d(16, 16, 3, padding=1)).eval()
     # 20 ms, of which the two convertible layers take 1 ms each: 0.925 leaves them 0.5 ms in all
-    ghost = ghostify.convert(model, target_latency=0.925, runtime="torch", example_inputs=X)
+    monkeypatch.setattr(rewrite, "model_times", lambda model, plans, sizes, **kw: [20.0, 18.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the whole model meets the budget: no warning
+        ghost = ghostify.convert(model, target_latency=0.925, runtime="torch", example_inputs=X)
     rows = ghost.ghostify_result.replaced
     assert len(rows) == 2 and sum(1 / row.s for row in rows) <= 0.5 + 1e-9
+    assert ghost.ghostify_result.notes["whole model"] == ("in torch (batch 1): the original 20 ms; 2 layers (the "
+                                                          "budget's plan) 18 ms, 0.90 of it (target 0.925)")
     with pytest.raises(ValueError, match="target_latency=0.9 is unreachable"):
         ghostify.convert(model, target_latency=0.9, runtime="torch", example_inputs=X)
+
+
+def test_a_latency_budget_the_whole_model_misses_is_said(monkeypatch):
+    """Layers timed alone meet the budget, the whole model, timed after, does not: the user is told."""
+    monkeypatch.setattr(budget, "layer_times", lambda model, plan, **kw: [(1.0, 1.0 / row["s"]) for row in plan])
+    monkeypatch.setattr(budget, "model_times", lambda model, plans, sizes, **kw: [20.0])
+    monkeypatch.setattr(rewrite, "model_times", lambda model, plans, sizes, **kw: [20.0, 19.8])
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).eval()
+    with pytest.warns(UserWarning, match=r"measured 0.99 of the original's time in torch \(batch 1\), above "
+                                         r"target_latency=0.97"):
+        ghostify.convert(model, target_latency=0.97, runtime="torch", example_inputs=X)
 
 
 def test_cli_target_flops_reports_the_plan(tmp_path):
