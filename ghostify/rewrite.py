@@ -557,6 +557,13 @@ def _plan(model: nn.Module, converted: nn.Module, analysis: Analysis, opts: Dict
     result.notes.update(_intrinsic_notes(replaced, asked, align))  # of the layers replaced in the end
     if whole:
         result.notes["whole model"] = whole
+    depthwise = sum(getattr(site.module, "groups", 1) == getattr(site.module, "in_channels", 0) > 1
+                    for site in analysis.sites)
+    if runtime is None and replaced and depthwise >= len(replaced) / 2:
+        result.notes["speed"] = (f"{depthwise} depthwise convs: in a depthwise-separable model the 1x1 convs left "
+                                 "to convert are memory-bound, and converted whole such models (MobileNetV2, "
+                                 "EfficientNet-B0) ran slower than the original in every runtime measured; "
+                                 "runtime= (--runtime) converts only what makes the whole model faster")
     if not replaced:
         warnings.warn(f"no convolution was converted (the model is unchanged): {_commonest_reasons(skipped)}",
                       UserWarning, stacklevel=3)

@@ -220,3 +220,15 @@ def test_timing_keeps_the_notes_of_the_layers_it_keeps(fake_times):
     (row,) = ghost.ghostify_result.replaced
     assert (row.name, row.s) == ("6", 2)
     assert "6 (s=4 -> 2, m=16)" in ghost.ghostify_result.notes["lowered s"]
+
+
+def test_a_depthwise_separable_model_is_pointed_to_runtime(fake_times):
+    """Converted whole, a MobileNet-like model (as many depthwise convs as layers converted) gets a note that
+    says it may run slower and how to convert for speed; a plain CNN, or a conversion timed already, does not."""
+    torch.manual_seed(0)
+    mobile = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1, groups=32),
+                           nn.Conv2d(32, 64, 1), nn.Conv2d(64, 64, 3, padding=1, groups=64), nn.Conv2d(64, 32, 1))
+    note = ghostify.convert(mobile.eval(), example_inputs=X).ghostify_result.notes.get("speed", "")
+    assert note.startswith("2 depthwise convs") and "runtime= (--runtime)" in note
+    assert "speed" not in ghostify.convert(small(), example_inputs=X).ghostify_result.notes
+    assert "speed" not in ghostify.convert(mobile.eval(), example_inputs=X, runtime="torch").ghostify_result.notes
