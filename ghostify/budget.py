@@ -223,8 +223,9 @@ def _groups(model: nn.Module, entries: Sequence[Mapping], inputs: Sequence[torch
 
 def _costs(model: nn.Module, entries: Sequence[Mapping], inputs: Sequence[torch.Tensor], target_flops: Optional[float],
            runtime: Optional[str], batch: int,
-           grains: Mapping[str, Grain], align: int) -> Tuple[Dict[str, Dict[Optional[int], float]], float, str]:
-    """Each layer's cost as a conv (key None) and at each ratio, the original model's total and the unit."""
+           grains: Mapping[str, Grain], align: int) -> Tuple[Dict[str, Dict[Optional[int], float]], float]:
+    """Each layer's cost as a conv (key None) and at each ratio, and the original model's total: FLOPs when
+    ``target_flops`` is given, else ms in ``runtime``."""
     ratios = {entry["name"]: [s for s in RATIOS if s <= entry["out_channels"]] for entry in entries}
     if target_flops is not None:
         total = Counts(model, tuple(inputs)).conv_linear_flops
@@ -232,7 +233,7 @@ def _costs(model: nn.Module, entries: Sequence[Mapping], inputs: Sequence[torch.
             return conv_flops(entry, None) if s is None else conv_flops(entry, *_module(entry, s, grains.get(
                 entry["name"]), align))
 
-        return {e["name"]: {s: flops(e, s) for s in [None, *ratios[e["name"]]]} for e in entries}, total, "FLOPs"
+        return {e["name"]: {s: flops(e, s) for s in [None, *ratios[e["name"]]]} for e in entries}, total
     asked = [(entry, s) for entry in entries for s in ratios[entry["name"]]]
     variants = []
     for entry, s in asked:  # timed as convert would build it (a smaller s where alignment leaves fewer ghosts)
@@ -247,7 +248,7 @@ def _costs(model: nn.Module, entries: Sequence[Mapping], inputs: Sequence[torch.
     for name, samples in dense.items():
         costs[name][None] = statistics.median(samples)
     (total,) = model_times(model, [], [x.shape[1:] for x in inputs], runtime=runtime, batch=batch)
-    return costs, total, f"ms in {runtime}"
+    return costs, total
 
 
 def plan(model: nn.Module, entries: Sequence[Mapping], norms: Mapping[str, Optional[str]],
@@ -272,19 +273,23 @@ def plan(model: nn.Module, entries: Sequence[Mapping], norms: Mapping[str, Optio
     target = target_flops if target_flops is not None else target_latency
     found = _groups(model, entries, inputs)
     grains = layer_grains(found)
-    costs, total, unit = _costs(model, entries, inputs, target_flops, runtime, batch, grains, align)
+    costs, total = _costs(model, entries, inputs, target_flops, runtime, batch, grains, align)
     fixed = total - sum(cost[None] for cost in costs.values())
     groups = [group.members for group in found]
     shared = {tuple(group): [s for s in costs[group[0]] if all(s in costs[name] for name in group)]
               for group in groups}
     cheapest = fixed + sum(min(sum(costs[name][s] for name in group) for s in ratios)
                            for group, ratios in shared.items())
-    what = "target_flops" if target_flops is not None else "target_latency"
-    if cheapest > target * total:
-        raise ValueError(f"{what}={target} is unreachable: with every convertible layer at its cheapest ratio the "
-                         f"model keeps {cheapest / total:.3f} of its {unit}; ask for more"
+    if cheapest > target * total and target_flops is not None:
+        raise ValueError(f"target_flops={target} is unreachable: with every convertible layer at its cheapest ratio "
+                         f"the model keeps {cheapest / total:.3f} of its FLOPs; ask for more"
                          + (f" (or align=1: intrinsic maps in multiples of {align} channels cost more)"
-                            if align > 1 and target_flops is not None else ""))
+                            if align > 1 else ""))
+    if cheapest > target * total:
+        raise ValueError(f"target_latency={target} is unreachable in {runtime} at batch {batch}: with every "
+                         f"convertible layer at its fastest option, timed alone, the model keeps "
+                         f"{cheapest / total:.3f} of its time; give a larger target_latency, or time at a larger "
+                         "batch (runtime_batch), where Ghost modules gain more")
     errors = output_errors(model, entries, norms, batches, progress=progress) if batches else \
         _errors(model, entries, norms, progress, grains, align)
     options = {group: [Option(s, sum(costs[n][s] for n in group), sum(errors[n][s] if s else 0.0 for n in group))

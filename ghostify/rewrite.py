@@ -256,21 +256,24 @@ def _keep_faster(model: nn.Module, rows: List[Replaced], runtime: str, batch: in
     where = f"in {runtime} (batch {batch})"
     if not all(isinstance(x, torch.Tensor) for x in inputs):
         cut, note = 1 - FASTER, None
-        why = f"not {FASTER:.0%} faster as a Ghost module {where}, timed alone"
+        why = f"not {FASTER:.0%} faster as a Ghost module {where}"
     else:
         original_ms, *whole = model_times(model, [[asdict(row) for row in chosen] for _, chosen in candidates],
                                           [x.shape[1:] for x in inputs], runtime=runtime, batch=batch,
                                           progress=True)
-        note = f"{where}: the original {original_ms:.3g} ms; " + "; ".join(
-            f"{len(chosen)} layers ({_cut_label(cut)}) {ms:.3g} ms" for (cut, chosen), ms in zip(candidates, whole))
         best = min(range(len(whole)), key=whole.__getitem__)
         none = whole[best] > (1 - WHOLE_FASTER) * original_ms
         cut = 0.0 if none else candidates[best][0]
+        chose = ("nothing converted" if none else
+                 f"converted: {_layers(len(candidates[best][1]))}, {original_ms / whole[best]:.2f}x faster")
+        note = f"{where}: the original {_ms(original_ms)} ms; " + "; ".join(
+            f"{_layers(len(chosen))} ({_cut_label(cut)}) {_ms(ms)} ms"
+            for (cut, chosen), ms in zip(candidates, whole)) + f"; {chose}"
         why = (f"the whole model was not {WHOLE_FASTER:.0%} faster {where} with Ghost modules" if none else
                f"the whole model ran fastest {where} with only layers {_cut_label(cut)}")
     faster = _faster_alone(rows, cut)
     slower = [Skipped(row.name, type(model.get_submodule(row.name)).__name__,
-                      f"{why}: this layer alone {row.ghost_ms:.3g} ms vs {row.dense_ms:.3g} ms as a conv")
+                      f"{why}: alone, {_ms(row.ghost_ms)} ms as a Ghost module vs {_ms(row.dense_ms)} ms as a conv")
               for row in rows if row not in faster]
     return faster, slower, note
 
@@ -289,8 +292,8 @@ def _budget_check(model: nn.Module, rows: List[Replaced], inputs, runtime: str, 
         warnings.warn(f"the budgeted model measured {fraction:.2f} of the original's time in {runtime} (batch "
                       f"{batch}), above target_latency={target:g}: its layers timed alone do not add up to the "
                       "whole model's time", UserWarning, stacklevel=4)
-    return (f"in {runtime} (batch {batch}): the original {original_ms:.3g} ms; {len(rows)} layers (the budget's "
-            f"plan) {planned_ms:.3g} ms, {fraction:.2f} of it (target {target:g})")
+    return (f"in {runtime} (batch {batch}): the original {_ms(original_ms)} ms; {_layers(len(rows))} (the budget's "
+            f"plan) {_ms(planned_ms)} ms, {fraction:.2f} of it (target {target:g})")
 
 
 def _faster_alone(rows: List[Replaced], cut: Optional[float]) -> List[Replaced]:
@@ -299,12 +302,25 @@ def _faster_alone(rows: List[Replaced], cut: Optional[float]) -> List[Replaced]:
 
 
 def _cut_label(cut: Optional[float]) -> str:
-    return "every layer" if cut is None else f"at least {1 - cut:.0%} faster alone"
+    return "every layer" if cut is None else "no slower alone" if cut == 1 else f"at least {1 - cut:.0%} faster alone"
+
+
+def _layers(count: int) -> str:
+    return f"{count} layer" + ("" if count == 1 else "s")
+
+
+def _ms(value: float) -> str:
+    """Milliseconds to three significant figures, trailing zeros kept below 100 (7.00 beside 6.74)."""
+    return f"{value:.3g}" if value >= 100 else f"{value:#.3g}"
 
 
 def _check_budget(s: PerLayer, target_flops: Optional[float], target_latency: Optional[float],
-                  runtime: Optional[str]) -> None:
-    """Budget options that cannot work together, refused before any work."""
+                  runtime: Optional[str], runtime_batch: int) -> None:
+    """Budget and timing options that cannot work together, refused before any work."""
+    if isinstance(runtime_batch, bool) or not isinstance(runtime_batch, int) or runtime_batch < 1:
+        raise ValueError(f"runtime_batch is the batch size to time at, a positive integer; got {runtime_batch!r}")
+    if runtime is None and runtime_batch != 1:
+        raise ValueError("runtime_batch is the batch size runtime= times at; give runtime= too")
     for what, value in (("target_flops", target_flops), ("target_latency", target_latency)):
         if value is not None and not 0 < value <= 1:
             raise ValueError(f"{what} is a fraction of the original's cost, in (0, 1]; got {value!r}")
@@ -328,7 +344,8 @@ def _budgeted(model: nn.Module, rows: List[Replaced], norms: Dict[str, Optional[
         option = chosen[row.name]
         if option.s is None:
             kept.append(Skipped(row.name, type(model.get_submodule(row.name)).__name__,
-                                f"kept as a conv: the {unit} budget is met with less loss elsewhere"))
+                                f"kept as a conv: the budget's plan meets the {unit} budget with less loss "
+                                "elsewhere"))
             continue
         row.s = option.s
         row.why = f"{unit} budget: s={option.s}, loss {option.error:.3g} ({budget.error_source(batches)})"
@@ -458,7 +475,7 @@ def convert(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     init = check_init(init)
     inputs, batches = _inputs_and_batches(model, example_inputs, init, calibration_data, calibration_samples)
-    _check_budget(s, target_flops, target_latency, runtime)
+    _check_budget(s, target_flops, target_latency, runtime, runtime_batch)
     if isinstance(align, bool) or not isinstance(align, int) or align < 1:
         raise ValueError(f"align must be a positive integer (channels), got {align!r}")
     if not 0 <= reconstruct_mix <= 1:
@@ -560,9 +577,9 @@ def _plan(model: nn.Module, converted: nn.Module, analysis: Analysis, opts: Dict
     depthwise = sum(getattr(site.module, "groups", 1) == getattr(site.module, "in_channels", 0) > 1
                     for site in analysis.sites)
     if runtime is None and replaced and depthwise >= len(replaced) / 2:
-        result.notes["speed"] = (f"{depthwise} depthwise convs: in a depthwise-separable model the 1x1 convs left "
-                                 "to convert are memory-bound, and converted whole such models (MobileNetV2, "
-                                 "EfficientNet-B0) ran slower than the original in every runtime measured; "
+        result.notes["speed"] = (f"a depthwise-separable model ({depthwise} depthwise convs): the 1x1 convs left to "
+                                 "convert are memory-bound, and such models (MobileNetV2, EfficientNet-B0) ran "
+                                 "slower than the original in every runtime measured with every layer converted; "
                                  "runtime= (--runtime) converts only what makes the whole model faster")
     if not replaced:
         warnings.warn(f"no convolution was converted (the model is unchanged): {_commonest_reasons(skipped)}",

@@ -178,10 +178,18 @@ def test_target_latency_uses_layer_times(monkeypatch):
         ghost = ghostify.convert(model, target_latency=0.925, runtime="torch", example_inputs=X)
     rows = ghost.ghostify_result.replaced
     assert len(rows) == 2 and sum(1 / row.s for row in rows) <= 0.5 + 1e-9
-    assert ghost.ghostify_result.notes["whole model"] == ("in torch (batch 1): the original 20 ms; 2 layers (the "
-                                                          "budget's plan) 18 ms, 0.90 of it (target 0.925)")
+    assert ghost.ghostify_result.notes["whole model"] == ("in torch (batch 1): the original 20.0 ms; 2 layers (the "
+                                                          "budget's plan) 18.0 ms, 0.90 of it (target 0.925)")
     with pytest.raises(ValueError, match="target_latency=0.9 is unreachable"):
         ghostify.convert(model, target_latency=0.9, runtime="torch", example_inputs=X)
+
+
+def test_timing_options_are_checked_before_any_work():
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).eval()
+    with pytest.raises(ValueError, match="runtime_batch is the batch size runtime= times at; give runtime="):
+        ghostify.convert(model, runtime_batch=4, example_inputs=X)
+    with pytest.raises(ValueError, match="runtime_batch is the batch size to time at, a positive integer; got 0"):
+        ghostify.convert(model, runtime="torch", runtime_batch=0, example_inputs=X)
 
 
 def test_a_latency_budget_the_whole_model_misses_is_said(monkeypatch):

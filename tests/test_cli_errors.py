@@ -31,6 +31,9 @@ def assert_one_line_error(result, text):
     (["convert"], "Missing argument 'MODEL'"),
     (["convert", "resnet18", "--s", "two", "-o", "x.pt"], "'two' is not a valid integer"),
     (["no_such_command"], "No such command"),
+    (["convert", "resnet18", "--target-latency", "0.9", "-o", "x.pt"], "--target-latency is only used with --runtime"),
+    (["convert", "resnet18", "--target-flops", "0.5", "--target-latency", "0.9", "--runtime", "torch", "-o", "x.pt"],
+     "give --target-flops or --target-latency, not both"),
 ])
 def test_usage_errors_are_one_line(args, text):
     assert_one_line_error(invoke(*args), text)

@@ -93,7 +93,9 @@ def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_s
                "no_mirror")
     _only_with(init == "reconstruct", "--init reconstruct", f"--init {init}", "recon_steps", "recon_seconds",
                "recon_network", "recon_mix")
-    _only_with(runtime is not None, "--runtime", "no --runtime", "runtime_batch")
+    _only_with(runtime is not None, "--runtime", "no --runtime", "runtime_batch", "target_latency")
+    if target_flops is not None and target_latency is not None:
+        raise ValueError("give --target-flops or --target-latency, not both")
     import ghostify
 
     from ..serialization import load_model
