@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Dict, Hashable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from .redundancy import IMAGES, RATIOS, ghost_maps, layer_errors
 from .trace import evaluating
 
 OUTPUT_IMAGES = 16  # calibration inputs ``output_errors`` runs the model on, once per layer and ratio
+REPLANS = 2  # times a latency plan is searched again when its whole model misses the target
 
 
 @dataclass(frozen=True)
@@ -255,10 +256,16 @@ def plan(model: nn.Module, entries: Sequence[Mapping], norms: Mapping[str, Optio
          inputs: Sequence[torch.Tensor], *, target_flops: Optional[float] = None,
          target_latency: Optional[float] = None, runtime: Optional[str] = None, batch: int = 1,
          batches: Optional[Sequence[Tuple[torch.Tensor, ...]]] = None, align: int = 1,
+         measure: Optional[Callable[[Mapping[str, Optional[int]]], float]] = None,
          progress: bool = False) -> Dict[str, Option]:
     """Each planned layer's option under a budget: ``target_flops`` of the original's conv + linear
     multiply-adds, or ``target_latency`` of its latency in ``runtime`` at ``batch`` (layers timed alone, the
     rest of the model as measured). Layers that write into one tensor get one option.
+
+    ``measure``, given each layer's s (None: the conv), times the whole model with them and returns its time
+    as a fraction of the original's. With it, a plan whose whole model misses the target is searched again
+    with the budget tightened by what it missed by, up to ``REPLANS`` times or until no tighter plan exists:
+    layers timed alone need not add up to the whole model. The plan returned is the last one measured.
 
     Args:
         entries: ``Replaced`` rows as dicts (name, channels, kernels, d, output shape, calls).
@@ -294,7 +301,14 @@ def plan(model: nn.Module, entries: Sequence[Mapping], norms: Mapping[str, Optio
         _errors(model, entries, norms, progress, grains, align)
     options = {group: [Option(s, sum(costs[n][s] for n in group), sum(errors[n][s] if s else 0.0 for n in group))
                        for s in ratios] for group, ratios in shared.items()}
-    chosen = search(options, target * total - fixed)
+    limit = target * total - fixed
+    chosen = search(options, limit)
+    for attempt in range(REPLANS + 1 if measure is not None else 0):
+        missed = measure({name: option.s for group, option in chosen.items() for name in group}) - target
+        if missed <= 0 or attempt == REPLANS or limit - missed * total < cheapest - fixed:
+            break
+        limit -= missed * total
+        chosen = search(options, limit)
     return {name: Option(option.s, costs[name][option.s], errors[name][option.s] if option.s else 0.0)
             for group, option in chosen.items() for name in group}
 

@@ -11,7 +11,7 @@ import copy
 import fnmatch
 import re
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -278,24 +278,6 @@ def _keep_faster(model: nn.Module, rows: List[Replaced], runtime: str, batch: in
     return faster, slower, note
 
 
-def _budget_check(model: nn.Module, rows: List[Replaced], inputs, runtime: str, batch: int,
-                  target: float) -> Optional[str]:
-    """A note of the whole model's time with the budget's plan against the original's, timed interleaved; a
-    warning when it misses ``target`` (the budget adds up layers timed alone, which the whole model need not
-    follow). None without tensor inputs to time the whole model with."""
-    if not all(isinstance(x, torch.Tensor) for x in inputs):
-        return None
-    original_ms, planned_ms = model_times(model, [[asdict(row) for row in rows]], [x.shape[1:] for x in inputs],
-                                          runtime=runtime, batch=batch, progress=True)
-    fraction = planned_ms / original_ms
-    if fraction > target:
-        warnings.warn(f"the budgeted model measured {fraction:.2f} of the original's time in {runtime} (batch "
-                      f"{batch}), above target_latency={target:g}: its layers timed alone do not add up to the "
-                      "whole model's time", UserWarning, stacklevel=4)
-    return (f"in {runtime} (batch {batch}): the original {_ms(original_ms)} ms; {_layers(len(rows))} (the budget's "
-            f"plan) {_ms(planned_ms)} ms, {fraction:.2f} of it (target {target:g})")
-
-
 def _faster_alone(rows: List[Replaced], cut: Optional[float]) -> List[Replaced]:
     """The rows whose Ghost module took at most ``cut`` of the conv's time, timed alone; None: every row."""
     return [row for row in rows if cut is None or row.ghost_ms <= cut * row.dense_ms]
@@ -333,11 +315,25 @@ def _check_budget(s: PerLayer, target_flops: Optional[float], target_latency: Op
 
 
 def _budgeted(model: nn.Module, rows: List[Replaced], norms: Dict[str, Optional[str]], inputs, batches,
-              target_flops, target_latency, runtime, batch, align) -> Tuple[List[Replaced], List[Skipped]]:
-    """``rows`` with each layer's s from the budget (``budget.plan``), and the layers it keeps as convs."""
+              target_flops, target_latency, runtime, batch, align,
+              widths: Mapping[str, int]) -> Tuple[List[Replaced], List[Skipped], Optional[str]]:
+    """``rows`` with each layer's s from the budget (``budget.plan``), the layers it keeps as convs, and, for a
+    latency budget, a note of the whole model's time with the plan: measured interleaved with the original's
+    after each search, the plan searched again when it misses (``budget.plan``'s ``measure``), and a warning
+    when the last one still does. No note without tensor inputs to time the whole model with."""
+    measured: List[List[float]] = []
+
+    def measure(ratios: Mapping[str, Optional[int]]) -> float:
+        trial = [replace(row, s=ratios[row.name]) for row in rows if ratios[row.name]]
+        _set_intrinsic(trial, widths, align)
+        measured.append(model_times(model, [[asdict(row) for row in trial]], [x.shape[1:] for x in inputs],
+                                    runtime=runtime, batch=batch, progress=True))
+        return measured[-1][1] / measured[-1][0]
+
+    timed = target_latency is not None and all(isinstance(x, torch.Tensor) for x in inputs)
     chosen = budget.plan(model, [asdict(row) for row in rows], norms, inputs, target_flops=target_flops,
                          target_latency=target_latency, runtime=runtime, batch=batch, batches=batches,
-                         align=align, progress=True)
+                         align=align, measure=measure if timed else None, progress=True)
     unit = "FLOPs" if target_flops is not None else f"latency ({runtime}, batch {batch})"
     converted, kept = [], []
     for row in rows:
@@ -350,7 +346,19 @@ def _budgeted(model: nn.Module, rows: List[Replaced], norms: Dict[str, Optional[
         row.s = option.s
         row.why = f"{unit} budget: s={option.s}, loss {option.error:.3g} ({budget.error_source(batches)})"
         converted.append(row)
-    return converted, kept
+    if not measured:
+        return converted, kept, None
+    (original_ms, planned_ms), searches = measured[-1], len(measured)
+    fraction = planned_ms / original_ms
+    if fraction > target_latency:
+        warnings.warn(f"the budgeted model measured {fraction:.2f} of the original's time in {runtime} (batch "
+                      f"{batch}), above target_latency={target_latency:g}, after {searches} "
+                      f"plan{'s' if searches > 1 else ''}: its layers timed alone do not add up to the whole "
+                      "model's time", UserWarning, stacklevel=4)
+    return converted, kept, (f"in {runtime} (batch {batch}): the original {_ms(original_ms)} ms; "
+                             f"{_layers(len(converted))} (the budget's plan"
+                             + (f", searched {searches} times as the whole model missed" if searches > 1 else "")
+                             + f") {_ms(planned_ms)} ms, {fraction:.2f} of it (target {target_latency:g})")
 
 
 def _set_intrinsic(rows: List[Replaced], widths: Mapping[str, int], align: int) -> None:
@@ -557,13 +565,11 @@ def _plan(model: nn.Module, converted: nn.Module, analysis: Analysis, opts: Dict
     whole = None  # the whole-model times, when layers are converted for speed or a latency budget
     if (target_flops is not None or target_latency is not None) and replaced:
         norms = {site.name: site.norm for site in analysis.sites}
-        replaced, kept = _budgeted(model, replaced, norms, inputs, batches, target_flops, target_latency, runtime,
-                                   runtime_batch, align)
+        replaced, kept, whole = _budgeted(model, replaced, norms, inputs, batches, target_flops, target_latency,
+                                          runtime, runtime_batch, align, widths)
         skipped += kept
         asked = {row.name: row.s for row in replaced}  # the s the budget chose
         _set_intrinsic(replaced, widths, align)
-        if target_latency is not None and replaced:
-            whole = _budget_check(model, replaced, inputs, runtime, runtime_batch, target_latency)
     elif runtime is not None and replaced:
         replaced, slower, whole = _keep_faster(model, replaced, runtime, runtime_batch, inputs)
         skipped += slower

@@ -192,15 +192,50 @@ def test_timing_options_are_checked_before_any_work():
         ghostify.convert(model, runtime="torch", runtime_batch=0, example_inputs=X)
 
 
-def test_a_latency_budget_the_whole_model_misses_is_said(monkeypatch):
-    """Layers timed alone meet the budget, the whole model, timed after, does not: the user is told."""
+def whole_model_times(*fractions):
+    """Whole-model times that read each fraction of 20 ms in turn, one per plan measured, recording the plans."""
+    plans = []
+
+    def model_times(model, plans_asked, sizes, **kw):
+        plans.append(plans_asked[0])
+        return [20.0, 20.0 * fractions[min(len(plans), len(fractions)) - 1]]
+
+    return model_times, plans
+
+
+def test_a_latency_plan_the_whole_model_misses_is_searched_again(monkeypatch):
+    """The first plan meets 0.95 layer by layer (its two layers 1 ms of 20 ms in all) but the whole model
+    measures 0.97: the plan is searched again with 0.4 ms less, and the whole model then meets the target."""
     monkeypatch.setattr(budget, "layer_times", lambda model, plan, **kw: [(1.0, 1.0 / row["s"]) for row in plan])
     monkeypatch.setattr(budget, "model_times", lambda model, plans, sizes, **kw: [20.0])
-    monkeypatch.setattr(rewrite, "model_times", lambda model, plans, sizes, **kw: [20.0, 19.8])
+    times, plans = whole_model_times(0.97, 0.94)
+    monkeypatch.setattr(rewrite, "model_times", times)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # met in the end: no warning
+        ghost = ghostify.convert(model, target_latency=0.95, runtime="torch", example_inputs=X)
+    first, second = [sum(1 / row["s"] for row in plan) for plan in plans]
+    assert first <= 1.0 + 1e-9 and second <= 0.6 + 1e-9 < first
+    rows = ghost.ghostify_result.replaced
+    assert [(row.name, row.s) for row in rows] == [(row["name"], row["s"]) for row in plans[1]]
+    assert ghost.ghostify_result.notes["whole model"] == (
+        "in torch (batch 1): the original 20.0 ms; 2 layers (the budget's plan, searched 2 times as the whole "
+        "model missed) 18.8 ms, 0.94 of it (target 0.95)")
+
+
+def test_a_latency_budget_the_whole_model_misses_is_said(monkeypatch):
+    """Layers timed alone meet the budget, the whole model never does and no tighter plan is left: the user
+    is told."""
+    monkeypatch.setattr(budget, "layer_times", lambda model, plan, **kw: [(1.0, 1.0 / row["s"]) for row in plan])
+    monkeypatch.setattr(budget, "model_times", lambda model, plans, sizes, **kw: [20.0])
+    times, plans = whole_model_times(0.99)
+    monkeypatch.setattr(rewrite, "model_times", times)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).eval()
     with pytest.warns(UserWarning, match=r"measured 0.99 of the original's time in torch \(batch 1\), above "
-                                         r"target_latency=0.97"):
+                                         r"target_latency=0.97, after 1 plan:"):
         ghostify.convert(model, target_latency=0.97, runtime="torch", example_inputs=X)
+    assert len(plans) == 1  # 0.4 ms less than the first plan's budget leaves none
 
 
 def test_cli_target_flops_reports_the_plan(tmp_path):
