@@ -264,7 +264,7 @@ def plan(model: nn.Module, entries: Sequence[Mapping], norms: Mapping[str, Optio
 
     ``measure``, given each layer's s (None: the conv), times the whole model with them and returns its time
     as a fraction of the original's. With it, a plan whose whole model misses the target is searched again
-    with the budget tightened by what it missed by, up to ``REPLANS`` times or until no tighter plan exists:
+    for at most what it cost less what it missed by, up to ``REPLANS`` times or while a cheaper plan exists:
     layers timed alone need not add up to the whole model. The plan returned is the last one measured.
 
     Args:
@@ -301,13 +301,12 @@ def plan(model: nn.Module, entries: Sequence[Mapping], norms: Mapping[str, Optio
         _errors(model, entries, norms, progress, grains, align)
     options = {group: [Option(s, sum(costs[n][s] for n in group), sum(errors[n][s] if s else 0.0 for n in group))
                        for s in ratios] for group, ratios in shared.items()}
-    limit = target * total - fixed
-    chosen = search(options, limit)
+    chosen = search(options, target * total - fixed)
     for attempt in range(REPLANS + 1 if measure is not None else 0):
         missed = measure({name: option.s for group, option in chosen.items() for name in group}) - target
-        if missed <= 0 or attempt == REPLANS or limit - missed * total < cheapest - fixed:
+        limit = sum(option.cost for option in chosen.values()) - missed * total  # what this plan cost, less that
+        if missed <= 0 or attempt == REPLANS or limit < cheapest - fixed:
             break
-        limit -= missed * total
         chosen = search(options, limit)
     return {name: Option(option.s, costs[name][option.s], errors[name][option.s] if option.s else 0.0)
             for group, option in chosen.items() for name in group}

@@ -238,11 +238,11 @@ def _keep_faster(model: nn.Module, rows: List[Replaced], runtime: str, batch: in
     others; also a note of the whole-model times.
 
     Each layer is timed alone (``layer_times``), then the whole model (``model_times``, interleaved): as it is,
-    and with the layers at least 20%, ``FASTER`` or 0% faster alone converted, and with every layer; the
-    fastest wins if it is ``WHOLE_FASTER`` faster than the original (less is timing noise on a shared
-    machine, and the conversion costs accuracy). Layers alone miss what their neighbours pay or gain in the whole
-    model: on MobileNetV2 in onnxruntime layers 10% faster alone summed to a slower model, and on ResNet-50
-    layers under 10% faster alone were faster in the whole model. Without tensor inputs to time the whole
+    and with the layers at least 20% or ``FASTER`` faster, or no slower, alone converted, and with every layer;
+    the fastest wins if it is ``WHOLE_FASTER`` faster than the original (less is timing noise on a shared
+    machine, and the conversion costs accuracy). Layers alone miss what their neighbours pay or gain in the
+    whole model: on MobileNetV2 in onnxruntime layers 10% faster alone summed to a slower model, and on
+    ResNet-50 layers under 10% faster alone were faster in the whole model. Without tensor inputs to time the whole
     model with, the layers ``FASTER`` or more faster alone are converted.
     """
     times = layer_times(model, [asdict(row) for row in rows], runtime=runtime, batch=batch, progress=True)
