@@ -160,10 +160,10 @@ class _Unit(nn.Module):
         self.register_buffer("shortcut", shortcut)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.layer(x)
+        y = self.layer(x)  # a new tensor: the addition and activation work in place, as CNNs' own code does
         if self.shortcut is not None:
-            y = y + self.shortcut
-        return ACTIVATIONS[self.activation](y) if self.activation else y
+            y += self.shortcut
+        return ACTIVATIONS[self.activation](y, inplace=True) if self.activation else y
 
 
 def _units(model: nn.Module, entry: Dict[str, Any], batch: int, after: Tuple[bool, Optional[str]]):
