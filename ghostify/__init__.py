@@ -16,7 +16,7 @@ _EXPORTS = {
     "GhostModule": "module",
     "convert": "rewrite",
     "apply_plan": "plan",
-    "ConversionResult": "rewrite",
+    "ConversionResult": "result",
     "Counts": "count",
     "Report": "reporting",
     "report": "reporting",

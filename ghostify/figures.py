@@ -52,7 +52,7 @@ def write(result: Any, maps: Dict[str, torch.Tensor], folder: str,
 
 def ghost_maps(ghost: nn.Module, original: nn.Module, row: Any, inputs: Sequence[torch.Tensor],
                rows: int = 6) -> List[List[Tuple[str, torch.Tensor]]]:
-    """For the first ``rows`` intrinsic maps of the converted layer ``row`` (a ``rewrite.Replaced`` of model
+    """For the first ``rows`` intrinsic maps of the converted layer ``row`` (a ``result.Replaced`` of model
     ``ghost``) on the first input: the original layer's map it stands for, the intrinsic map, then each ghost
     made from it beside the original map that ghost stands for, as (title, 2-D map) pairs.
 

@@ -19,7 +19,7 @@ from torch import nn
 from .files import atomic_write
 from .module import GhostModule
 from .plan import apply_plan
-from .rewrite import ConversionResult, Replaced, Skipped
+from .result import ConversionResult, Replaced, Skipped
 from .sources import build, describe, load_weights, parse, read_data
 
 FORMAT = "ghostify"

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from torch import nn
 
 import ghostify
-from ghostify import budget, rewrite
+from ghostify import budget, selection
 from ghostify.budget import Option, fit_errors, search
 from ghostify.cli import main
 from ghostify.count import Counts
@@ -172,7 +172,7 @@ def test_target_latency_uses_layer_times(monkeypatch):
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
                           nn.Conv2d(16, 16, 3, padding=1)).eval()
     # 20 ms, of which the two convertible layers take 1 ms each: 0.925 leaves them 0.5 ms in all
-    monkeypatch.setattr(rewrite, "model_times", lambda model, plans, sizes, **kw: [20.0, 18.0])
+    monkeypatch.setattr(selection, "model_times", lambda model, plans, sizes, **kw: [20.0, 18.0])
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the whole model meets the budget: no warning
         ghost = ghostify.convert(model, target_latency=0.925, runtime="torch", example_inputs=X)
@@ -209,7 +209,7 @@ def test_a_latency_plan_the_whole_model_misses_is_searched_again(monkeypatch):
     monkeypatch.setattr(budget, "layer_times", lambda model, plan, **kw: [(1.0, 1.0 / row["s"]) for row in plan])
     monkeypatch.setattr(budget, "model_times", lambda model, plans, sizes, **kw: [20.0])
     times, plans = whole_model_times(0.97, 0.94)
-    monkeypatch.setattr(rewrite, "model_times", times)
+    monkeypatch.setattr(selection, "model_times", times)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
                           nn.Conv2d(16, 16, 3, padding=1)).eval()
     with warnings.catch_warnings():
@@ -230,7 +230,7 @@ def test_a_latency_budget_the_whole_model_misses_is_said(monkeypatch):
     monkeypatch.setattr(budget, "layer_times", lambda model, plan, **kw: [(1.0, 1.0 / row["s"]) for row in plan])
     monkeypatch.setattr(budget, "model_times", lambda model, plans, sizes, **kw: [20.0])
     times, plans = whole_model_times(0.99)
-    monkeypatch.setattr(rewrite, "model_times", times)
+    monkeypatch.setattr(selection, "model_times", times)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).eval()
     with pytest.warns(UserWarning, match=r"measured 0.99 of the original's time in torch \(batch 1\), above "
                                          r"target_latency=0.97, after 1 plan:"):

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from torch import nn
 
 import ghostify
-from ghostify import rewrite
+from ghostify import result, selection
 from ghostify.cli import main
 from ghostify.deployment import DeployedGhost
 from ghostify.epilogue import follows
@@ -57,8 +57,8 @@ def fake_times(monkeypatch):
         seen.append(([entry["name"] for entry in plan], kwargs))
         return [alone(entry["name"]) for entry in plan]
 
-    monkeypatch.setattr(rewrite, "layer_times", fake)
-    monkeypatch.setattr(rewrite, "model_times", fake_whole(0.1))
+    monkeypatch.setattr(selection, "layer_times", fake)
+    monkeypatch.setattr(selection, "model_times", fake_whole(0.1))
     return seen
 
 
@@ -87,7 +87,7 @@ def test_layers_no_faster_as_ghost_modules_stay_convs(fake_times):
 def test_the_whole_model_decides(fake_times, monkeypatch, per_layer, converted):
     """Ghost modules that gain in the whole model (a runtime that keeps one layout throughout) are all
     converted, even those slower alone; when each costs its neighbours more than it saves, none is."""
-    monkeypatch.setattr(rewrite, "model_times", fake_whole(per_layer))
+    monkeypatch.setattr(selection, "model_times", fake_whole(per_layer))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "no convolution was converted")
         ghost = ghostify.convert(small(), example_inputs=X, runtime="torch", include_stem=True)
@@ -100,8 +100,8 @@ def test_the_whole_model_decides(fake_times, monkeypatch, per_layer, converted):
 
 def test_without_tensor_inputs_layers_clearly_faster_alone_are_converted(fake_times):
     """A model called with a list (no sizes to time the whole model at): layers 10% faster alone."""
-    rows = [rewrite.Replaced(name, 2, 3, (3, 3), 16, 16, (3, 3), (1, 1)) for name in TABLE]
-    faster, slower, note = rewrite._keep_faster(small(), rows, "torch", 1, ([X],))
+    rows = [result.Replaced(name, 2, 3, (3, 3), 16, 16, (3, 3), (1, 1)) for name in TABLE]
+    faster, slower, note = selection.keep_faster(small(), rows, "torch", 1, ([X],))
     assert [row.name for row in faster] == ["6"] and note is None
     assert {row.name for row in slower} == {"0", "3"}
     assert "not 10% faster as a Ghost module in torch (batch 1): alone, 0.950 ms as" in {row.name: row.reason
@@ -192,12 +192,12 @@ def test_timed_conv_units_add_and_activate_in_place(add, activation):
 def test_notes_and_warning_speak_of_the_layers_timing_left_alone(monkeypatch):
     """When timing leaves every layer a conv, no note names layers as converted ones, and the warning gives
     the commonest reason first: the timing, not the depthwise convs that were never candidates."""
-    monkeypatch.setattr(rewrite, "layer_times", lambda model, plan, **kwargs: [(1.0, 1.0)] * len(plan))
+    monkeypatch.setattr(selection, "layer_times", lambda model, plan, **kwargs: [(1.0, 1.0)] * len(plan))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 24, 3, padding=1), nn.Conv2d(24, 24, 3, padding=1, groups=24),
                           nn.Conv2d(24, 40, 1), nn.Conv2d(40, 40, 3, padding=1, groups=40),
                           nn.Conv2d(40, 24, 1), nn.Conv2d(24, 8, 1)).eval()
-    monkeypatch.setattr(rewrite, "model_times", lambda model, plans, sizes, **kwargs: [1.0] * (len(plans) + 1))
+    monkeypatch.setattr(selection, "model_times", lambda model, plans, sizes, **kwargs: [1.0] * (len(plans) + 1))
     with pytest.warns(UserWarning, match=r"no convolution was converted .*: 3 layers: the whole model was not 3% "
                                          r"faster in torch \(batch 1\) with Ghost modules\. 2 layers: depthwise "
                                          r"conv \(groups=24\) is already cheap, and similar\. 1 layer: stem conv"):

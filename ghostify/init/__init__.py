@@ -143,7 +143,7 @@ def initialise(
     original order keeps gathers, and the reason is recorded per layer.
 
     Args:
-        layers: each swapped layer's plan by name (a ``rewrite.Replaced``: ``s``, ``norm``, ``calls``).
+        layers: each swapped layer's plan by name (a ``result.Replaced``: ``s``, ``norm``, ``calls``).
         model: the converted model; ``original``: the model it was converted from (only read).
         batches: calibration inputs, for ``"calibrate"`` and ``"reconstruct"`` (see ``check_calibration``).
         example_inputs: inputs the analysis and the ``copy`` errors run on.

@@ -80,7 +80,7 @@ def check_calibration(data: Any, samples: int = 256, shapes: Optional[Sequence[S
 def mirrored(batches: Sequence[Batch], layers: Sequence[Any]) -> Tuple[List[Batch], int, Optional[str]]:
     """``batches`` followed by as many mirror images of them as the least-squares fits need: flipped along
     the last spatial dimension, then the one before, then both, ... (every combination at most), until each
-    layer in ``layers`` (``rewrite.Replaced`` rows) sees at least as many output positions as its filters have
+    layer in ``layers`` (``result.Replaced`` rows) sees at least as many output positions as its filters have
     weights. A deep layer of a network on small inputs sees few positions (ResNet-18's last on 32x32 inputs:
     one per image, for 4,608 weights), so its fit leans on the ridge prior; mirror images are inputs the
     original model answers too. Only for a single-input model.
