@@ -289,7 +289,7 @@ def plan(model: nn.Module, entries: Sequence[Mapping], norms: Mapping[str, Optio
                            for group, ratios in shared.items())
     if cheapest > target * total and target_flops is not None:
         raise ValueError(f"target_flops={target} is unreachable: with every convertible layer at its cheapest ratio "
-                         f"the model keeps {cheapest / total:.3f} of its FLOPs; ask for more"
+                         f"the model keeps {cheapest / total:.4g} of its FLOPs; ask for more"
                          + (f" (or align=1: intrinsic maps in multiples of {align} channels cost more)"
                             if align > 1 else ""))
     if cheapest > target * total:

@@ -1,8 +1,8 @@
 """``convert``: replace a model's Conv1d/2d/3d layers with Ghost modules, keeping its classes and attribute paths.
 
 The pipeline is trace (``ghostify.trace``) -> choose (policy below; for speed or a budget, ``selection``) ->
-swap (``apply_plan``) -> initialise (``ghostify.init``). Every conv is either replaced or listed as skipped with its reason; the input model is
-never modified.
+swap (``apply_plan``) -> initialise (``ghostify.init``). Every conv is either replaced or listed as skipped
+with its reason; the input model is never modified.
 """
 
 from __future__ import annotations
