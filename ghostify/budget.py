@@ -290,13 +290,13 @@ def plan(model: nn.Module, entries: Sequence[Mapping], norms: Mapping[str, Optio
     if cheapest > target * total and target_flops is not None:
         raise ValueError(f"target_flops={target} is unreachable: with every convertible layer at its cheapest ratio "
                          f"the model keeps {cheapest / total:.4g} of its FLOPs; ask for more"
-                         + (f" (or align=1: intrinsic maps in multiples of {align} channels cost more)"
+                         + (f" (or align=1, CLI: --align 1: intrinsic maps in multiples of {align} channels cost more)"
                             if align > 1 else ""))
     if cheapest > target * total:
         raise ValueError(f"target_latency={target} is unreachable in {runtime} at batch {batch}: with every "
                          f"convertible layer at its fastest option, timed alone, the model keeps "
                          f"{cheapest / total:.3f} of its time; give a larger target_latency, or time at a larger "
-                         "batch (runtime_batch), where Ghost modules gain more")
+                         "batch (runtime_batch; CLI: --target-latency, --runtime-batch), where Ghost modules gain more")
     errors = output_errors(model, entries, norms, batches, progress=progress) if batches else \
         _errors(model, entries, norms, progress, grains, align)
     options = {group: [Option(s, sum(costs[n][s] for n in group), sum(errors[n][s] if s else 0.0 for n in group))

@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, Hashable, Tuple
 import torch
 from torch import nn
 
-from .trace import evaluating
+from .trace import evaluating, run_or_explain
 
 
 class Counts:
@@ -58,7 +58,12 @@ class Counts:
 
             analysis = FlopCountAnalysis(self.model, self.inputs)
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
-            analysis.by_module()
+            try:
+                analysis.by_module()
+            except Exception:
+                with torch.no_grad():  # the model refusing the inputs is bad input, said as such; else the trace's
+                    run_or_explain(self.model, self.inputs)
+                raise
             return analysis
 
     @property

@@ -20,7 +20,7 @@ from torch import nn
 
 from .deployment import deploy
 from .files import atomic_write
-from .trace import input_sizes, placement, random_inputs
+from .trace import input_sizes, placement, random_inputs, run_or_explain
 
 FORMATS = ("onnx", "torchscript", "pt2")
 ONNX_OPSET = 17
@@ -156,13 +156,7 @@ def export(model: nn.Module, path: str, format: str = "onnx", *, input_size=None
     deployed = deploy(model, runtime="onnxruntime" if format == "onnx" else "inductor", compile=False)
     examples = random_inputs(deployed, *[(2 if dynamic_batch else 1, *size) for size in sizes])
     with torch.no_grad():
-        try:
-            deployed(*examples)
-        except Exception as error:  # noqa: BLE001 - the model rejects this input size: bad input
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            shapes = ", ".join(str(tuple(x.shape)) for x in examples)
-            raise ValueError(f"the model fails on {'inputs of sizes' if len(examples) > 1 else 'an input of size'} "
-                             f"{shapes}: {first}; pass an input size it accepts (CLI: --input-size)") from None
+        run_or_explain(deployed, examples, "input_size")
         if format == "onnx":
             atomic_write(path, lambda temp: write_onnx(deployed, temp, examples, dynamic_batch), overwrite)
         elif format == "torchscript":

@@ -52,6 +52,7 @@ class BenchResult:
     flops_ratio: float
     threads: int
     repeats: int
+    input_sizes: List[Tuple[int, ...]] = field(default_factory=list)  # per sample, one per model input
     rows: List[BenchRow] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -63,9 +64,11 @@ class BenchResult:
     def __rich__(self):
         from rich.table import Table
 
-        table = Table(title=f"{self.name}: median of {self.repeats}, {self.threads} thread(s)")
+        sizes = ", ".join("x".join(map(str, size)) for size in self.input_sizes)
+        table = Table(title=f"{self.name}, input {sizes} per sample: median of {self.repeats}, {self.threads} "
+                            "thread(s)")
         for column in ("runtime", "batch", "original ms", "converted ms", "original img/s", "converted img/s",
-                       "speed-up", "FLOPs ratio"):
+                       "speed-up", "FLOPs ratio (conv + linear)"):
             table.add_column(column, justify="left" if column == "runtime" else "right")
         for row in self.rows:
             table.add_row(row.runtime, str(row.batch), f"{row.original_ms:.1f}", f"{row.converted_ms:.1f}",
@@ -301,7 +304,7 @@ def bench(original: nn.Module, converted: nn.Module, *, batches: Sequence[int] =
     threads = threads or torch.get_num_threads()
     models = [deploy(m, runtime=runtime) for m in (original, converted)]
     sizes = input_sizes(converted, input_size)
-    result = BenchResult(name, flops_ratio(original, converted, sizes), threads, repeats)
+    result = BenchResult(name, flops_ratio(original, converted, sizes), threads, repeats, list(sizes))
     with torch_threads(threads), tempfile.TemporaryDirectory() as folder, \
             progress_display("timing {description}", show=progress) as bar:
         task = bar.add_task(f"{name} ({runtime})", total=len(batches) * repeats) if bar else None

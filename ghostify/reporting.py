@@ -119,7 +119,8 @@ class Report:
             cells = _layer_cells(self.layers)
             shown = _fit_columns(cells, width)
             hidden = len(cells) - len(shown)
-            layers = Table(title=f"{len(self.layers)} layers replaced ({self.method} analysis)",
+            count = f"{len(self.layers)} layer" + ("" if len(self.layers) == 1 else "s")
+            layers = Table(title=f"{count} replaced ({self.method} analysis)",
                            caption=f"{hidden} columns left out to fit {width} columns; --json has them all"
                            if hidden else None)
             for column in shown:

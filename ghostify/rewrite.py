@@ -127,7 +127,7 @@ def _skip_reason(site: ConvSite, names: List[str], opts: Dict[str, Any]) -> Opti
     if opts["include"] is not None and not _first_match(opts["include"], names):
         return "not matched by include"
     if site.is_stem and not opts["include_stem"]:
-        return "stem conv (sees the raw input); include_stem=True converts it"
+        return "stem conv (sees the raw input); include_stem=True (--include-stem) converts it"
     return None
 
 

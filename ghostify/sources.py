@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 Spec = Dict[str, Any]
+FILE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".tar")  # a MODEL string naming a file
 
 
 def torchvision_names() -> List[str]:
@@ -59,6 +60,8 @@ def parse(text: str) -> Spec:
         return {"kind": "zoo", "name": text}
     if text in torchvision_names():
         return {"kind": "torchvision", "name": text}
+    if "/" in text or os.sep in text or os.path.splitext(text)[1].lower() in FILE_SUFFIXES:
+        raise ValueError(f"no such file: {text}")
     close = difflib.get_close_matches(text, zoo_names() + torchvision_names(), n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; `ghostify models` lists the names"
     raise ValueError(f"unknown model {text!r}{hint}")

@@ -190,16 +190,23 @@ def _run_with_hooks(runner, sites: Dict[int, ConvSite], inputs: Sequence[torch.T
 
     handles = [site.module.register_forward_hook(record(site)) for site in sites.values()]
     try:
-        runner(*inputs)
-    except Exception as error:  # noqa: BLE001 - any failure of the user's forward is bad input
-        shapes = ", ".join(str(_shape(x) or type(x).__name__) for x in inputs)
-        raise ValueError(f"the model fails on example inputs of shape {shapes}: {type(error).__name__}: "
-                         f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}; pass example_inputs "
-                         "(CLI: --input-size C H W) that the model accepts") from error
+        run_or_explain(runner, inputs)
     finally:
         for handle in handles:
             handle.remove()
     return order
+
+
+def run_or_explain(model, inputs: Sequence, what: str = "example_inputs"):
+    """``model(*inputs)``; a failure, which is the user's forward refusing these inputs (mostly their size),
+    becomes a ValueError naming their shapes and how to give others (``what``: the API's argument)."""
+    try:
+        return model(*inputs)
+    except Exception as error:  # noqa: BLE001 - any failure of the user's forward is bad input
+        shapes = ", ".join(str(_shape(x) or type(x).__name__) for x in inputs)
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ValueError(f"the model fails on inputs of shape {shapes}: {type(error).__name__}: {first}; pass "
+                         f"{what} (CLI: --input-size C H W) that the model accepts") from error
 
 
 def _fx_stems_and_functional(graph_module: fx.GraphModule, conv_names: set) -> Tuple[set, List[str]]:

@@ -107,6 +107,17 @@ def test_cli_analyze_json(photo_folder):
     assert table["layer"] == "layer1.0" and all(set(row) == {"1", "3"} for row in table["mse"])
 
 
+def test_cli_analyze_reads_a_tensor_file_at_its_own_size(tmp_path):
+    photos = torch.stack([torch.tensor(getattr(data, name)()[:48, :48, :3], dtype=torch.float32).permute(2, 0, 1)
+                          for name in PHOTOS]) / 255
+    torch.save(photos, tmp_path / "photos.pt")
+    result = CliRunner().invoke(main, ["analyze", "resnet18", "--images", str(tmp_path / "photos.pt"), "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["images"] == len(PHOTOS)  # read at 48x48, not the model's default 224x224
+    missing = CliRunner().invoke(main, ["analyze", "resnet18", "--images", str(tmp_path / "none.pt")])
+    assert missing.exit_code == 2 and "no such image file or folder" in missing.stderr
+
+
 def test_cli_analyze_without_matplotlib(photo_folder, tmp_path, monkeypatch):
     real_import = builtins.__import__
 

@@ -64,10 +64,10 @@ def test_existing_output_kept_unless_force(tmp_path):
 
 @pytest.mark.parametrize("args, text", [
     (["resnet5"], "did you mean resnet50"),
-    (["resnet18", "--d", "2"], "d must be an odd integer >= 1, got 2"),
-    (["resnet18", "--s", "1"], "s must be an integer >= 2, got 1"),
+    (["resnet18", "--d", "2"], "Invalid value for '--d': must be an odd integer >= 1, got 2"),
+    (["resnet18", "--s", "1"], "Invalid value for '--s': 1 is not in the range x>=2"),
     (["resnet18", "--primary-kernel", "0"], "primary_kernel must be positive"),
-    (["resnet18", "--input-size", "5", "64", "64"], "fails on example inputs of shape (1, 5, 64, 64)"),
+    (["resnet18", "--input-size", "5", "64", "64"], "fails on inputs of shape (1, 5, 64, 64)"),
     (["resnet18", "--input-size", "3", "-64", "64"], "needs 2 to 4 positive integers (C L, C H W or C D H W), got "
                                                      "'3 -64 64'"),
     (["no_such_module_xyz:factory"], "cannot import 'no_such_module_xyz'"),
@@ -165,7 +165,7 @@ def test_models_lists_names():
 
 
 def test_debug_shows_traceback(tmp_path):
-    result = invoke("--debug", "convert", "resnet18", "--d", "2", *SMALL, "-o", tmp_path / "g.pt")
+    result = invoke("--debug", "convert", "resnet18", "--primary-kernel", "0", *SMALL, "-o", tmp_path / "g.pt")
     assert result.exit_code != 0 and isinstance(result.exception, ValueError)
 
 
@@ -179,7 +179,8 @@ def test_console_script_in_subprocess(tmp_path):
     assert json.loads(run.stdout)["params_after"] < 11_689_512 and out.exists()
     bad = subprocess.run(command + ["convert", "resnet18", "--d", "4", "-o", str(tmp_path / "x.pt")],
                          capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and bad.stderr.strip() == "error: d must be an odd integer >= 1, got 4"
+    assert bad.returncode == 2 and bad.stderr.startswith("error: Invalid value for '--d': must be an odd integer >= 1, "
+                                                         "got 4 (see '") and len(bad.stderr.splitlines()) == 1
 
 
 def test_closed_stdout_stops_quietly():

@@ -34,6 +34,8 @@ def assert_one_line_error(result, text):
     (["convert", "resnet18", "--target-latency", "0.9", "-o", "x.pt"], "--target-latency is only used with --runtime"),
     (["convert", "resnet18", "--target-flops", "0.5", "--target-latency", "0.9", "--runtime", "torch", "-o", "x.pt"],
      "give --target-flops or --target-latency, not both"),
+    (["convert", "resnet18", "--target-flops", "0.5", "--target-latency", "0.9", "-o", "x.pt"],
+     "give --target-flops or --target-latency, not both"),
 ])
 def test_usage_errors_are_one_line(args, text):
     assert_one_line_error(invoke(*args), text)
@@ -91,8 +93,30 @@ def test_export_at_a_size_the_model_rejects_is_one_line(tmp_path):
     ghost = tmp_path / "g.pt"
     assert invoke("convert", "resnet18", *SMALL, "-o", ghost).exit_code == 0
     result = invoke("export", ghost, "--input-size", "5", "32", "32", "-o", tmp_path / "g.onnx")
-    assert_one_line_error(result, "fails on an input of size (1, 5, 32, 32)")
+    assert_one_line_error(result, "fails on inputs of shape (1, 5, 32, 32)")
     assert not (tmp_path / "g.onnx").exists()
+
+
+def test_report_and_bench_at_a_size_the_model_rejects_are_one_line(tmp_path):
+    ghost = tmp_path / "g.pt"
+    assert invoke("convert", "resnet18", *SMALL, "-o", ghost).exit_code == 0
+    for args in (["report", "resnet18"], ["report", ghost], ["bench", "resnet18", ghost, "--batch", "1",
+                                                               "--repeats", "1"]):
+        assert_one_line_error(invoke(*args, "--input-size", "1", "32", "32"), "fails on inputs of shape (1, 1, 32, 32)")
+
+
+def test_bench_refuses_s_and_d_for_a_model_it_does_not_convert(tmp_path):
+    ghost = tmp_path / "g.pt"
+    assert invoke("convert", "resnet18", *SMALL, "-o", ghost).exit_code == 0
+    for args in (["resnet18", ghost], [ghost]):
+        result = invoke("bench", *args, "--s", "4", "--batch", "1", "--repeats", "1")
+        assert_one_line_error(result, f"--s is only used with a MODEL that bench converts itself, got the ghostify "
+                                      f"file {ghost}")
+
+
+@pytest.mark.parametrize("path", ["missing.pt", "./missing.pt", "no/such/folder/model.pth"])
+def test_a_missing_file_is_said_to_be_missing(path):
+    assert_one_line_error(invoke("report", path), f"no such file: {path}")
 
 
 def test_bench_refuses_a_file_converted_from_another_model(tmp_path):

@@ -121,7 +121,7 @@ def test_cli_bench_json(tmp_path):
                                        "--threads", "1", "--input-size", "3", "32", "32", "--json"])
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
-    assert [row["batch"] for row in data["rows"]] == [1, 2]
+    assert [row["batch"] for row in data["rows"]] == [1, 2] and data["input_sizes"] == [[3, 32, 32]]
     assert data["flops_ratio"] > 1.5 and all(row["speedup"] > 0 for row in data["rows"])
 
 

@@ -81,6 +81,15 @@ def test_report_rows_dict_and_rendering():
     console.print(summary)
     text = console.export_text()
     assert "layer4.1.conv2" in text and "multiply-adds" in text and "stem conv" in text
+    assert "19 layers replaced" in text
+
+
+def test_one_layer_replaced_is_said_in_the_singular():
+    model = torchvision.models.resnet18()
+    ghost = ghostify.convert(model, include="layer4.1.conv2", example_inputs=torch.randn(1, 3, 32, 32))
+    console = Console(width=200, record=True)
+    console.print(ghostify.report(model, ghost))
+    assert "1 layer replaced" in console.export_text()
 
 
 def test_theoretical_ratio_is_paper_eq4():

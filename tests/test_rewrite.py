@@ -270,7 +270,7 @@ def test_rewrite_primary_kernel_that_cannot_fit_is_skipped_with_reason():
     ({"s": {"layer*": 0}}, ValueError, "s must be an integer >= 2, got 0"),
     ({"init": "magic"}, ValueError, "init must be one of"),
     ({"example_inputs": [1, 2]}, TypeError, "example_inputs must be a tensor"),
-    ({"example_inputs": torch.randn(1, 5, 8, 8)}, ValueError, "fails on example inputs of shape"),
+    ({"example_inputs": torch.randn(1, 5, 8, 8)}, ValueError, "fails on inputs of shape"),
 ])
 def test_rewrite_bad_arguments_raise_clear_errors(kwargs, error, message):
     kwargs.setdefault("example_inputs", torch.randn(1, 3, 8, 8))

@@ -30,7 +30,7 @@ from .app import (
 @click.option("--d", "sizes", type=Numbers("D...", "odd positive integers", lambda v: v % 2 == 1),
               default="1,3,5,7", show_default=True,
               help="Depthwise filter sizes for --layer's table.")
-@click.option("--cheap-d", type=int, default=3, show_default=True, callback=lambda _ctx, _param, value: _odd(value),
+@click.option("--cheap-d", type=int, default=3, show_default=True, callback=_odd,
               help="Cheap kernel the per-layer scores assume (odd).")
 @click.option("--tolerance", type=click.FloatRange(0, 1), default=0.1, show_default=True,
               help="The suggested s loses at most this share of a layer's output energy.")
@@ -64,7 +64,7 @@ def analyze(model, images, tables, sizes, cheap_d, tolerance, plot, original_mod
     from ..trace import placement
 
     shape = tuple(input_size) if input_size else _input_sizes(model, loaded)[0]
-    batches = load_calibration(images, tuple(shape), IMAGES)
+    batches = load_calibration(images, tuple(shape), IMAGES, what="image", any_size=not input_size)
     dtype, where = placement(loaded)
     inputs = torch.cat([batch[0] for batch in batches]).to(dtype=dtype, device=where)
     if original_model is not None and (plot is None or not tables or getattr(loaded, "ghostify_result", None) is None):

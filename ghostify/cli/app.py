@@ -199,8 +199,9 @@ def _only_with(allowed: bool, needs: str, got: str, *params: str) -> None:
         raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} only used with {needs}, got {got}")
 
 
-def _odd(value: int) -> int:
-    """A cheap kernel size given as an option, checked by the module's own rule (``check_cheap_kernel``)."""
+def _odd(_ctx, _param, value: int) -> int:
+    """A cheap kernel size given as an option (a click callback), checked by the module's own rule
+    (``check_cheap_kernel``)."""
     from ..module import check_cheap_kernel
 
     try:

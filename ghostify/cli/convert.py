@@ -15,6 +15,7 @@ from .app import (
     TRUST_SOURCE,
     _input_sizes,
     _inputs,
+    _odd,
     _only_with,
     _print_report,
     _status,
@@ -26,8 +27,10 @@ from .app import (
 
 @main.command()
 @click.argument("model", type=MODEL)
-@click.option("--s", "s", type=int, default=2, show_default=True, help="Ghost ratio: 1/s of the maps are intrinsic.")
-@click.option("--d", "d", type=int, default=3, show_default=True, help="Kernel of the cheap depthwise operation (odd).")
+@click.option("--s", "s", type=click.IntRange(min=2), default=2, show_default=True,
+              help="Ghost ratio: 1/s of the maps are intrinsic.")
+@click.option("--d", "d", type=int, default=3, show_default=True, callback=_odd,
+              help="Kernel of the cheap depthwise operation (odd).")
 @click.option("--primary-kernel", type=int, help="Kernel of the primary conv (default: each conv's own).")
 @click.option("--include", multiple=True, metavar="PAT", help="Only convert layers matching this glob (repeatable).")
 @click.option("--exclude", multiple=True, metavar="PAT", help="Leave layers matching this glob alone (repeatable).")
@@ -93,9 +96,9 @@ def convert(model, s, d, primary_kernel, include, exclude, include_stem, input_s
                "no_mirror")
     _only_with(init == "reconstruct", "--init reconstruct", f"--init {init}", "recon_steps", "recon_seconds",
                "recon_network", "recon_mix")
-    _only_with(runtime is not None, "--runtime", "no --runtime", "runtime_batch", "target_latency")
     if target_flops is not None and target_latency is not None:
         raise ValueError("give --target-flops or --target-latency, not both")
+    _only_with(runtime is not None, "--runtime", "no --runtime", "runtime_batch", "target_latency")
     import ghostify
 
     from ..serialization import load_model

@@ -15,6 +15,8 @@ from .app import (
     TRUST_SOURCE,
     _input_sizes,
     _inputs,
+    _odd,
+    _only_with,
     _original_of,
     _print_report,
     _status,
@@ -63,8 +65,10 @@ def export(model, fmt, input_size, dynamic_batch, trust_source, arch, force, out
                    "onnxruntime: exported to ONNX.")
 @click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads (default: torch's setting).")
 @click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True, help="Timed runs per model.")
-@click.option("--s", "s", type=int, default=2, show_default=True, help="Ghost ratio when MODEL is converted here.")
-@click.option("--d", "d", type=int, default=3, show_default=True, help="Cheap kernel when MODEL is converted here.")
+@click.option("--s", "s", type=click.IntRange(min=2), default=2, show_default=True,
+              help="Ghost ratio when MODEL is converted here.")
+@click.option("--d", "d", type=int, default=3, show_default=True, callback=_odd,
+              help="Cheap kernel when MODEL is converted here.")
 @INPUT_SIZE
 @JSON
 @TRUST_SOURCE
@@ -86,6 +90,8 @@ def bench(model, ghost_file, batches, runtime, threads, repeats, s, d, input_siz
             converted, original = original, _original_of(model, original, arch, trust_source)
         elif converted is not None:
             _check_same_source(model, ghost_file, converted)
+        _only_with(converted is None, "a MODEL that bench converts itself", f"the ghostify file {ghost_file or model}",
+                   "s", "d")
         sizes = [tuple(input_size)] if input_size else _input_sizes(ghost_file or model, converted if converted
                                                                      is not None else original)
         original = _to_device(original, device)

@@ -209,8 +209,10 @@ def initialise(
         reason = coupling.group_of(name).blocked if gathered else None
         order = list(range(ghost.out_channels)) if gathered else choices[name].order.tolist()
         fitted[name] = Fitted(errors[name], gathered, reason, order)
-    on = f"the first {len(measured[0][0])} calibration inputs" if data else "the example inputs"
-    return Initialised(fitted, {"rel. MSE": f"each layer's error measured on {on}", **notes})
+    on = (f"the first {len(measured[0][0])} calibration inputs" if data else
+          "the example inputs (random ones unless given: the figure means little for random inputs or weights)")
+    return Initialised(fitted, {"rel. MSE": f"each layer's output error, relative to the original layer's output "
+                                            f"energy, on {on}", **notes})
 
 
 def _copy_groups(coupling: Coupling, swapped: List[Tuple[str, nn.Module, GhostModule]],

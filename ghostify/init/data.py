@@ -116,7 +116,7 @@ def _check_input(x: torch.Tensor, expected: Optional[Sequence[int]], batch: int)
                          f"and {batch}")
 
 
-def _read_image(path: str, shape: Sequence[int]) -> torch.Tensor:
+def _read_image(path: str, shape: Sequence[int], what: str = "calibration") -> torch.Tensor:
     from PIL import Image
 
     channels, height, width = shape
@@ -125,18 +125,20 @@ def _read_image(path: str, shape: Sequence[int]) -> torch.Tensor:
             image = image.convert("RGB" if channels == 3 else "L").resize((width, height), Image.BILINEAR)
             x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, -1)
     except (OSError, ValueError) as error:  # PIL: unidentified, truncated or corrupt image
-        raise ValueError(f"cannot read calibration image {path}: {error}") from None
+        raise ValueError(f"cannot read {what} image {path}: {error}") from None
     x = x.permute(2, 0, 1).float() / 255
     if channels == 3:
         x = (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return x
 
 
-def load_calibration(path: str, shape: Sequence[int], samples: int = 256) -> List[Batch]:
+def load_calibration(path: str, shape: Sequence[int], samples: int = 256, what: str = "calibration",
+                     any_size: bool = False) -> List[Batch]:
     """Calibration batches from a ``.pt`` file (a tensor, or (inputs, targets)) or a folder of images.
 
     Images (searched recursively, sorted by path) are resized to ``shape`` = (C, H, W) and, for 3 channels,
-    normalised with the ImageNet mean and std, as torchvision's models expect.
+    normalised with the ImageNet mean and std, as torchvision's models expect. A tensor file must hold inputs
+    of ``shape``, unless ``any_size``. ``what`` names the inputs in errors.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -144,10 +146,10 @@ def load_calibration(path: str, shape: Sequence[int], samples: int = 256) -> Lis
                        if name.lower().endswith(IMAGE_SUFFIXES))[:samples]
         if not files:
             raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
-        return check_calibration(torch.stack([_read_image(f, shape) for f in files]), samples, [shape])
+        return check_calibration(torch.stack([_read_image(f, shape, what) for f in files]), samples, [shape])
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such calibration file or folder: {path}")
-    data = read_data(path, "calibration tensor file")
+        raise FileNotFoundError(f"no such {what} file or folder: {path}")
+    data = read_data(path, f"{what} tensor file")
     if isinstance(data, tuple) and data:
         data = data[0]
-    return check_calibration(data, samples, [shape])
+    return check_calibration(data, samples, None if any_size else [shape])
