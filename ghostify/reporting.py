@@ -76,7 +76,7 @@ class Report:
     method: Optional[str] = None
     layers: List[LayerRow] = field(default_factory=list)
     skipped: List[Dict[str, str]] = field(default_factory=list)
-    notes: Dict[str, str] = field(default_factory=dict)  # how the conversion was done (``ConversionResult.notes``)
+    notes: Dict[str, Any] = field(default_factory=dict)  # how the conversion was done (``ConversionResult.notes``)
 
     @property
     def flops_ratio(self) -> Optional[float]:
@@ -256,7 +256,7 @@ def report(
     if result is not None:
         out.method = result.method
         out.skipped = [asdict(item) for item in result.skipped]
-        out.notes = {key: str(note) for key, note in result.notes.items()}
+        out.notes = dict(result.notes)  # text, or a WholeModel: its text drawn, its fields in the JSON
         # each per-module table read once (every query checks that the model has not changed since counting)
         flops_before, flops_after = before.flops_by_module, after.flops_by_module
         params_before, params_after = before.params_by_module, after.params_by_module

@@ -43,6 +43,54 @@ class Skipped:
     reason: str
 
 
+def _ms(value: float) -> str:
+    """Milliseconds to three significant figures, trailing zeros kept below 100 (7.00 beside 6.74)."""
+    return f"{value:.3g}" if value >= 100 else f"{value:#.3g}"
+
+
+def _layers(count: int) -> str:
+    return f"{count} layer" + ("" if count == 1 else "s")
+
+
+@dataclass
+class Timing:
+    """One version of the model timed whole: which layers it converted, how many, its ms, and that as a
+    fraction of the original's ms in the same interleaved run."""
+
+    layers: str
+    count: int
+    ms: float
+    fraction: float
+
+
+@dataclass
+class WholeModel:
+    """The whole model timed against the original in ``runtime`` at ``batch`` (``convert(runtime=...)``, latency
+    budgets): each version tried, in order, and the index of the one converted (None: nothing converted).
+    A conversion note: ``str`` is its text, the report's JSON has the fields."""
+
+    runtime: str
+    batch: int
+    original_ms: float
+    tried: List[Timing]
+    chosen: Optional[int]
+    target: Optional[float] = None  # a latency budget's fraction of the original's time
+
+    def __str__(self) -> str:
+        budget = self.target is not None
+        versions = "; ".join(f"{_layers(t.count)} ({t.layers}) {_ms(t.ms)} ms" + (f", {t.fraction:.2f} of it"
+                                                                                  if budget else "")
+                             for t in self.tried)
+        if self.chosen is None:
+            end = "nothing converted"
+        elif budget:
+            end = f"converted: {'the last' if len(self.tried) > 1 else 'that'} (target {self.target:g})"
+        else:
+            best = self.tried[self.chosen]
+            end = f"converted: {_layers(best.count)}, {1 / best.fraction:.2f}x faster"
+        return f"in {self.runtime} (batch {self.batch}): the original {_ms(self.original_ms)} ms; {versions}; {end}"
+
+
 @dataclass
 class ConversionResult:
     """What ``convert`` did; attached to the converted model as ``model.ghostify_result``."""
@@ -53,7 +101,7 @@ class ConversionResult:
     input_shapes: List[Optional[Tuple[int, ...]]]
     init: str = "random"
     source: Optional[Dict[str, Any]] = None
-    notes: Dict[str, Any] = field(default_factory=dict)
+    notes: Dict[str, Any] = field(default_factory=dict)  # text, or a ``WholeModel``
 
     def plan(self) -> List[Dict[str, Any]]:
         """The per-layer settings that rebuild the converted architecture from the original one."""

@@ -14,14 +14,14 @@ from torch import nn
 from . import budget
 from .latency import layer_times, model_times
 from .plan import planned_module
-from .result import Replaced, Skipped
+from .result import Replaced, Skipped, Timing, WholeModel, _ms
 
 FASTER = 0.1  # with convert(runtime=...) and no tensor inputs, a Ghost module must be this much faster, timed alone
 WHOLE_FASTER = 0.03  # and the whole model this much faster than the original, or nothing is converted
 
 
 def keep_faster(model: nn.Module, rows: List[Replaced], runtime: str, batch: int,
-                inputs) -> Tuple[List[Replaced], List[Skipped], Optional[str]]:
+                inputs) -> Tuple[List[Replaced], List[Skipped], Optional[WholeModel]]:
     """Split ``rows`` into the layers that make the model faster in ``runtime`` as Ghost modules and the
     others; also a note of the whole-model times.
 
@@ -52,11 +52,9 @@ def keep_faster(model: nn.Module, rows: List[Replaced], runtime: str, batch: int
         best = min(range(len(whole)), key=whole.__getitem__)
         none = whole[best] > (1 - WHOLE_FASTER) * original_ms
         cut = 0.0 if none else candidates[best][0]
-        chose = ("nothing converted" if none else
-                 f"converted: {_layers(len(candidates[best][1]))}, {original_ms / whole[best]:.2f}x faster")
-        note = f"{where}: the original {_ms(original_ms)} ms; " + "; ".join(
-            f"{_layers(len(chosen))} ({_cut_label(cut)}) {_ms(ms)} ms"
-            for (cut, chosen), ms in zip(candidates, whole)) + f"; {chose}"
+        note = WholeModel(runtime, batch, original_ms, [Timing(_cut_label(cut), len(chosen), ms, ms / original_ms)
+                                                        for (cut, chosen), ms in zip(candidates, whole)],
+                          None if none else best)
         why = (f"the whole model was not {WHOLE_FASTER:.0%} faster {where} with Ghost modules" if none else
                f"the whole model ran fastest {where} with only layers {_cut_label(cut)}")
     faster = _faster_alone(rows, cut)
@@ -75,30 +73,23 @@ def _cut_label(cut: Optional[float]) -> str:
     return "every layer" if cut is None else "no slower alone" if cut == 1 else f"at least {1 - cut:.0%} faster alone"
 
 
-def _layers(count: int) -> str:
-    return f"{count} layer" + ("" if count == 1 else "s")
-
-
-def _ms(value: float) -> str:
-    """Milliseconds to three significant figures, trailing zeros kept below 100 (7.00 beside 6.74)."""
-    return f"{value:.3g}" if value >= 100 else f"{value:#.3g}"
-
-
 def budgeted(model: nn.Module, rows: List[Replaced], norms: Dict[str, Optional[str]], inputs, batches,
               target_flops, target_latency, runtime, batch, align,
-              widths: Mapping[str, int]) -> Tuple[List[Replaced], List[Skipped], Optional[str]]:
+              widths: Mapping[str, int]) -> Tuple[List[Replaced], List[Skipped], Optional[WholeModel]]:
     """``rows`` with each layer's s from the budget (``budget.plan``), the layers it keeps as convs, and, for a
     latency budget, a note of the whole model's time with the plan: measured interleaved with the original's
     after each search, the plan searched again when it misses (``budget.plan``'s ``measure``), and a warning
     when the last one still does. No note without tensor inputs to time the whole model with."""
-    measured: List[List[float]] = []
+    measured: List[Tuple[float, Timing]] = []  # per plan: the original's ms, and the plan's
 
     def measure(ratios: Mapping[str, Optional[int]]) -> float:
         trial = [replace(row, s=ratios[row.name]) for row in rows if ratios[row.name]]
         set_intrinsic(trial, widths, align)
-        measured.append(model_times(model, [[asdict(row) for row in trial]], [x.shape[1:] for x in inputs],
-                                    runtime=runtime, batch=batch, progress=True))
-        return measured[-1][1] / measured[-1][0]
+        original_ms, planned_ms = model_times(model, [[asdict(row) for row in trial]], [x.shape[1:] for x in inputs],
+                                              runtime=runtime, batch=batch, progress=True)
+        label = "the budget's plan" if not measured else "searched again as the whole model missed"
+        measured.append((original_ms, Timing(label, len(trial), planned_ms, planned_ms / original_ms)))
+        return planned_ms / original_ms
 
     timed = target_latency is not None and all(isinstance(x, torch.Tensor) for x in inputs)
     chosen = budget.plan(model, [asdict(row) for row in rows], norms, inputs, target_flops=target_flops,
@@ -118,17 +109,14 @@ def budgeted(model: nn.Module, rows: List[Replaced], norms: Dict[str, Optional[s
         converted.append(row)
     if not measured:
         return converted, kept, None
-    (original_ms, planned_ms), searches = measured[-1], len(measured)
-    fraction = planned_ms / original_ms
-    if fraction > target_latency:
-        warnings.warn(f"the budgeted model measured {fraction:.2f} of the original's time in {runtime} (batch "
+    (original_ms, last), searches = measured[-1], len(measured)
+    if last.fraction > target_latency:
+        warnings.warn(f"the budgeted model measured {last.fraction:.2f} of the original's time in {runtime} (batch "
                       f"{batch}), above target_latency={target_latency:g}, after {searches} "
                       f"plan{'s' if searches > 1 else ''}: its layers timed alone do not add up to the whole "
                       "model's time", UserWarning, stacklevel=4)
-    return converted, kept, (f"in {runtime} (batch {batch}): the original {_ms(original_ms)} ms; "
-                             f"{_layers(len(converted))} (the budget's plan"
-                             + (f", searched {searches} times as the whole model missed" if searches > 1 else "")
-                             + f") {_ms(planned_ms)} ms, {fraction:.2f} of it (target {target_latency:g})")
+    return converted, kept, WholeModel(runtime, batch, original_ms, [timing for _, timing in measured],
+                                       searches - 1, target_latency)
 
 
 def set_intrinsic(rows: List[Replaced], widths: Mapping[str, int], align: int) -> None:

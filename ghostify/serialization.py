@@ -19,7 +19,7 @@ from torch import nn
 from .files import atomic_write
 from .module import GhostModule
 from .plan import apply_plan
-from .result import ConversionResult, Replaced, Skipped
+from .result import ConversionResult, Replaced, Skipped, Timing, WholeModel
 from .sources import build, describe, load_weights, parse, read_data
 
 FORMAT = "ghostify"
@@ -91,6 +91,8 @@ def _result_from_dict(data: Dict[str, Any]) -> ConversionResult:
     data = dict(data)
     data["replaced"] = [Replaced(**row) for row in data["replaced"]]
     data["skipped"] = [Skipped(**row) for row in data["skipped"]]
+    data["notes"] = {key: WholeModel(**{**note, "tried": [Timing(**t) for t in note["tried"]]})
+                     if isinstance(note, dict) else note for key, note in data.get("notes", {}).items()}
     return ConversionResult(**data)
 
 

@@ -62,7 +62,7 @@ def fake_times(monkeypatch):
     return seen
 
 
-def test_layers_no_faster_as_ghost_modules_stay_convs(fake_times):
+def test_layers_no_faster_as_ghost_modules_stay_convs(fake_times, tmp_path):
     model = small()
     ghost = ghostify.convert(model, example_inputs=X, runtime="onnxruntime", runtime_batch=8,
                              include_stem=True).eval()
@@ -74,9 +74,16 @@ def test_layers_no_faster_as_ghost_modules_stay_convs(fake_times):
             "alone, 1.50 ms as a Ghost module vs 1.00 ms as a conv") in reasons["3"]
     assert "0.950 ms as a Ghost module vs 1.00 ms" in reasons["0"]
     # candidates: 20% (and 10%) faster alone, no slower, every layer; 14 ms, 12.6, 12.65 and 13.25 ms
-    assert result.notes["whole model"] == ("in onnxruntime (batch 8): the original 14.0 ms; 1 layer (at least 20% "
-                                           "faster alone) 12.6 ms; 2 layers (no slower alone) 12.7 ms; 3 layers "
-                                           "(every layer) 13.2 ms; converted: 1 layer, 1.11x faster")
+    assert str(result.notes["whole model"]) == ("in onnxruntime (batch 8): the original 14.0 ms; 1 layer (at least "
+                                                "20% faster alone) 12.6 ms; 2 layers (no slower alone) 12.7 ms; 3 "
+                                                "layers (every layer) 13.2 ms; converted: 1 layer, 1.11x faster")
+    whole = json.loads(json.dumps(ghostify.report(model, ghost, X).to_dict()))["notes"]["whole model"]
+    assert whole["original_ms"] == 14.0 and whole["chosen"] == 0 and whole["runtime"] == "onnxruntime"
+    assert [(t["count"], t["ms"]) for t in whole["tried"]] == [(1, pytest.approx(12.6)), (2, pytest.approx(12.65)),
+                                                              (3, pytest.approx(13.25))]
+    ghostify.save(ghost, tmp_path / "g.pt")
+    reloaded = ghostify.load(tmp_path / "g.pt", model=model).ghostify_result.notes["whole model"]
+    assert reloaded == result.notes["whole model"] and str(reloaded) == str(result.notes["whole model"])
     (row,) = result.replaced
     assert (row.name, row.dense_ms, row.ghost_ms) == ("6", 2.0, 0.5)
     with torch.no_grad():  # the kept conv and its norm are the original's
@@ -133,7 +140,7 @@ def test_layer_times_time_each_planned_layer_in_its_runtime(runtime):
     result = ghost.ghostify_result
     slower = [row for row in result.skipped if "the whole model" in row.reason]
     assert len(result.replaced) + len(slower) == 2
-    assert result.notes["whole model"].startswith(f"in {runtime} (batch 1): the original ")
+    assert str(result.notes["whole model"]).startswith(f"in {runtime} (batch 1): the original ")
 
 
 def test_bad_runtime_is_refused():
