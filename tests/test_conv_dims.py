@@ -112,7 +112,8 @@ def test_video_models_convert_deploy_and_count(name):
     x = torch.randn(1, 3, 4, 32, 32)
     ghost = ghostify.convert(model, example_inputs=x).eval()
     result = ghost.ghostify_result
-    assert [s.reason for s in result.skipped] == ["stem conv (sees the raw input); include_stem=True converts it"]
+    assert [s.reason for s in result.skipped] == ["stem conv (sees the raw input); include_stem=True (--include-stem) "
+                                                  "converts it"]
     assert not any(row.gather for row in result.replaced)
     assert _macs(ghost, x) < 0.6 * _macs(model, x)
     with torch.no_grad():
