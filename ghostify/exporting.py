@@ -72,14 +72,16 @@ def require_onnx():
 def onnx_session(path: str, threads: int = 0):
     """An onnxruntime CPU session for ``path`` (``threads`` = 0: onnxruntime's default).
 
-    Its threads do not spin while idle: ``bench`` runs two sessions in turn, and a session's threads spinning
-    on the cores the other needs made the timings up to 2x slower and erratic (MobileNetV2, batch 1, 2 cores).
+    Its threads spin while a run lasts, as onnxruntime's default session does (a model of many small nodes
+    would otherwise wait for a thread to wake at each), and stop when the run returns: ``bench`` runs two
+    sessions in turn, and a session's threads spinning idle on the cores the other needs made the timings up
+    to 2x slower and erratic (MobileNetV2, batch 1, 2 cores).
     """
     ort = require_onnx()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 

@@ -200,3 +200,19 @@ def test_export_reports_the_difference_relative_to_the_output_scale(monkeypatch,
     result = ghostify.export(model, tmp_path / "m.pt2", "pt2", input_size=(3, 8, 8))
     assert result.max_abs_diff < 1e-8
     assert result.max_rel_diff == pytest.approx(0.25, rel=1e-5)
+
+
+def test_onnx_sessions_spin_only_while_a_run_lasts(tmp_path):
+    """Spinning threads while a run lasts (onnxruntime's default), stopped when it returns, so that two sessions
+    timed in turn do not spin on each other's cores."""
+    from ghostify.exporting import onnx_session
+
+    model = build({"kind": "torchvision", "name": "resnet18"}).eval()
+    ghostify.export(model, str(tmp_path / "m.onnx"), "onnx", input_size=(3, 32, 32))
+    options = onnx_session(str(tmp_path / "m.onnx"), threads=2).get_session_options()
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+    try:
+        spinning = options.get_session_config_entry("session.intra_op.allow_spinning")
+    except RuntimeError:  # not set: onnxruntime's default, which spins
+        spinning = "1"
+    assert spinning == "1"
