@@ -43,12 +43,12 @@ class Skipped:
     reason: str
 
 
-def _ms(value: float) -> str:
+def milliseconds(value: float) -> str:
     """Milliseconds to three significant figures, trailing zeros kept below 100 (7.00 beside 6.74)."""
     return f"{value:.3g}" if value >= 100 else f"{value:#.3g}"
 
 
-def _layers(count: int) -> str:
+def layer_count(count: int) -> str:
     return f"{count} layer" + ("" if count == 1 else "s")
 
 
@@ -78,17 +78,17 @@ class WholeModel:
 
     def __str__(self) -> str:
         budget = self.target is not None
-        versions = "; ".join(f"{_layers(t.count)} ({t.layers}) {_ms(t.ms)} ms" + (f", {t.fraction:.2f} of it"
-                                                                                  if budget else "")
-                             for t in self.tried)
+        versions = "; ".join(f"{layer_count(t.count)} ({t.layers}) {milliseconds(t.ms)} ms"
+                             + (f", {t.fraction:.2f} of it" if budget else "") for t in self.tried)
         if self.chosen is None:
             end = "nothing converted"
         elif budget:
             end = f"converted: {'the last' if len(self.tried) > 1 else 'that'} (target {self.target:g})"
         else:
             best = self.tried[self.chosen]
-            end = f"converted: {_layers(best.count)}, {1 / best.fraction:.2f}x faster"
-        return f"in {self.runtime} (batch {self.batch}): the original {_ms(self.original_ms)} ms; {versions}; {end}"
+            end = f"converted: {layer_count(best.count)}, {1 / best.fraction:.2f}x faster"
+        return (f"in {self.runtime} (batch {self.batch}): the original {milliseconds(self.original_ms)} ms; "
+                f"{versions}; {end}")
 
 
 @dataclass

@@ -14,7 +14,7 @@ from torch import nn
 from . import budget
 from .latency import layer_times, model_times
 from .plan import planned_module
-from .result import Replaced, Skipped, Timing, WholeModel, _ms
+from .result import Replaced, Skipped, Timing, WholeModel, milliseconds
 
 FASTER = 0.1  # with convert(runtime=...) and no tensor inputs, a Ghost module must be this much faster, timed alone
 WHOLE_FASTER = 0.03  # and the whole model this much faster than the original, or nothing is converted
@@ -59,7 +59,8 @@ def keep_faster(model: nn.Module, rows: List[Replaced], runtime: str, batch: int
                f"the whole model ran fastest {where} with only layers {_cut_label(cut)}")
     faster = _faster_alone(rows, cut)
     slower = [Skipped(row.name, type(model.get_submodule(row.name)).__name__,
-                      f"{why}: alone, {_ms(row.ghost_ms)} ms as a Ghost module vs {_ms(row.dense_ms)} ms as a conv")
+                      f"{why}: alone, {milliseconds(row.ghost_ms)} ms as a Ghost module vs "
+                      f"{milliseconds(row.dense_ms)} ms as a conv")
               for row in rows if row not in faster]
     return faster, slower, note
 
