@@ -15,6 +15,7 @@ from torch import nn
 
 from .count import Counts
 from .module import GhostModule
+from .result import layer_count
 from .trace import _shape, random_inputs
 
 UNIT = "FLOPs are multiply-adds (1 multiply-add = 1 FLOP, as in the paper and fvcore)"
@@ -119,8 +120,7 @@ class Report:
             cells = _layer_cells(self.layers)
             shown = _fit_columns(cells, width)
             hidden = len(cells) - len(shown)
-            count = f"{len(self.layers)} layer" + ("" if len(self.layers) == 1 else "s")
-            layers = Table(title=f"{count} replaced ({self.method} analysis)",
+            layers = Table(title=f"{layer_count(len(self.layers))} replaced ({self.method} analysis)",
                            caption=f"{hidden} columns left out to fit {width} columns; --json has them all"
                            if hidden else None)
             for column in shown:

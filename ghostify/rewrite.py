@@ -375,7 +375,7 @@ def _plan(model: nn.Module, converted: nn.Module, analysis: Analysis, opts: Dict
     result = ConversionResult(analysis.method, replaced, skipped, [_shape(x) for x in inputs], init,
                               source=getattr(model, "ghostify_source", None))
     result.notes.update(intrinsic_notes(replaced, asked, align))  # of the layers replaced in the end
-    if whole:
+    if whole is not None:
         result.notes["whole model"] = whole
     depthwise = sum(getattr(site.module, "groups", 1) == getattr(site.module, "in_channels", 0) > 1
                     for site in analysis.sites)
